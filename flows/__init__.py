@@ -1,0 +1,1 @@
+"""Prefect flows that wrap :mod:`pipeline` entry points (orchestration only, no numerics)."""

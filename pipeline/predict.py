@@ -1,0 +1,273 @@
+"""Blockwise overlap-tile inference from Zarr to Zarr.
+
+:func:`plan_prediction` checks every input once and turns :class:`PredictSettings` into a
+:class:`PredictJob` (geometry resolved, output created, ledger read); :func:`predict_block`
+is the Dask task, run once per block in a worker process; :func:`predict` runs the whole
+thing on a Dask cluster. The settings model is the one the CLI and the Prefect flows use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline import execute, storage
+from pipeline.errors import InputError
+from pipeline.geometry import Block, Box, block_grid, iter_blocks
+from pipeline.tiling import plan_tiles, predict_region, read_mirrored, softmax
+from pipeline.unet import UNet, model_from_payload, read_checkpoint
+
+OutputKind = Literal["probabilities", "labels"]
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class PredictSettings(BaseModel):
+    """Everything a prediction run needs; shared by the CLI, the Python API and the flows."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str = Field(description="Input image: a Zarr array or an OME-Zarr image (path or URL)")
+    output: str = Field(description="Output OME-Zarr image to write (path or URL)")
+    model: str = Field(description="U-Net checkpoint file written by overtile")
+    axes: str | None = Field(None, description="Axes of a plain Zarr array, e.g. yx, cyx, zyx, czyx, yxc")
+    block_size: int | None = Field(None, ge=16, description="Block edge in pixels: the unit of distributed work and the output chunk (default 2048 in 2D, 256 in 3D)")
+    tile_size: int | None = Field(None, ge=8, description="Largest tile input edge for one forward pass (default 1212 in 2D)")
+    batch_size: int = Field(1, ge=1, description="Tiles per forward pass")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs")
+    workers: int | None = Field(None, ge=1, description="Worker processes of the local Dask cluster (default: one per core, or per GPU)")
+    scheduler: str | None = Field(None, description="Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    output_kind: OutputKind = Field("probabilities", description="Softmax probabilities per class, or the argmax labels (uint8)")
+    dtype: Literal["float32", "float16", "uint8"] = Field("float32", description="Probability dtype; uint8 stores round(255·p)")
+    mirror: Literal["reflect", "symmetric"] = Field("reflect", description="Mirroring at the image border, in numpy's words")
+    autocast: Literal["none", "bf16", "fp16"] = Field("none", description="Mixed precision (changes the numbers slightly)")
+    channels_last: bool = Field(True, description="channels_last memory format (same numbers, about 2× faster on CPU)")
+    overwrite: bool = Field(False, description="Replace an existing output instead of resuming it")
+
+    @field_validator("axes")
+    @classmethod
+    def _lower(cls, v: str | None) -> str | None:
+        return v.lower() if v else v
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available here")
+    return device
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    """A planned run: what every block task needs, small enough to send with each task."""
+
+    settings: PredictSettings
+    device: str
+    threads: int
+    spatial_shape: tuple[int, ...]
+    block_shape: tuple[int, ...]
+    tile_size: int
+    output_shape: tuple[int, ...]
+    output_dtype: str
+    output_array: str
+    ledger: execute.Ledger
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        return f"predict-{self.fingerprint[:10]}"
+
+
+def plan_prediction(settings: PredictSettings, workers: int | None = None) -> tuple[PredictJob, list[Block], int]:
+    """Check the inputs, create or reopen the output, read the ledger.
+
+    Returns the job, the blocks still to do and the number already finished. Every check
+    that can fail on user input happens before the output is touched.
+    """
+    settings = absolute_paths(settings)
+    source = storage.open_image(settings.input, settings.axes)
+    payload = read_checkpoint(settings.model)
+    model = model_from_payload(payload, settings.model)
+    cfg = model.config
+    nd = len(source.spatial_shape)
+    if cfg.dims != nd:
+        raise InputError(f"{settings.model}: a {cfg.dims}-D model; {settings.input} has {nd} spatial axes ({source.spatial_axes})")
+    if cfg.in_channels != source.channels:
+        raise InputError(f"{settings.model}: the model expects {cfg.in_channels} input channel(s); {settings.input} has {source.channels}")
+    device = resolve_device(settings.device)
+    block = settings.block_size or (2048 if nd == 2 else 256)
+    tile = settings.tile_size or (1212 if nd == 2 else model.min_input_size(4 * model.factor))
+    try:
+        plan_tiles(model, Box.from_shape((block,) * nd), tile)  # validates the tile size
+        tile = model.max_input_size(tile)
+    except ValueError as exc:
+        raise InputError(f"--tile-size {settings.tile_size or tile}: {exc}") from None
+    block_shape = tuple(min(block, n) for n in source.spatial_shape)
+    if settings.output_kind == "labels":
+        out_shape, out_dtype = (1, *source.spatial_shape), "uint8"
+    else:
+        out_shape, out_dtype = (cfg.num_classes, *source.spatial_shape), settings.dtype
+    if settings.output_kind == "labels" and cfg.num_classes > 255:
+        raise InputError(f"{settings.model}: {cfg.num_classes} classes do not fit uint8 labels")
+    if source.dtype.kind == "f":
+        check_finite(source)
+    existed = storage.check_output(settings.output, out_shape, out_dtype, settings.overwrite)
+    fingerprint = hashlib.sha256(json.dumps({
+        "input": settings.input, "axes": source.axes, "model": file_digest(settings.model),
+        "block": block_shape, "tile": tile, "kind": settings.output_kind, "dtype": out_dtype,
+        "mirror": settings.mirror, "autocast": settings.autocast,
+    }, sort_keys=True).encode()).hexdigest()
+
+    scale = [1.0] + [source.scale.get(a, 1.0) for a in source.spatial_axes]
+    storage.create_image(
+        settings.output, out_shape, (out_shape[0], *block_shape), out_dtype, "c" + source.spatial_axes,
+        name=settings.output_kind, scale=scale, units=source.units, overwrite=settings.overwrite,
+        attrs={"overtile": {"input": settings.input, "model": str(settings.model), "output_kind": settings.output_kind}},
+    )
+    grid = block_grid(source.spatial_shape, block_shape)
+    ledger = execute.Ledger.prepare(settings.output, grid, fingerprint, overwrite=settings.overwrite or not existed)
+    done = ledger.done()
+    blocks = [b for b in iter_blocks(source.spatial_shape, block_shape) if not done[b.index]]
+    n_workers = workers or settings.workers or (torch.cuda.device_count() if device == "cuda" else execute.default_workers())
+    # a local CPU cluster shares this machine's cores; a remote worker keeps torch's default (0)
+    threads = max(1, execute.default_workers() // n_workers) if settings.scheduler is None and device == "cpu" else 0
+    job = PredictJob(
+        settings=settings, device=device, threads=threads, spatial_shape=source.spatial_shape,
+        block_shape=block_shape, tile_size=tile, output_shape=out_shape, output_dtype=out_dtype,
+        output_array=f"{settings.output.rstrip('/')}/0", ledger=ledger, fingerprint=fingerprint,
+    )
+    return job, blocks, int(done.sum())
+
+
+def absolute_paths(settings: PredictSettings) -> PredictSettings:
+    """Local paths made absolute, so that worker processes in other directories find them."""
+    def fix(p: str) -> str:
+        return p if storage.is_url(p) else os.path.abspath(p)
+
+    return settings.model_copy(update={"input": fix(settings.input), "output": fix(settings.output), "model": fix(settings.model)})
+
+
+def check_finite(source: storage.ImageSource) -> None:
+    """Raise if a float image holds NaN or Inf anywhere (read chunk by chunk, not at once)."""
+    import dask.array as da
+
+    array = da.from_zarr(source.array)
+    if bool((~da.isfinite(array)).any().compute(scheduler="threads")):
+        raise InputError(f"{source.url}: NaN or Inf values in the image; clean them before prediction")
+
+
+# --- worker side ------------------------------------------------------------------------
+
+_MODELS: dict[tuple[Any, ...], UNet] = {}
+_SOURCES: dict[tuple[str, str | None], storage.ImageSource] = {}
+
+
+def cached_model(path: str, device: str, threads: int, channels_last: bool) -> UNet:
+    """The model, loaded once per worker process and kept (keyed by file, device, format)."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size, device, channels_last)
+    model = _MODELS.get(key)
+    if model is None:
+        if device == "cpu" and threads > 0:
+            torch.set_num_threads(threads)
+        model = model_from_payload(read_checkpoint(path), path).eval().to(device)
+        if channels_last:
+            fmt = torch.channels_last if model.dims == 2 else torch.channels_last_3d
+            model = model.to(memory_format=fmt)
+        _MODELS.clear()  # one model per process: a new checkpoint replaces the old one
+        _MODELS[key] = model
+    return model
+
+
+def cached_source(url: str, axes: str | None) -> storage.ImageSource:
+    key = (url, axes)
+    if key not in _SOURCES:
+        _SOURCES[key] = storage.open_image(url, axes)
+    return _SOURCES[key]
+
+
+def predict_block(block: Block, job: PredictJob) -> dict[str, Any]:
+    """The Dask task: read the block and its halo, run its tiles, write it, mark it done."""
+    s = job.settings
+    watch = execute.Stopwatch()
+    with watch("load"):
+        model = cached_model(s.model, job.device, job.threads, s.channels_last)
+        source = cached_source(s.input, s.axes)
+    plan = plan_tiles(model, block.write, job.tile_size)
+    with watch("read"):
+        raw = read_mirrored(source.read, plan.read, job.spatial_shape, s.mirror)
+    if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+        raise InputError(f"{s.input}: NaN or Inf values near block {block.write}")
+    with watch("compute"):
+        logits = predict_region(model, plan, model.normalization(raw), s.batch_size, AUTOCAST[s.autocast])
+        result = encode_output(logits, s.output_kind, job.output_dtype)
+    with watch("write"):
+        execute._cached_array(job.output_array)[(slice(None), *block.write.slices())] = result
+        job.ledger.mark(block)
+    return {"block": block.key, "pixels": block.write.size, "tiles": len(plan.tiles),
+            "worker_pid": os.getpid(), **{f"{k}_s": v for k, v in watch.seconds.items()}}
+
+
+def encode_output(logits: np.ndarray, kind: str, dtype: str) -> np.ndarray:
+    """Logits ``(K, ...)`` to what is stored: probabilities in ``dtype`` or uint8 argmax labels."""
+    if kind == "labels":
+        return logits.argmax(axis=0).astype(np.uint8)[None]
+    p = softmax(logits)
+    if dtype == "uint8":
+        return np.rint(p * 255).astype(np.uint8)
+    return p.astype(dtype)
+
+
+def predict(
+    settings: PredictSettings,
+    client: Any | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+    on_plan: Callable[[PredictJob, int, int], None] | None = None,
+) -> tuple[PredictJob, execute.RunSummary]:
+    """Run overlap-tile prediction blockwise on Dask; the Python entry point behind the CLI.
+
+    Parameters
+    ----------
+    settings : PredictSettings
+    client : distributed.Client, optional
+        Use this client; otherwise connect to ``settings.scheduler`` or start a LocalCluster.
+    on_result : callable, optional
+        Called with each finished block's record (progress).
+    on_plan : callable, optional
+        Called once with ``(job, blocks_to_do, blocks_skipped)`` before the blocks start.
+    """
+    start = time.perf_counter()
+    if client is None:
+        device = resolve_device(settings.device)
+        n = settings.workers or (torch.cuda.device_count() if device == "cuda" else None)
+        resources = {"GPU": 1} if device == "cuda" else None
+        with execute.dask_client(settings.scheduler, n, 1, resources) as own:
+            return predict(settings, own, on_result, on_plan)
+    n_workers = len(client.scheduler_info().get("workers", {})) or None
+    job, blocks, skipped = plan_prediction(settings, n_workers)
+    if on_plan is not None:
+        on_plan(job, len(blocks), skipped)
+    records = execute.run_blocks(
+        client, predict_block, blocks, job, name=job.name,
+        resources={"GPU": 1} if job.device == "cuda" else None, on_result=on_result,
+    )
+    summary = execute.RunSummary(total=len(blocks) + skipped, skipped=skipped, records=records,
+                                 seconds=time.perf_counter() - start)
+    return job, summary

@@ -1,0 +1,263 @@
+"""Zarr and OME-Zarr at the edge: open inputs with their axes, create block-aligned outputs.
+
+Inputs are plain Zarr arrays (format 2 or 3) with an explicit axes string, or OME-Zarr
+images (NGFF 0.4 with metadata at the top level, 0.5 under the ``ome`` key) whose axes come
+from the metadata. Everything inside overtile sees images channel first, ``(C, *spatial)``
+with spatial axes ``yx`` or ``zyx``; :meth:`ImageSource.read` does the transposing.
+
+Outputs are OME-Zarr 0.5 images (Zarr format 3): a group with multiscales metadata and the
+full-resolution array ``0``, chunked like the processing blocks so that no two tasks ever
+write the same chunk. URLs may be local paths or anything fsspec understands
+(``memory://``, ``s3://``, ...).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import zarr
+
+from pipeline.errors import InputError
+from pipeline.geometry import Box
+
+AXES_CHOICES = ("yx", "cyx", "zyx", "czyx", "yxc", "zyxc")
+AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
+OME_VERSION = "0.5"
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def _open_node(url: str) -> zarr.Array | zarr.Group:
+    if not is_url(url) and not os.path.exists(url):
+        raise InputError(f"{url}: no such file or directory")
+    try:
+        return zarr.open(store=url, mode="r")
+    except (zarr.errors.NodeNotFoundError, FileNotFoundError):
+        raise InputError(f"{url}: not a Zarr array or group (no zarr.json or .zarray found)") from None
+    except Exception as exc:
+        raise InputError(f"{url}: cannot be opened as Zarr ({type(exc).__name__}: {exc})") from None
+
+
+def ome_metadata(attrs: dict[str, Any]) -> dict[str, Any] | None:
+    """The first multiscales entry of NGFF 0.5 (``attrs["ome"]``) or 0.4 (top-level) metadata."""
+    ome = attrs.get("ome", attrs)
+    multiscales = ome.get("multiscales") if isinstance(ome, dict) else None
+    if not multiscales:
+        return None
+    return multiscales[0]
+
+
+def _axes_from_ome(ms: dict[str, Any]) -> str:
+    names = [a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])]
+    return "".join(str(n).lower() for n in names)
+
+
+def _scale_from_ome(ms: dict[str, Any], level: int = 0) -> list[float] | None:
+    for t in ms["datasets"][level].get("coordinateTransformations", []):
+        if t.get("type") == "scale":
+            return [float(s) for s in t["scale"]]
+    return None
+
+
+@dataclass
+class ImageSource:
+    """An input image: a Zarr array plus the meaning of its axes.
+
+    ``axes`` describes the stored array (e.g. ``"yxc"`` for an RGB slide, ``"tczyx"`` from
+    OME-Zarr); reads come back channel first, ``(C, *spatial)``.
+    """
+
+    url: str
+    array: zarr.Array
+    axes: str
+    scale: dict[str, float] = field(default_factory=dict)
+    units: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def spatial_axes(self) -> str:
+        return "".join(a for a in self.axes if a in "zyx")
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape[self.axes.index(a)] for a in self.spatial_axes)
+
+    @property
+    def channels(self) -> int:
+        return self.array.shape[self.axes.index("c")] if "c" in self.axes else 1
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    def read(self, box: Box) -> np.ndarray:
+        """The pixels of ``box`` (inside the image), channel first ``(C, *box.shape)``."""
+        spatial = dict(zip(self.spatial_axes, box.slices()))
+        index = tuple(spatial.get(a, slice(None) if a == "c" else 0) for a in self.axes)
+        data = np.asarray(self.array[index])
+        kept = [a for a in self.axes if a != "t"]
+        order = ["c"] + list(self.spatial_axes) if "c" in kept else list(self.spatial_axes)
+        data = data.transpose([kept.index(a) for a in order])
+        return data if "c" in kept else data[None]
+
+
+def _check_axes(url: str, axes: str, ndim: int) -> str:
+    axes = axes.lower()
+    if len(axes) != ndim:
+        raise InputError(f"{url}: axes {axes!r} do not match the array's {ndim} dimensions")
+    if len(set(axes)) != len(axes) or set(axes) - set("tczyx") or not {"y", "x"} <= set(axes):
+        raise InputError(f"{url}: axes {axes!r} are not valid; use letters from t, c, z, y, x with y and x (e.g. {', '.join(AXES_CHOICES)})")
+    return axes
+
+
+def open_image(url: str, axes: str | None = None) -> ImageSource:
+    """Open an input image for reading, checking everything that can be checked up front.
+
+    Parameters
+    ----------
+    url : str
+        A Zarr array, or an OME-Zarr image group (its full-resolution level is used).
+    axes : str, optional
+        The stored axes of a plain array (``"yx"``, ``"cyx"``, ``"zyx"``, ``"czyx"``,
+        ``"yxc"``); 2-D arrays default to ``"yx"``. Ignored when it agrees with OME-Zarr
+        metadata; an error when it does not.
+
+    Raises
+    ------
+    InputError
+        Missing path, not Zarr, axes that do not fit, unsupported dtype, empty array.
+    """
+    url = str(url)
+    node = _open_node(url)
+    scale: dict[str, float] = {}
+    units: dict[str, str] = {}
+    if isinstance(node, zarr.Group):
+        ms = ome_metadata(dict(node.attrs))
+        if ms is None:
+            raise InputError(
+                f"{url}: a Zarr group without OME-Zarr multiscales metadata; "
+                f"give the array inside it (members: {', '.join(sorted(node.keys())) or 'none'})"
+            )
+        ome_axes = _axes_from_ome(ms)
+        if axes is not None and axes.lower() != ome_axes:
+            raise InputError(f"{url}: axes {axes!r} given, but its OME-Zarr metadata says {ome_axes!r}")
+        path = ms["datasets"][0]["path"]
+        try:
+            array = node[path]
+        except KeyError:
+            raise InputError(f"{url}: OME-Zarr metadata names dataset {path!r}, which is missing") from None
+        axes = ome_axes
+        values = _scale_from_ome(ms)
+        if values and len(values) == len(ome_axes):
+            scale = dict(zip(ome_axes, values))
+        for a in ms.get("axes", []):
+            if isinstance(a, dict) and a.get("unit"):
+                units[a["name"].lower()] = a["unit"]
+    else:
+        array = node
+        if axes is None:
+            if array.ndim != 2:
+                raise InputError(
+                    f"{url}: a {array.ndim}-D array; say what its axes are with --axes "
+                    f"(one of {', '.join(AXES_CHOICES)})"
+                )
+            axes = "yx"
+    axes = _check_axes(url, axes, array.ndim)
+    dtype = np.dtype(array.dtype)
+    if dtype.kind not in "uif":
+        raise InputError(f"{url}: unsupported dtype {dtype}; expected integers or floats")
+    if 0 in array.shape:
+        raise InputError(f"{url}: the array is empty (shape {tuple(array.shape)})")
+    if "t" in axes and array.shape[axes.index("t")] != 1:
+        raise InputError(f"{url}: {array.shape[axes.index('t')]} time points; overtile reads one (t must have size 1)")
+    spatial = "".join(a for a in axes if a in "zyx")
+    if spatial not in ("yx", "zyx"):
+        raise InputError(f"{url}: spatial axes {spatial!r}; expected 'yx' or 'zyx'")
+    return ImageSource(url, array, axes, scale, units)
+
+
+def multiscales(axes: str, scales: Sequence[Sequence[float]], name: str, units: dict[str, str] | None = None) -> dict[str, Any]:
+    """NGFF multiscales metadata for datasets ``"0"``, ``"1"``, ... with the given scales."""
+    units = units or {}
+    return {
+        "name": name,
+        "axes": [
+            {"name": a, "type": AXIS_TYPES[a], **({"unit": units[a]} if a in units else {})}
+            for a in axes
+        ],
+        "datasets": [
+            {"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": list(map(float, s))}]}
+            for i, s in enumerate(scales)
+        ],
+    }
+
+
+def _exists(url: str) -> bool:
+    try:
+        zarr.open(store=url, mode="r")
+        return True
+    except (zarr.errors.NodeNotFoundError, FileNotFoundError):
+        return False
+
+
+def check_output(url: str, shape: Sequence[int], dtype: np.dtype | str, overwrite: bool) -> bool:
+    """Say whether an output already exists; raise if it does and cannot be reused.
+
+    An existing output must be an overtile OME-Zarr image of the same shape and dtype, unless
+    ``overwrite`` is set. Nothing is changed here.
+    """
+    url = str(url)
+    if not _exists(url):
+        return False
+    if overwrite:
+        return True
+    try:
+        array = zarr.open_group(store=url, mode="r")["0"]
+    except Exception:
+        raise InputError(f"{url}: exists and is not an overtile output; pass --overwrite to replace it") from None
+    if tuple(array.shape) != tuple(shape) or np.dtype(array.dtype) != np.dtype(dtype):
+        raise InputError(
+            f"{url}: existing output has shape {tuple(array.shape)} {array.dtype}, this run makes "
+            f"{tuple(shape)} {np.dtype(dtype)}; pass --overwrite to replace it"
+        )
+    return True
+
+
+def create_image(
+    url: str,
+    shape: Sequence[int],
+    chunks: Sequence[int],
+    dtype: np.dtype | str,
+    axes: str,
+    *,
+    name: str = "prediction",
+    scale: Sequence[float] | None = None,
+    units: dict[str, str] | None = None,
+    attrs: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> zarr.Array:
+    """Create (or reopen) an OME-Zarr image with its full-resolution array ``0``.
+
+    With ``overwrite`` the group is replaced; otherwise an existing group of the same shape
+    is reopened (see :func:`check_output`), which is how reruns resume.
+    """
+    url = str(url)
+    if not overwrite and _exists(url):
+        return zarr.open_group(store=url, mode="r+")["0"]
+    group = zarr.open_group(store=url, mode="w", zarr_format=3)
+    fill = 0 if np.dtype(dtype).kind in "ui" else np.nan if np.dtype(dtype).kind == "f" else 0
+    array = group.create_array(
+        "0", shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, fill_value=fill,
+        dimension_names=list(axes),
+    )
+    scale = list(scale) if scale is not None else [1.0] * len(axes)
+    group.attrs.update({"ome": {"version": OME_VERSION, "multiscales": [multiscales(axes, [scale], name, units)]}, **(attrs or {})})
+    return array
+
+
+def open_output(url: str, path: str = "0") -> zarr.Array:
+    return zarr.open_group(store=str(url), mode="r+")[path]

@@ -1,0 +1,277 @@
+"""Overlap-tile inference on in-memory arrays: plan tiles, mirror, run in batches, stitch.
+
+This is the exact reference path that the blockwise Zarr path (:mod:`pipeline.predict`) calls
+for each block. Arrays are channel first: images ``(C, *spatial)``, logits ``(K, *spatial)``.
+
+Exactness (valid nets). A valid U-Net with ``depth`` levels pools ``depth - 1`` times, so it
+is translation equivariant only for shifts that are multiples of ``f = 2**(depth-1)``. Every
+tile therefore has its output origin on the global ``f`` grid (image coordinates, not block
+coordinates), tile outputs are ``≡ r (mod f)`` long (``r = 4`` for the paper's net) and
+consecutive tiles step by a multiple of ``f``, overlapping by ``r`` pixels. Each output pixel
+is then computed by exactly the arithmetic of one forward pass over the whole mirror-padded
+image, whatever the block or tile size; :func:`predict_whole` is that pass.
+
+Same-padding nets are not equivariant at their tile borders (zero padding), so their tiles
+lie on a fixed global grid with overlap and are blended with a Gaussian window (as nnU-Net
+and MONAI do); the blend is independent of the block partition too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.geometry import Box, mirror_indices
+from pipeline.unet import UNet
+
+Reader = Callable[[Box], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One forward pass: the ``input`` box it reads and the ``output`` box it predicts."""
+
+    input: Box
+    output: Box
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """The tiles that cover ``region``; ``read`` is the input box they need (the block + halo)."""
+
+    region: Box
+    tiles: tuple[Tile, ...]
+    read: Box
+    blend: bool
+
+
+def _axis_tiles_valid(a: int, b: int, max_out: int, f: int, r: int) -> list[tuple[int, int]]:
+    """Output intervals (origin, length) on the f-grid covering [a, b), all of one length."""
+    start = (a // f) * f  # snap down to the global grid
+    span = b - start
+    max_step = ((max_out - r) // f) * f
+    count = max(1, -(-(span - r) // max_step))
+    step = max(1, -(-(span - r) // (count * f))) * f
+    return [(start + i * step, step + r) for i in range(count)]
+
+
+def _axis_tiles_same(a: int, b: int, size: int, overlap: int) -> list[tuple[int, int]]:
+    """Tile intervals on a global grid (step ``size - overlap``, first centred on 0) meeting [a, b)."""
+    step = size - overlap
+    origin0 = -(overlap // 2)
+    first = (a - origin0 - size) // step + 1
+    last = (b - 1 - origin0) // step
+    return [(origin0 + k * step, size) for k in range(first, last + 1)]
+
+
+def plan_tiles(
+    model: UNet, region: Box, tile_size: int | Sequence[int], overlap: float = 0.25
+) -> TilePlan:
+    """Plan the tiles that predict ``region`` (spatial coordinates of the image).
+
+    Parameters
+    ----------
+    model : UNet
+    region : Box
+        The output region to predict, e.g. a block's write box.
+    tile_size : int or sequence of int
+        Largest tile *input* size per axis (GPU memory is the limit); snapped down to a
+        valid size. For valid nets, tiles are then shrunk to cover ``region`` with the
+        least waste, so all tiles of a plan have one shape (one batch).
+    overlap : float
+        Same-padding nets only: the fraction of a tile shared with its neighbour.
+
+    Examples
+    --------
+    >>> net = UNet(base_channels=4)
+    >>> plan = plan_tiles(net, Box((0, 0), (2048, 2048)), 1212)
+    >>> len(plan.tiles), plan.tiles[0].input.shape, plan.read
+    (4, (1212, 1212), Box(offset=(-92, -92), shape=(2236, 2236)))
+    """
+    nd = region.ndim
+    sizes = (tile_size,) * nd if isinstance(tile_size, (int, np.integer)) else tuple(tile_size)
+    if len(sizes) != nd:
+        raise ValueError(f"tile_size has {len(sizes)} values for {nd} spatial axes")
+    m, f = model.margin, model.factor
+    smallest = model.min_input_size(f + model.output_remainder)  # tiles must step on the f grid
+    if min(sizes) < smallest:
+        raise ValueError(f"tile size {min(sizes)} is too small for this U-Net; the smallest is {smallest}")
+    sizes = tuple(model.max_input_size(int(s)) for s in sizes)
+    if model.config.padding == "valid":
+        axes = [
+            _axis_tiles_valid(a, b, s - 2 * m, f, model.output_remainder)
+            for a, b, s in zip(region.offset, region.stop, sizes)
+        ]
+    else:
+        axes = []
+        for a, b, s in zip(region.offset, region.stop, sizes):
+            ov = int(round(s * overlap / f)) * f
+            if not 0 <= ov < s:
+                raise ValueError(f"overlap {overlap} leaves no step for tile size {s}")
+            axes.append(_axis_tiles_same(a, b, s, ov))
+    tiles = []
+    for combo in np.ndindex(*(len(a) for a in axes)):
+        out = Box(tuple(axes[d][i][0] for d, i in enumerate(combo)),
+                  tuple(axes[d][i][1] for d, i in enumerate(combo)))
+        tiles.append(Tile(out.grow(m), out))
+    read = tiles[0].input
+    for t in tiles[1:]:
+        read = read.union(t.input)
+    return TilePlan(region, tuple(tiles), read, blend=model.config.padding == "same")
+
+
+def read_mirrored(reader: Reader, box: Box, image_shape: Sequence[int], mode: str = "reflect") -> np.ndarray:
+    """Read ``box`` of an image, mirroring wherever it runs outside ``[0, image_shape)``.
+
+    ``reader(inner_box)`` returns the array ``(C, *inner_box.shape)`` for a box inside the
+    image; it is called once, for the smallest box that holds every mirrored coordinate.
+    """
+    index = [mirror_indices(o, e, n, mode) for o, e, n in zip(box.offset, box.stop, image_shape)]
+    hull = Box.from_bounds([i.min() for i in index], [i.max() + 1 for i in index])
+    data = reader(hull)
+    if hull == box:
+        return data
+    local = [i - o for i, o in zip(index, hull.offset)]
+    return data[(slice(None), *np.ix_(*local))]
+
+
+def gaussian_window(shape: Sequence[int], sigma_scale: float = 0.125) -> np.ndarray:
+    """nnU-Net's importance map: a Gaussian of sigma ``shape * sigma_scale``, peak 1, floor > 0."""
+    window = np.ones((), dtype=np.float64)
+    for n in shape:
+        x = np.arange(n) - (n - 1) / 2
+        g = np.exp(-0.5 * (x / (n * sigma_scale)) ** 2)
+        window = np.multiply.outer(window, g)
+    window /= window.max()
+    return np.maximum(window, 1e-3).astype(np.float32)
+
+
+def _model_device(model: torch.nn.Module) -> tuple[torch.device, torch.memory_format]:
+    weight = next(model.parameters())
+    fmt = torch.contiguous_format
+    if weight.ndim == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        fmt = torch.channels_last
+    elif weight.ndim == 5 and weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous():
+        fmt = torch.channels_last_3d
+    return weight.device, fmt
+
+
+def run_tiles(
+    model: torch.nn.Module,
+    batches: Sequence[np.ndarray],
+    autocast: torch.dtype | None = None,
+) -> list[np.ndarray]:
+    """Forward each batch ``(N, C, *tile)`` through ``model``; float32 logits back on the host."""
+    device, fmt = _model_device(model)
+    out = []
+    with torch.inference_mode():
+        for batch in batches:
+            x = torch.from_numpy(np.ascontiguousarray(batch))
+            if device.type == "cuda":
+                x = x.pin_memory().to(device, non_blocking=True)
+            x = x.contiguous(memory_format=fmt)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                y = model(x)
+            out.append(y.float().cpu().numpy())
+    return out
+
+
+def predict_region(
+    model: UNet,
+    plan: TilePlan,
+    image: np.ndarray,
+    batch_size: int = 1,
+    autocast: torch.dtype | None = None,
+) -> np.ndarray:
+    """Logits ``(K, *plan.region.shape)`` from a normalised ``image`` that covers ``plan.read``.
+
+    Valid nets: tile outputs are cropped and placed (overlaps agree exactly). Same-padding
+    nets: tile outputs are blended with :func:`gaussian_window`.
+    """
+    region = plan.region
+    crops = [image[(slice(None), *t.input.relative_to(plan.read))] for t in plan.tiles]
+    logits = []
+    for i in range(0, len(crops), batch_size):
+        for y in run_tiles(model, [np.stack(crops[i : i + batch_size])], autocast):
+            logits.extend(y)
+    k = logits[0].shape[0]
+    out = np.zeros((k, *region.shape), dtype=np.float32)
+    if not plan.blend:
+        for tile, y in zip(plan.tiles, logits):
+            part = tile.output.intersect(region)
+            out[(slice(None), *part.relative_to(region))] = y[(slice(None), *part.relative_to(tile.output))]
+        return out
+    window = gaussian_window(plan.tiles[0].output.shape)
+    total = np.zeros(region.shape, dtype=np.float32)
+    for tile, y in zip(plan.tiles, logits):
+        part = tile.output.intersect(region)
+        if part.empty:
+            continue
+        dst, src = part.relative_to(region), part.relative_to(tile.output)
+        out[(slice(None), *dst)] += y[(slice(None), *src)] * window[src]
+        total[dst] += window[src]
+    out /= total
+    return out
+
+
+def overlap_tile(
+    model: UNet,
+    image: np.ndarray,
+    tile_size: int | Sequence[int] = 572,
+    batch_size: int = 1,
+    mirror: str = "reflect",
+    overlap: float = 0.25,
+) -> np.ndarray:
+    """Overlap-tile prediction of a whole in-memory image; logits ``(K, *spatial)``.
+
+    ``image`` is ``(C, *spatial)`` and already normalised (see :class:`pipeline.unet.Normalization`).
+
+    Examples
+    --------
+    >>> net = UNet(base_channels=4).eval()
+    >>> overlap_tile(net, np.zeros((1, 300, 200), np.float32), tile_size=284).shape
+    (2, 300, 200)
+    """
+    spatial = image.shape[1:]
+    plan = plan_tiles(model, Box.from_shape(spatial), tile_size, overlap)
+
+    def reader(box: Box) -> np.ndarray:
+        return image[(slice(None), *box.slices())]
+
+    padded = read_mirrored(reader, plan.read, spatial, mirror)
+    return predict_region(model, plan, padded, batch_size)
+
+
+def predict_whole(model: UNet, image: np.ndarray, mirror: str = "reflect", context: int = 0) -> np.ndarray:
+    """One forward pass over the whole mirror-padded image: the reference for :func:`overlap_tile`.
+
+    Valid nets: the image is padded by the margin on each side, plus what the end of each axis
+    needs for a valid size, and the output cropped to the image. Same-padding nets: padded by
+    ``context`` and up to a multiple of the pooling factor.
+    """
+    spatial = image.shape[1:]
+    m = model.margin
+    if model.config.padding == "valid":
+        stops = [model.min_input_size(n) - m for n in spatial]
+        box = Box.from_bounds((-m,) * len(spatial), stops)
+    else:
+        box = Box.from_bounds((-context,) * len(spatial), [model.min_input_size(n + 2 * context) - context for n in spatial])
+
+    def reader(inner: Box) -> np.ndarray:
+        return image[(slice(None), *inner.slices())]
+
+    padded = read_mirrored(reader, box, spatial, mirror)
+    (y,) = run_tiles(model, [padded[None]])
+    out_box = box.grow(-m)
+    return y[0][(slice(None), *Box.from_shape(spatial).relative_to(out_box))]
+
+
+def softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Class probabilities from logits along the channel axis, float32."""
+    z = logits - logits.max(axis=axis, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=axis, keepdims=True)
+    return z
