@@ -21,7 +21,7 @@ def _predict(args: argparse.Namespace) -> None:
 
     settings = PredictSettings(
         input=args.input, output=args.output, model=args.model, axes=args.axes,
-        block_size=args.block_size, tile_size=args.tile_size, batch_size=args.batch_size,
+        block_size=args.block_size, tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
         device=args.device, workers=args.workers, scheduler=args.scheduler,
         output_kind=args.output_kind, dtype=args.dtype, mirror=args.mirror,
         autocast=args.autocast, overwrite=args.overwrite,
@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--axes", help="axes of a plain Zarr array: yx, cyx, zyx, czyx or yxc (default yx for 2-D)")
     p.add_argument("--block-size", type=int, help="block edge in px: unit of work and output chunk (default 2048 in 2-D, 256 in 3-D)")
     p.add_argument("--tile-size", type=int, help="largest tile input edge in px (default 1212 in 2-D); snapped to a valid size")
+    p.add_argument("--overlap", type=float, default=0.5,
+                   help="same-padding models only: fraction of a tile shared with its neighbour, blended (default 0.5)")
     p.add_argument("--batch-size", type=int, default=1, help="tiles per forward pass (default 1)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--workers", type=int, help="worker processes of the local Dask cluster (default: one per core or GPU)")

@@ -78,17 +78,13 @@ def default_workers() -> int:
 
 
 @contextlib.contextmanager
-def dask_client(
-    scheduler: str | None = None,
-    workers: int | None = None,
-    threads_per_worker: int = 1,
-    resources: dict[str, float] | None = None,
-) -> Iterator[Any]:
+def dask_client(scheduler: str | None = None, workers: int | None = None, gpu: bool = False) -> Iterator[Any]:
     """A Dask client: of an existing cluster at ``scheduler``, else of a LocalCluster.
 
-    The LocalCluster has ``workers`` processes (default: one per core) of one thread each
-    (two one-thread inference streams beat one two-thread stream on CPUs) and serves its
-    dashboard on 127.0.0.1 only.
+    On CPU the LocalCluster has one task slot per core, spread over ``workers`` processes
+    (default: one per core); each task computes on one thread. With ``gpu`` it has one
+    worker per GPU (or ``workers``), each offering the Dask resource ``GPU=1``. The
+    dashboard is served on 127.0.0.1 only.
     """
     from distributed import Client, LocalCluster
 
@@ -100,9 +96,17 @@ def dask_client(
         with client:
             yield client
         return
+    if gpu:
+        import torch
+
+        n = workers or max(1, torch.cuda.device_count())
+        slots, resources = 1, {"GPU": 1}
+    else:
+        n = workers or default_workers()
+        slots, resources = max(1, default_workers() // n), None
     cluster = LocalCluster(
-        n_workers=workers or default_workers(),
-        threads_per_worker=threads_per_worker,
+        n_workers=n,
+        threads_per_worker=slots,
         processes=True,
         host="127.0.0.1",
         dashboard_address="127.0.0.1:0",

@@ -41,6 +41,7 @@ class PredictSettings(BaseModel):
     axes: str | None = Field(None, description="Axes of a plain Zarr array, e.g. yx, cyx, zyx, czyx, yxc")
     block_size: int | None = Field(None, ge=16, description="Block edge in pixels: the unit of distributed work and the output chunk (default 2048 in 2D, 256 in 3D)")
     tile_size: int | None = Field(None, ge=8, description="Largest tile input edge for one forward pass (default 1212 in 2D)")
+    overlap: float = Field(0.5, ge=0.0, lt=1.0, description="Same-padding models only: fraction of a tile shared with its neighbour (blended)")
     batch_size: int = Field(1, ge=1, description="Tiles per forward pass")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs")
     workers: int | None = Field(None, ge=1, description="Worker processes of the local Dask cluster (default: one per core, or per GPU)")
@@ -80,7 +81,6 @@ class PredictJob:
 
     settings: PredictSettings
     device: str
-    threads: int
     spatial_shape: tuple[int, ...]
     block_shape: tuple[int, ...]
     tile_size: int
@@ -95,7 +95,7 @@ class PredictJob:
         return f"predict-{self.fingerprint[:10]}"
 
 
-def plan_prediction(settings: PredictSettings, workers: int | None = None) -> tuple[PredictJob, list[Block], int]:
+def plan_prediction(settings: PredictSettings) -> tuple[PredictJob, list[Block], int]:
     """Check the inputs, create or reopen the output, read the ledger.
 
     Returns the job, the blocks still to do and the number already finished. Every check
@@ -115,7 +115,7 @@ def plan_prediction(settings: PredictSettings, workers: int | None = None) -> tu
     block = settings.block_size or (2048 if nd == 2 else 256)
     tile = settings.tile_size or (1212 if nd == 2 else model.min_input_size(4 * model.factor))
     try:
-        plan_tiles(model, Box.from_shape((block,) * nd), tile)  # validates the tile size
+        plan_tiles(model, Box.from_shape((block,) * nd), tile, settings.overlap)  # validates the tile size
         tile = model.max_input_size(tile)
     except ValueError as exc:
         raise InputError(f"--tile-size {settings.tile_size or tile}: {exc}") from None
@@ -132,7 +132,7 @@ def plan_prediction(settings: PredictSettings, workers: int | None = None) -> tu
     fingerprint = hashlib.sha256(json.dumps({
         "input": settings.input, "axes": source.axes, "model": file_digest(settings.model),
         "block": block_shape, "tile": tile, "kind": settings.output_kind, "dtype": out_dtype,
-        "mirror": settings.mirror, "autocast": settings.autocast,
+        "mirror": settings.mirror, "overlap": settings.overlap, "autocast": settings.autocast,
     }, sort_keys=True).encode()).hexdigest()
 
     scale = [1.0] + [source.scale.get(a, 1.0) for a in source.spatial_axes]
@@ -145,11 +145,8 @@ def plan_prediction(settings: PredictSettings, workers: int | None = None) -> tu
     ledger = execute.Ledger.prepare(settings.output, grid, fingerprint, overwrite=settings.overwrite or not existed)
     done = ledger.done()
     blocks = [b for b in iter_blocks(source.spatial_shape, block_shape) if not done[b.index]]
-    n_workers = workers or settings.workers or (torch.cuda.device_count() if device == "cuda" else execute.default_workers())
-    # a local CPU cluster shares this machine's cores; a remote worker keeps torch's default (0)
-    threads = max(1, execute.default_workers() // n_workers) if settings.scheduler is None and device == "cpu" else 0
     job = PredictJob(
-        settings=settings, device=device, threads=threads, spatial_shape=source.spatial_shape,
+        settings=settings, device=device, spatial_shape=source.spatial_shape,
         block_shape=block_shape, tile_size=tile, output_shape=out_shape, output_dtype=out_dtype,
         output_array=f"{settings.output.rstrip('/')}/0", ledger=ledger, fingerprint=fingerprint,
     )
@@ -179,14 +176,20 @@ _MODELS: dict[tuple[Any, ...], UNet] = {}
 _SOURCES: dict[tuple[str, str | None], storage.ImageSource] = {}
 
 
-def cached_model(path: str, device: str, threads: int, channels_last: bool) -> UNet:
-    """The model, loaded once per worker process and kept (keyed by file, device, format)."""
+def cached_model(path: str, device: str, channels_last: bool) -> UNet:
+    """The model, loaded once per worker process and kept (keyed by file, device, format).
+
+    On CPU every forward pass runs on one thread: convolution results depend (in the last
+    bit) on torch's thread count, so parallelism comes from Dask task slots instead, which
+    keeps the output bit-identical whatever the cluster layout. Two one-thread streams are
+    also faster than one two-thread stream on these CPUs.
+    """
     stat = os.stat(path)
     key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size, device, channels_last)
     model = _MODELS.get(key)
     if model is None:
-        if device == "cpu" and threads > 0:
-            torch.set_num_threads(threads)
+        if device == "cpu":
+            torch.set_num_threads(1)
         model = model_from_payload(read_checkpoint(path), path).eval().to(device)
         if channels_last:
             fmt = torch.channels_last if model.dims == 2 else torch.channels_last_3d
@@ -208,9 +211,9 @@ def predict_block(block: Block, job: PredictJob) -> dict[str, Any]:
     s = job.settings
     watch = execute.Stopwatch()
     with watch("load"):
-        model = cached_model(s.model, job.device, job.threads, s.channels_last)
+        model = cached_model(s.model, job.device, s.channels_last)
         source = cached_source(s.input, s.axes)
-    plan = plan_tiles(model, block.write, job.tile_size)
+    plan = plan_tiles(model, block.write, job.tile_size, s.overlap)
     with watch("read"):
         raw = read_mirrored(source.read, plan.read, job.spatial_shape, s.mirror)
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():
@@ -256,12 +259,9 @@ def predict(
     start = time.perf_counter()
     if client is None:
         device = resolve_device(settings.device)
-        n = settings.workers or (torch.cuda.device_count() if device == "cuda" else None)
-        resources = {"GPU": 1} if device == "cuda" else None
-        with execute.dask_client(settings.scheduler, n, 1, resources) as own:
+        with execute.dask_client(settings.scheduler, settings.workers, gpu=device == "cuda") as own:
             return predict(settings, own, on_result, on_plan)
-    n_workers = len(client.scheduler_info().get("workers", {})) or None
-    job, blocks, skipped = plan_prediction(settings, n_workers)
+    job, blocks, skipped = plan_prediction(settings)
     if on_plan is not None:
         on_plan(job, len(blocks), skipped)
     records = execute.run_blocks(

@@ -68,7 +68,7 @@ def _axis_tiles_same(a: int, b: int, size: int, overlap: int) -> list[tuple[int,
 
 
 def plan_tiles(
-    model: UNet, region: Box, tile_size: int | Sequence[int], overlap: float = 0.25
+    model: UNet, region: Box, tile_size: int | Sequence[int], overlap: float = 0.5
 ) -> TilePlan:
     """Plan the tiles that predict ``region`` (spatial coordinates of the image).
 
@@ -139,14 +139,14 @@ def read_mirrored(reader: Reader, box: Box, image_shape: Sequence[int], mode: st
 
 
 def gaussian_window(shape: Sequence[int], sigma_scale: float = 0.125) -> np.ndarray:
-    """nnU-Net's importance map: a Gaussian of sigma ``shape * sigma_scale``, peak 1, floor > 0."""
+    """nnU-Net's importance map: a Gaussian of sigma ``shape * sigma_scale``, peak 1, floor 1e-6 (never 0)."""
     window = np.ones((), dtype=np.float64)
     for n in shape:
         x = np.arange(n) - (n - 1) / 2
         g = np.exp(-0.5 * (x / (n * sigma_scale)) ** 2)
         window = np.multiply.outer(window, g)
     window /= window.max()
-    return np.maximum(window, 1e-3).astype(np.float32)
+    return np.maximum(window, 1e-6).astype(np.float32)
 
 
 def _model_device(model: torch.nn.Module) -> tuple[torch.device, torch.memory_format]:
@@ -223,7 +223,7 @@ def overlap_tile(
     tile_size: int | Sequence[int] = 572,
     batch_size: int = 1,
     mirror: str = "reflect",
-    overlap: float = 0.25,
+    overlap: float = 0.5,
 ) -> np.ndarray:
     """Overlap-tile prediction of a whole in-memory image; logits ``(K, *spatial)``.
 

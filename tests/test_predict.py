@@ -1,0 +1,187 @@
+"""Blockwise prediction on a real Dask LocalCluster, Zarr in and Zarr out."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.execute import Ledger, run_blocks
+from pipeline.geometry import iter_blocks
+from pipeline.predict import PredictSettings, plan_prediction, predict
+from pipeline.tiling import overlap_tile, predict_whole, softmax
+from pipeline.unet import load_model
+
+from conftest import cells, make_model, write_zarr
+
+
+def run(client, image, model, output, **kwargs):
+    settings = PredictSettings(input=image, output=str(output), model=str(model), **kwargs)
+    job, summary = predict(settings, client=client)
+    return zarr.open_group(str(output), mode="r")["0"][...], summary
+
+
+def test_blockwise_equals_whole_image_inference(client, image_2d, model_2d, tmp_path):
+    url, data = image_2d
+    out, summary = run(client, url, model_2d, tmp_path / "p.zarr", block_size=128, tile_size=300)
+    model = load_model(model_2d)
+    whole = softmax(predict_whole(model, model.normalization(data[None])))
+    np.testing.assert_allclose(out, whole, atol=1e-5)
+    assert summary.done == 9 and summary.skipped == 0
+    assert np.allclose(out.sum(axis=0), 1, atol=1e-5)
+
+
+def test_output_does_not_depend_on_block_size(client, image_2d, model_2d, tmp_path):
+    url, _ = image_2d
+    outs = [run(client, url, model_2d, tmp_path / f"b{b}.zarr", block_size=b, tile_size=t)[0]
+            for b, t in [(64, 204), (100, 300), (333, 1212)]]
+    for other in outs[1:]:
+        assert np.abs(other - outs[0]).max() <= 1e-6
+
+
+def test_bit_identical_whatever_the_worker_count(client, image_2d, model_2d, tmp_path):
+    from distributed import Client, LocalCluster
+
+    url, _ = image_2d
+    two, _ = run(client, url, model_2d, tmp_path / "two.zarr", block_size=64)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as one_client:
+        one, _ = run(one_client, url, model_2d, tmp_path / "one.zarr", block_size=64)
+    assert np.array_equal(one, two)
+
+
+def test_labels_are_the_argmax_as_uint8(client, image_2d, model_2d, tmp_path):
+    url, _ = image_2d
+    probs, _ = run(client, url, model_2d, tmp_path / "p.zarr", block_size=128)
+    labels, _ = run(client, url, model_2d, tmp_path / "l.zarr", block_size=128, output_kind="labels")
+    assert labels.dtype == np.uint8 and labels.shape == (1, *probs.shape[1:])
+    np.testing.assert_array_equal(labels[0], probs.argmax(axis=0))
+    compact, _ = run(client, url, model_2d, tmp_path / "u8.zarr", block_size=128, dtype="uint8")
+    assert compact.dtype == np.uint8 and np.abs(compact / 255 - probs).max() <= 0.5 / 255 + 1e-6
+
+
+def test_3d_blockwise_equals_whole_image(client, model_3d, tmp_path):
+    data = cells((21, 50, 37), dtype=np.float32)
+    url = write_zarr(tmp_path / "v.zarr", data, chunks=(8, 16, 16))
+    out, summary = run(client, url, model_3d, tmp_path / "p.zarr", axes="zyx", block_size=16, tile_size=52)
+    model = load_model(model_3d)
+    np.testing.assert_allclose(out, softmax(predict_whole(model, data[None])), atol=1e-5)
+    assert summary.total == 2 * 4 * 3
+
+
+def test_rerun_skips_finished_blocks(client, image_2d, model_2d, tmp_path):
+    url, _ = image_2d
+    clean, first = run(client, url, model_2d, tmp_path / "p.zarr", block_size=64)
+    assert first.done == 30
+    # forget three blocks and spoil their pixels, as a run killed mid-way would leave them
+    ledger = zarr.open_array(str(tmp_path / "p.zarr" / "ledger"), mode="r+")
+    array = zarr.open_array(str(tmp_path / "p.zarr" / "0"), mode="r+")
+    lost = list(iter_blocks(clean.shape[1:], (64, 64)))[5:8]
+    for block in lost:
+        ledger[block.index] = 0
+        array[(slice(None), *block.write.slices())] = np.nan
+    again, second = run(client, url, model_2d, tmp_path / "p.zarr", block_size=64)
+    assert second.skipped == 27 and second.done == 3
+    assert sorted(r["block"] for r in second.records) == sorted(b.key for b in lost)
+    assert np.array_equal(again, clean)
+    third = run(client, url, model_2d, tmp_path / "p.zarr", block_size=64)[1]
+    assert third.done == 0 and third.skipped == 30
+
+
+def test_overwrite_starts_over(client, image_2d, model_2d, tmp_path):
+    url, _ = image_2d
+    run(client, url, model_2d, tmp_path / "p.zarr", block_size=128)
+    _, summary = run(client, url, model_2d, tmp_path / "p.zarr", block_size=128, overwrite=True)
+    assert summary.done == 9 and summary.skipped == 0
+
+
+def test_interrupted_run_resumes_to_the_clean_result(client, image_2d, model_2d, tmp_path):
+    url, _ = image_2d
+    clean, _ = run(client, url, model_2d, tmp_path / "clean.zarr", block_size=64)
+    settings = PredictSettings(input=url, output=str(tmp_path / "p.zarr"), model=str(model_2d), block_size=64)
+    seen = []
+
+    def stop_after_five(record):
+        seen.append(record)
+        if len(seen) == 5:
+            raise KeyboardInterrupt  # the user presses ^C, or the flow process dies
+
+    with pytest.raises(KeyboardInterrupt):
+        predict(settings, client=client, on_result=stop_after_five)
+    client.run(lambda: None)  # cancelled tasks may still finish; either way is fine
+    _, resumed = predict(settings, client=client)
+    assert resumed.skipped >= 5 and resumed.done + resumed.skipped == 30
+    assert np.array_equal(zarr.open_array(str(tmp_path / "p.zarr" / "0"), mode="r")[...], clean)
+
+
+def test_killed_worker_still_yields_complete_bit_identical_output(image_2d, model_2d, tmp_path):
+    from distributed import Client, LocalCluster
+
+    url, _ = image_2d
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as c:
+        clean, _ = run(c, url, model_2d, tmp_path / "clean.zarr", block_size=32)
+        pids = c.run(os.getpid)
+        killed = []
+
+        def kill_one_worker(record):
+            if not killed:
+                victim = next(pid for pid in pids.values() if pid != record["worker_pid"])
+                os.kill(victim, signal.SIGKILL)
+                killed.append(victim)
+
+        settings = PredictSettings(input=url, output=str(tmp_path / "p.zarr"), model=str(model_2d), block_size=32)
+        _, summary = predict(settings, client=c, on_result=kill_one_worker)
+        assert killed and summary.done == 99
+        assert set(c.run(os.getpid).values()).isdisjoint(killed)  # the nanny started a new worker
+    out = zarr.open_array(str(tmp_path / "p.zarr" / "0"), mode="r")[...]
+    assert np.array_equal(out, clean)
+    assert Ledger(str(tmp_path / "p.zarr" / "ledger"), (11, 9)).done().all()
+
+
+def test_in_memory_url_with_threaded_cluster(image_2d, model_2d):
+    from distributed import Client, LocalCluster
+
+    _, data = image_2d
+    url = write_zarr("memory://overtile-predict/in.zarr", data)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as c:
+        out, summary = run(c, url, model_2d, "memory://overtile-predict/out.zarr", block_size=200)
+    model = load_model(model_2d)
+    np.testing.assert_allclose(out, softmax(overlap_tile(model, model.normalization(data[None]), 300)), atol=1e-5)
+
+
+def test_block_tasks_request_the_gpu_resource(tmp_path):
+    """Tasks that ask for ``GPU`` go only to workers that offer it (as CUDA blocks do)."""
+    from distributed import Client, LocalCluster
+
+    from pipeline.geometry import Block, Box
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster:
+        cluster.scale(0)
+        with Client(cluster) as c:
+            from distributed import Worker
+
+            gpu = c.sync(Worker, cluster.scheduler_address, resources={"GPU": 1}, nthreads=1)
+            cpu = c.sync(Worker, cluster.scheduler_address, nthreads=1)
+            try:
+                blocks = [Block((i,), Box((i,), (1,))) for i in range(6)]
+                records = run_blocks(c, _where, blocks, resources={"GPU": 1})
+                assert {r["worker"] for r in records} == {gpu.address}
+            finally:
+                c.sync(cpu.close)
+                c.sync(gpu.close)
+
+
+def _where(block):
+    from distributed import get_worker
+
+    return {"worker": get_worker().address, "pixels": 1}
+
+
+def test_plan_reports_what_is_left(image_2d, model_2d, tmp_path):
+    url, _ = image_2d
+    settings = PredictSettings(input=url, output=str(tmp_path / "p.zarr"), model=str(model_2d), block_size=100)
+    job, blocks, skipped = plan_prediction(settings)
+    assert len(blocks) == 12 and skipped == 0
+    assert job.tile_size == 1212 and job.block_shape == (100, 100)
