@@ -8,6 +8,7 @@ thing on a Dask cluster. The settings model is the one the CLI and the Prefect f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -257,17 +258,16 @@ def predict(
         Called once with ``(job, blocks_to_do, blocks_skipped)`` before the blocks start.
     """
     start = time.perf_counter()
-    if client is None:
-        device = resolve_device(settings.device)
-        with execute.dask_client(settings.scheduler, settings.workers, gpu=device == "cuda") as own:
-            return predict(settings, own, on_result, on_plan)
-    job, blocks, skipped = plan_prediction(settings)
+    job, blocks, skipped = plan_prediction(settings)  # every check before a cluster starts
     if on_plan is not None:
         on_plan(job, len(blocks), skipped)
-    records = execute.run_blocks(
-        client, predict_block, blocks, job, name=job.name,
-        resources={"GPU": 1} if job.device == "cuda" else None, on_result=on_result,
-    )
+    with contextlib.ExitStack() as stack:
+        if client is None and blocks:
+            client = stack.enter_context(execute.dask_client(settings.scheduler, settings.workers, gpu=job.device == "cuda"))
+        records = execute.run_blocks(
+            client, predict_block, blocks, job, name=job.name,
+            resources={"GPU": 1} if job.device == "cuda" else None, on_result=on_result,
+        )
     summary = execute.RunSummary(total=len(blocks) + skipped, skipped=skipped, records=records,
                                  seconds=time.perf_counter() - start)
     return job, summary

@@ -1,0 +1,35 @@
+# `make demo` and `make test` each set everything up on a fresh machine, then run.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# CPU-only machines get a pinned CPU build of torch; GPU machines (nvidia-smi present) get
+# torch from pyproject's range. Elsewhere than our build machines, point TORCH_INDEX at
+# https://download.pytorch.org/whl/cpu to avoid PyPI's multi-GB CUDA wheel.
+TORCH_CPU   ?= torch==2.13.0
+TORCH_INDEX ?=
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	if ! command -v nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_CPU)"; fi
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python bench/predict.py
+
+clean:
+	rm -rf $(VENV) demo-data bench/out .pytest_cache

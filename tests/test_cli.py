@@ -1,0 +1,139 @@
+"""The ``overtile`` command: help everywhere, a real run, and one clear line (exit 2) for
+each kind of bad input, leaving an existing output untouched."""
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.cli import main
+from pipeline.storage import create_image
+
+from conftest import make_model, write_zarr
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("command", [[], ["predict"], ["model"], ["model", "init"], ["model", "info"]])
+def test_help_on_every_command(command):
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0 and "usage: overtile" in result.stdout
+
+
+def test_model_init_then_predict_end_to_end(tmp_path):
+    ckpt = tmp_path / "m.pt"
+    result = run_cli("model", "init", str(ckpt), "--base-channels", "4", "--depth", "4")
+    assert result.returncode == 0 and ckpt.exists(), result.stderr
+    assert "margin 44 px" in run_cli("model", "info", str(ckpt)).stdout
+    image = write_zarr(tmp_path / "img.zarr", np.random.default_rng(0).integers(0, 255, (150, 170), dtype=np.uint8))
+    args = ["predict", image, str(tmp_path / "out.zarr"), "--model", str(ckpt), "--block-size", "64", "--workers", "2"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "9 blocks computed, 0 skipped" in result.stdout and "MP/s" in result.stdout
+    assert "out.zarr" in result.stdout
+    assert "9/9" in result.stderr  # the progress bar
+    rerun = run_cli(*args)
+    assert "0 blocks computed, 9 skipped" in rerun.stdout and "resuming" in rerun.stdout
+    out = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["0"]
+    assert out.shape == (2, 150, 170) and out.dtype == np.float32
+
+
+def tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        h.update(str(f.relative_to(path)).encode())
+        if f.is_file():
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def setup(tmp_path, model_2d):
+    """A good image, a good model and an existing output (from an earlier run) to protect."""
+    image = write_zarr(tmp_path / "img.zarr", np.zeros((40, 50), np.uint8))
+    out = tmp_path / "out.zarr"
+    create_image(str(out), (2, 40, 50), (2, 40, 50), "float32", "cyx")[...] = 0.5
+    return tmp_path, image, out, model_2d
+
+
+def expect_error(capsys, args, message, out: Path):
+    before = tree_digest(out)
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("overtile: error: ") and err.count("\n") == 1, err
+    assert message in err, err
+    assert tree_digest(out) == before  # the existing output is untouched
+
+
+def test_missing_input(setup, capsys):
+    tmp, _, out, model = setup
+    expect_error(capsys, ["predict", str(tmp / "missing.zarr"), str(out), "--model", str(model)], "missing.zarr: no such file", out)
+
+
+def test_input_not_zarr(setup, capsys):
+    tmp, _, out, model = setup
+    (tmp / "photo.png").write_bytes(b"\x89PNG not really")
+    expect_error(capsys, ["predict", str(tmp / "photo.png"), str(out), "--model", str(model)], "photo.png: not a Zarr", out)
+
+
+def test_axes_do_not_match(setup, capsys):
+    tmp, image, out, model = setup
+    expect_error(capsys, ["predict", image, str(out), "--model", str(model), "--axes", "zyx"], "axes 'zyx' do not match the array's 2 dimensions", out)
+
+
+@pytest.mark.parametrize("dtype", [bool, np.complex64])
+def test_unsupported_dtype(setup, capsys, dtype):
+    tmp, _, out, model = setup
+    image = write_zarr(tmp / "odd.zarr", np.zeros((40, 50), dtype))
+    expect_error(capsys, ["predict", image, str(out), "--model", str(model)], f"odd.zarr: unsupported dtype {np.dtype(dtype)}", out)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_in_float_input(setup, capsys, bad):
+    tmp, _, out, model = setup
+    data = np.zeros((40, 50), np.float32)
+    data[33, 7] = bad
+    image = write_zarr(tmp / "float.zarr", data, chunks=(16, 16))
+    expect_error(capsys, ["predict", image, str(out), "--model", str(model)], "float.zarr: NaN or Inf values", out)
+
+
+def test_model_channels_do_not_match_image(setup, capsys):
+    tmp, _, out, _ = setup
+    rgb = make_model(tmp / "rgb.pt", in_channels=3, depth=3)
+    image = write_zarr(tmp / "gray.zarr", np.zeros((40, 50), np.uint8))
+    expect_error(capsys, ["predict", image, str(out), "--model", str(rgb)], "rgb.pt: the model expects 3 input channel(s); ", out)
+
+
+def test_corrupt_checkpoint(setup, capsys):
+    tmp, image, out, model = setup
+    broken = tmp / "broken.pt"
+    broken.write_bytes(Path(model).read_bytes()[:2000])  # a truncated download
+    expect_error(capsys, ["predict", image, str(out), "--model", str(broken)], "broken.pt: not a readable checkpoint", out)
+
+
+def test_existing_output_of_other_shape(setup, capsys):
+    tmp, _, out, model = setup
+    image = write_zarr(tmp / "bigger.zarr", np.zeros((60, 50), np.uint8))
+    expect_error(capsys, ["predict", image, str(out), "--model", str(model)], "existing output has shape (2, 40, 50)", out)
+
+
+def test_existing_output_from_other_settings_is_not_mixed(setup, capsys, tmp_path):
+    tmp, image, out, model = setup
+    other = make_model(tmp / "other.pt", seed=1)
+    assert main(["predict", image, str(tmp / "o.zarr"), "--model", str(model), "--block-size", "32", "--workers", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    expect_error(capsys, ["predict", image, str(tmp / "o.zarr"), "--model", str(other), "--block-size", "32"], "holds the output of a run with other settings", tmp / "o.zarr")
+
+
+def test_too_small_tile_and_bad_numbers(setup, capsys):
+    tmp, image, out, model = setup
+    expect_error(capsys, ["predict", image, str(out), "--model", str(model), "--tile-size", "100"], "--tile-size 100", out)
+    expect_error(capsys, ["predict", image, str(out), "--model", str(model), "--batch-size", "0"], "--batch-size", out)
