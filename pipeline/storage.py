@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import zarr
+from zarr.codecs import BloscCodec
 
 from pipeline.errors import InputError
 from pipeline.geometry import Box
@@ -26,6 +27,9 @@ from pipeline.geometry import Box
 AXES_CHOICES = ("yx", "cyx", "zyx", "czyx", "yxc", "zyxc")
 AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
 OME_VERSION = "0.5"
+# lz4 with byte shuffle: about 1.6x faster than zarr's default zstd on float probability
+# blocks and a little smaller, so writing stays a small fraction of a block's time
+OUTPUT_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 
 def is_url(path: str) -> bool:
@@ -252,7 +256,7 @@ def create_image(
     fill = 0 if np.dtype(dtype).kind in "ui" else np.nan if np.dtype(dtype).kind == "f" else 0
     array = group.create_array(
         "0", shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, fill_value=fill,
-        dimension_names=list(axes),
+        dimension_names=list(axes), compressors=[OUTPUT_CODEC],
     )
     scale = list(scale) if scale is not None else [1.0] * len(axes)
     group.attrs.update({"ome": {"version": OME_VERSION, "multiscales": [multiscales(axes, [scale], name, units)]}, **(attrs or {})})

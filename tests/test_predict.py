@@ -185,3 +185,16 @@ def test_plan_reports_what_is_left(image_2d, model_2d, tmp_path):
     job, blocks, skipped = plan_prediction(settings)
     assert len(blocks) == 12 and skipped == 0
     assert job.tile_size == 1212 and job.block_shape == (100, 100)
+
+
+def test_scheduler_address_uses_an_existing_cluster(image_2d, model_2d, tmp_path):
+    from distributed import LocalCluster
+
+    url, _ = image_2d
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster:
+        settings = PredictSettings(input=url, output=str(tmp_path / "p.zarr"), model=str(model_2d),
+                                   block_size=128, scheduler=cluster.scheduler_address)
+        _, summary = predict(settings)  # no client given: connects to the address
+        assert summary.done == 9
+        assert len({r["worker_pid"] for r in summary.records}) == 1
