@@ -49,6 +49,38 @@ def _predict(args: argparse.Namespace) -> None:
     )
 
 
+def _weights(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from pipeline.weightmaps import WeightSettings, weight_maps
+
+    settings = WeightSettings(
+        labels=args.labels, output=args.output, axes=args.axes, w0=args.w0, sigma=args.sigma,
+        binary=args.binary, block_size=args.block_size, workers=args.workers,
+        scheduler=args.scheduler, overwrite=args.overwrite,
+    )
+    bar: list[Any] = []
+
+    def on_plan(job: Any, todo: int, skipped: int) -> None:
+        bg, fg = job.class_weights
+        print(f"overtile: {'×'.join(map(str, job.spatial_shape))} px in {todo + skipped} blocks, halo {job.halo} px; "
+              f"class weights background {bg:.3f}, foreground {fg:.3f}")
+        if skipped:
+            print(f"overtile: resuming: {skipped} blocks already done, {todo} to go")
+        bar.append(tqdm(total=todo + skipped, initial=skipped, unit="block", desc="weights", disable=args.quiet))
+
+    job, summary = weight_maps(settings, on_result=lambda record: bar[0].update(1), on_plan=on_plan)
+    if bar:
+        bar[0].close()
+    print(f"overtile: done: {summary.done} blocks computed, {summary.skipped} skipped (already done), "
+          f"{summary.pixels / 1e6:.1f} MP in {summary.seconds:.1f} s\n"
+          f"overtile: weight map written to {job.settings.output} (array '0', float32)")
+    if args.preview:
+        from pipeline.preview import weights_png
+
+        print(f"overtile: preview written to {weights_png(job.labels_url, job.output_array.rsplit('/', 1)[0], args.preview, job.labels_axes)}")
+
+
 def _model_init(args: argparse.Namespace) -> None:
     import torch
 
@@ -112,6 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_predict)
+
+    w = sub.add_parser("weights", help="compute the paper's training weight maps, blockwise on Dask",
+                       description="Weight map w = w_c + w0·exp(−(d1+d2)²/2σ²) of an instance label image "
+                                   "(0 = background), blockwise with a halo; class weights from a global pass. "
+                                   "A rerun resumes.")
+    w.add_argument("labels", help="instance labels (integers, 0 = background) or, with --binary, a 0/1 mask")
+    w.add_argument("output", help="output OME-Zarr image of float32 weights")
+    w.add_argument("--axes", help="axes of a plain Zarr array: yx or zyx (default yx for 2-D)")
+    w.add_argument("--w0", type=float, default=10.0, help="height of the border term (default 10, as in the paper)")
+    w.add_argument("--sigma", type=float, default=5.0, help="width of the border term in px or physical units (default 5)")
+    w.add_argument("--binary", action="store_true", help="labels are a 0/1 mask: make cells by connected components")
+    w.add_argument("--block-size", type=int, help="block edge in px (default 2048 in 2-D, 256 in 3-D)")
+    w.add_argument("--workers", type=int, help="worker processes of the local Dask cluster")
+    w.add_argument("--scheduler", help="address of an existing Dask scheduler")
+    w.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming it")
+    w.add_argument("--preview", help="also write a PNG of the labels beside the weight map")
+    w.add_argument("--quiet", action="store_true", help="no progress bar")
+    w.set_defaults(func=_weights)
 
     m = sub.add_parser("model", help="create or inspect U-Net checkpoints")
     msub = m.add_subparsers(dest="model_command", required=True, metavar="COMMAND")

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import zarr
 
+from pipeline import storage
 from pipeline.errors import InputError
 from pipeline.geometry import Block
 
@@ -60,17 +61,27 @@ class Ledger:
         return zarr.open_array(store=self.url, mode="r")[...] > 0
 
     def mark(self, block: Block) -> None:
-        _cached_array(self.url)[block.index] = 1
+        open_array(self.url)[block.index] = 1
 
 
 _ARRAYS: dict[str, zarr.Array] = {}
 
 
-def _cached_array(url: str) -> zarr.Array:
-    """Open a Zarr array once per process (worker processes reuse it across blocks)."""
+def open_array(url: str) -> zarr.Array:
+    """Open a Zarr array for writing once per process (workers reuse it across blocks)."""
     if url not in _ARRAYS:
         _ARRAYS[url] = zarr.open_array(store=url, mode="r+")
     return _ARRAYS[url]
+
+
+_SOURCES: dict[tuple[str, str | None], storage.ImageSource] = {}
+
+
+def open_source(url: str, axes: str | None) -> storage.ImageSource:
+    """Open an input image once per process (workers reuse it across blocks)."""
+    if (url, axes) not in _SOURCES:
+        _SOURCES[(url, axes)] = storage.open_image(url, axes)
+    return _SOURCES[(url, axes)]
 
 
 def default_workers() -> int:
@@ -115,6 +126,16 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, gpu: b
     )
     with cluster, Client(cluster) as client:
         yield client
+
+
+@contextlib.contextmanager
+def client_or_cluster(client: Any | None, scheduler: str | None, workers: int | None, gpu: bool = False) -> Iterator[Any]:
+    """``client`` if one is given, else one of :func:`dask_client`, closed on exit."""
+    if client is not None:
+        yield client
+        return
+    with dask_client(scheduler, workers, gpu=gpu) as own:
+        yield own
 
 
 @dataclass

@@ -8,7 +8,6 @@ thing on a Dask cluster. The settings model is the one the CLI and the Prefect f
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -102,7 +101,7 @@ def plan_prediction(settings: PredictSettings) -> tuple[PredictJob, list[Block],
     Returns the job, the blocks still to do and the number already finished. Every check
     that can fail on user input happens before the output is touched.
     """
-    settings = absolute_paths(settings)
+    settings = settings.model_copy(update={k: storage.absolute(getattr(settings, k)) for k in ("input", "output", "model")})
     source = storage.open_image(settings.input, settings.axes)
     payload = read_checkpoint(settings.model)
     model = model_from_payload(payload, settings.model)
@@ -155,14 +154,6 @@ def plan_prediction(settings: PredictSettings) -> tuple[PredictJob, list[Block],
     return job, blocks, int(done.sum())
 
 
-def absolute_paths(settings: PredictSettings) -> PredictSettings:
-    """Local paths made absolute, so that worker processes in other directories find them."""
-    def fix(p: str) -> str:
-        return p if storage.is_url(p) else os.path.abspath(p)
-
-    return settings.model_copy(update={"input": fix(settings.input), "output": fix(settings.output), "model": fix(settings.model)})
-
-
 def check_finite(source: storage.ImageSource) -> None:
     """Raise if a float image holds NaN or Inf anywhere (read chunk by chunk, not at once)."""
     import dask.array as da
@@ -175,7 +166,6 @@ def check_finite(source: storage.ImageSource) -> None:
 # --- worker side ------------------------------------------------------------------------
 
 _MODELS: dict[tuple[Any, ...], UNet] = {}
-_SOURCES: dict[tuple[str, str | None], storage.ImageSource] = {}
 
 
 def cached_model(path: str, device: str, channels_last: bool) -> UNet:
@@ -201,20 +191,13 @@ def cached_model(path: str, device: str, channels_last: bool) -> UNet:
     return model
 
 
-def cached_source(url: str, axes: str | None) -> storage.ImageSource:
-    key = (url, axes)
-    if key not in _SOURCES:
-        _SOURCES[key] = storage.open_image(url, axes)
-    return _SOURCES[key]
-
-
 def predict_block(block: Block, job: PredictJob) -> dict[str, Any]:
     """The Dask task: read the block and its halo, run its tiles, write it, mark it done."""
     s = job.settings
     watch = execute.Stopwatch()
     with watch("load"):
         model = cached_model(s.model, job.device, s.channels_last)
-        source = cached_source(s.input, s.axes)
+        source = execute.open_source(s.input, s.axes)
     plan = plan_tiles(model, block.write, job.tile_size, s.overlap)
     with watch("read"):
         raw = read_mirrored(source.read, plan.read, job.spatial_shape, s.mirror)
@@ -224,7 +207,7 @@ def predict_block(block: Block, job: PredictJob) -> dict[str, Any]:
         logits = predict_region(model, plan, model.normalization(raw), s.batch_size, AUTOCAST[s.autocast])
         result = encode_output(logits, s.output_kind, job.output_dtype)
     with watch("write"):
-        execute._cached_array(job.output_array)[(slice(None), *block.write.slices())] = result
+        execute.open_array(job.output_array)[(slice(None), *block.write.slices())] = result
         job.ledger.mark(block)
     return {"block": block.key, "pixels": block.write.size, "tiles": len(plan.tiles),
             "worker_pid": os.getpid(), **{f"{k}_s": v for k, v in watch.seconds.items()}}
@@ -262,13 +245,13 @@ def predict(
     job, blocks, skipped = plan_prediction(settings)  # every check before a cluster starts
     if on_plan is not None:
         on_plan(job, len(blocks), skipped)
-    with contextlib.ExitStack() as stack:
-        if client is None and blocks:
-            client = stack.enter_context(execute.dask_client(settings.scheduler, settings.workers, gpu=job.device == "cuda"))
-        records = execute.run_blocks(
-            client, predict_block, blocks, job, name=job.name,
-            resources={"GPU": 1} if job.device == "cuda" else None, on_result=on_result,
-        )
+    records: list[dict[str, Any]] = []
+    if blocks:  # a finished output needs no cluster
+        with execute.client_or_cluster(client, settings.scheduler, settings.workers, job.device == "cuda") as client:
+            records = execute.run_blocks(
+                client, predict_block, blocks, job, name=job.name,
+                resources={"GPU": 1} if job.device == "cuda" else None, on_result=on_result,
+            )
     summary = execute.RunSummary(total=len(blocks) + skipped, skipped=skipped, records=records,
                                  seconds=time.perf_counter() - start)
     return job, summary

@@ -277,3 +277,40 @@ def _categorical(n: int) -> list[tuple[float, ...]]:
             return list(_colormap(name).colors[:n])
     hsv = _colormap("hsv")
     return [hsv(i / n) for i in range(n)]
+
+
+def weights_png(
+    labels_url: str, weights_url: str, out_png: str | os.PathLike, axes: str | None = None, max_size: int = 1024
+) -> Path:
+    """Write a PNG like the paper's Figure 3: the cells beside their weight map with a colour bar.
+
+    Cells show in random colours on black (background), the weight map in ``jet`` as in the
+    paper. Both are read strided (see :func:`read_preview`); a volume shows its middle slice.
+    """
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    labels_view = read_preview(storage.open_image(labels_url, axes), max_size)
+    weights_view = read_preview(storage.open_image(weights_url), max_size, labels_view.z)
+    cells = labels_view.data[0].astype(np.int64)
+    rng = np.random.default_rng(0)
+    colours = ListedColormap(np.vstack([[0, 0, 0, 1], np.c_[rng.uniform(0.25, 1, (255, 3)), np.ones(255)]]))
+    shown = np.where(cells > 0, (cells - 1) % 255 + 1, 0)
+
+    h, w = cells.shape
+    panel_w = max(w / PANEL_DPI, 4.0)
+    fig = Figure(figsize=(2 * panel_w + 1.2, panel_w * h / w + 1.1), dpi=PANEL_DPI, layout="constrained")
+    ax_cells, ax_weights = fig.subplots(1, 2, sharex=True, sharey=True)
+    extent = (0, w * labels_view.step, h * labels_view.step, 0)
+    ax_cells.imshow(shown, cmap=colours, vmin=0, vmax=255, extent=extent, interpolation="nearest")
+    ax_cells.set_title(f"{Path(str(labels_url).rstrip('/')).name}: {len(np.unique(cells)) - 1} cells shown {_where(labels_view)}")
+    im = ax_weights.imshow(weights_view.data[0], cmap="jet", extent=extent, interpolation="nearest")
+    ax_weights.set_title(f"{Path(str(weights_url).rstrip('/')).name}: weight map w(x) {_where(weights_view)}")
+    fig.colorbar(im, ax=ax_weights, shrink=0.8, label="w(x)")
+    for ax in (ax_cells, ax_weights):
+        ax.set_xlabel("x (px)")
+    ax_cells.set_ylabel("y (px)")
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    return out

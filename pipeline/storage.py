@@ -36,6 +36,11 @@ def is_url(path: str) -> bool:
     return "://" in str(path)
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute (worker processes may run elsewhere); URLs unchanged."""
+    return str(path) if is_url(path) else os.path.abspath(path)
+
+
 def _open_node(url: str) -> zarr.Array | zarr.Group:
     if not is_url(url) and not os.path.exists(url):
         raise InputError(f"{url}: no such file or directory")
@@ -107,6 +112,18 @@ class ImageSource:
         order = ["c"] + list(self.spatial_axes) if "c" in kept else list(self.spatial_axes)
         data = data.transpose([kept.index(a) for a in order])
         return data if "c" in kept else data[None]
+
+
+    def to_dask(self) -> Any:
+        """The image as a lazy dask array, channel first ``(C, *spatial)``, chunked as stored."""
+        import dask.array as da
+
+        array = da.from_zarr(self.array)
+        array = array[tuple(0 if a == "t" else slice(None) for a in self.axes)]
+        kept = [a for a in self.axes if a != "t"]
+        order = (["c"] if "c" in kept else []) + list(self.spatial_axes)
+        array = array.transpose([kept.index(a) for a in order])
+        return array if "c" in kept else array[None]
 
 
 def _check_axes(url: str, axes: str, ndim: int) -> str:

@@ -1,0 +1,91 @@
+"""Weight maps blockwise over Zarr on a real LocalCluster equal the in-memory map."""
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.cli import main
+from pipeline.weightmaps import WeightSettings, weight_maps
+from pipeline.weights import weight_map
+
+from conftest import write_zarr
+
+
+def touching_cells(shape, seed=0, n=40):
+    """Discs that touch and cross block borders, each its own id."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.uint16)
+    grid = np.indices(shape)
+    for i in range(1, n + 1):
+        centre = rng.uniform(0, shape)
+        r = rng.uniform(5, 12)
+        inside = sum((g - c) ** 2 for g, c in zip(grid, centre)) <= r * r
+        labels[inside & (labels == 0)] = i
+    return labels
+
+
+@pytest.fixture(scope="module")
+def cluster_client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.mark.parametrize("block", [32, 50, 200])
+def test_blockwise_equals_in_memory(cluster_client, tmp_path, block):
+    labels = touching_cells((150, 130))
+    url = write_zarr(tmp_path / "labels.zarr", labels, chunks=(32, 32))
+    job, summary = weight_maps(WeightSettings(labels=url, output=str(tmp_path / "w.zarr"), block_size=block), client=cluster_client)
+    out = zarr.open_group(str(tmp_path / "w.zarr"), mode="r")["0"][...]
+    np.testing.assert_allclose(out, weight_map(labels), atol=1e-4)
+    assert out.dtype == np.float32 and summary.done == summary.total
+
+
+def test_3d_blockwise_equals_in_memory(cluster_client, tmp_path):
+    labels = touching_cells((20, 40, 36), n=15)
+    url = write_zarr(tmp_path / "labels.zarr", labels, chunks=(8, 16, 16))
+    weight_maps(WeightSettings(labels=url, output=str(tmp_path / "w.zarr"), axes="zyx", block_size=16, sigma=3), client=cluster_client)
+    out = zarr.open_group(str(tmp_path / "w.zarr"), mode="r")["0"][...]
+    np.testing.assert_allclose(out, weight_map(labels, sigma=3), atol=1e-4)
+
+
+def test_binary_mask_gets_global_instances(cluster_client, tmp_path):
+    labels = touching_cells((120, 140), seed=3)
+    mask = (labels > 0).astype(np.uint8)
+    url = write_zarr(tmp_path / "mask.zarr", mask, chunks=(32, 32))
+    weight_maps(WeightSettings(labels=url, output=str(tmp_path / "w.zarr"), binary=True, block_size=40), client=cluster_client)
+    out = zarr.open_group(str(tmp_path / "w.zarr"), mode="r")["0"][...]
+    np.testing.assert_allclose(out, weight_map(mask, binary=True), atol=1e-4)
+
+
+def test_rerun_resumes_and_says_so(cluster_client, tmp_path):
+    url = write_zarr(tmp_path / "labels.zarr", touching_cells((100, 100)))
+    settings = WeightSettings(labels=url, output=str(tmp_path / "w.zarr"), block_size=50)
+    first = weight_maps(settings, client=cluster_client)[1]
+    ledger = zarr.open_array(str(tmp_path / "w.zarr" / "ledger"), mode="r+")
+    ledger[1, 1] = 0
+    second = weight_maps(settings, client=cluster_client)[1]
+    assert first.done == 4 and second.done == 1 and second.skipped == 3
+
+
+def test_cli_bad_labels(tmp_path, capsys):
+    for name, data, message in [
+        ("float.zarr", np.zeros((20, 20), np.float32), "float32 labels; expected integers"),
+        ("negative.zarr", -np.ones((20, 20), np.int32), "negative label -1"),
+    ]:
+        url = write_zarr(tmp_path / name, data)
+        assert main(["weights", url, str(tmp_path / "w.zarr"), "--workers", "1", "--quiet"]) == 2
+        assert message in capsys.readouterr().err
+    url = write_zarr(tmp_path / "ok.zarr", np.zeros((20, 20), np.uint8))
+    assert main(["weights", url, str(tmp_path / "w.zarr"), "--sigma", "0", "--quiet"]) == 2
+    assert "--sigma" in capsys.readouterr().err
+
+
+def test_cli_all_background_and_preview(tmp_path, capsys):
+    url = write_zarr(tmp_path / "empty.zarr", np.zeros((40, 30), np.uint8))
+    png = tmp_path / "w.png"
+    assert main(["weights", url, str(tmp_path / "w.zarr"), "--workers", "1", "--quiet", "--preview", str(png)]) == 0
+    assert (zarr.open_group(str(tmp_path / "w.zarr"), mode="r")["0"][...] == 1).all()
+    assert png.stat().st_size > 1000
