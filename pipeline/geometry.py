@@ -141,6 +141,8 @@ class Block:
 
     index: tuple[int, ...]
     write: Box
+    number: int = 0  # position in C order over the grid
+
 
     @property
     def key(self) -> str:
@@ -162,9 +164,10 @@ def iter_blocks(shape: Sequence[int], block_shape: Sequence[int]) -> Iterator[Bl
     ['y 0:4, x 0:3', 'y 4:5, x 0:3']
     """
     shape, block_shape = _ints(shape), _ints(block_shape, len(shape))
-    for index in itertools.product(*(range(n) for n in block_grid(shape, block_shape))):
+    grid = (range(n) for n in block_grid(shape, block_shape))
+    for number, index in enumerate(itertools.product(*grid)):
         offset = tuple(i * b for i, b in zip(index, block_shape))
-        yield Block(index, Box(offset, block_shape).clip(shape))
+        yield Block(index, Box(offset, block_shape).clip(shape), number)
 
 
 def mirror_indices(start: int, stop: int, size: int, mode: str = "reflect") -> np.ndarray:

@@ -1,8 +1,8 @@
 """Weight maps (the paper's eq. 2) blockwise over Zarr on Dask, resumable like prediction.
 
 Two passes: a global pass over the whole label array (class frequencies, checks, and for
-binary masks globally unique instance ids by dask-image's distributed connected components),
-then one task per chunk-aligned block that reads its block plus a halo, computes
+binary masks globally unique instance ids by blockwise connected components merged across
+block faces), then one task per chunk-aligned block that reads its block plus a halo, computes
 :func:`pipeline.weights.weight_map` with the global class weights and writes its block.
 
 Why the halo makes blocks exact: a pixel's border term only matters while its second-nearest
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+import zarr
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import execute, storage, weights
@@ -86,22 +87,75 @@ def global_pass(source: storage.ImageSource, binary: bool) -> tuple[tuple[int, i
     return (int(array.size - foreground), int(foreground)), int(low)
 
 
-def label_mask(source: storage.ImageSource, output: str) -> str:
-    """Globally unique cell ids for a binary mask (face connectivity), written beside the output."""
-    from dask_image import ndmeasure
+def _label_block(block: Block, mask_url: str, mask_axes: str | None, out_url: str, structure: np.ndarray, stride: int) -> None:
+    """Connected components of one block, ids offset by the block's number so none collide."""
     from scipy import ndimage
 
-    array = source.to_dask()[0]
-    structure = ndimage.generate_binary_structure(array.ndim, 1)
-    labels, count = ndmeasure.label(array > 0, structure=structure)
-    url = f"{output.rstrip('/')}/{INSTANCES}"
-    # dask-image's merge step fails on a distributed cluster with scipy 1.17 ("all index and
-    # data arrays must have the same length"); its threaded run is correct and still
-    # streams chunk by chunk, so labelling runs out-of-core in this process for now.
-    import dask
+    mask = execute.open_source(mask_url, mask_axes).read(block.write)[0] > 0
+    labels, n = ndimage.label(mask, structure=structure)
+    labels = labels.astype(np.uint64)
+    labels[labels > 0] += np.uint64(block.number * stride)
+    execute.open_array(out_url)[block.write.slices()] = labels
 
-    with dask.config.set(scheduler="threads"):
-        labels.astype(np.uint32).to_zarr(url, overwrite=True)
+
+def _face_pairs(block: Block, url: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Pairs of ids that touch across this block's far faces (one per axis with a neighbour)."""
+    array = execute.open_array(url)
+    pairs = []
+    for axis in range(block.write.ndim):
+        end = block.write.stop[axis]
+        if end >= shape[axis]:
+            continue
+        face = Box(tuple(end - 1 if a == axis else o for a, o in enumerate(block.write.offset)),
+                   tuple(2 if a == axis else s for a, s in enumerate(block.write.shape)))
+        slab = np.moveaxis(array[face.slices()], axis, 0)
+        touching = (slab[0] > 0) & (slab[1] > 0)
+        pairs.append(np.stack([slab[0][touching], slab[1][touching]], axis=1))
+    return np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.uint64)
+
+
+def _relabel_block(block: Block, url: str, old: np.ndarray, new: np.ndarray) -> None:
+    array = execute.open_array(url)
+    labels = array[block.write.slices()]
+    where = np.isin(labels, old)
+    if where.any():
+        labels[where] = new[np.searchsorted(old, labels[where])]
+        array[block.write.slices()] = labels
+
+
+def label_mask(client: Any, source: storage.ImageSource, output: str, block_shape: tuple[int, ...]) -> str:
+    """Globally unique cell ids for a binary mask bigger than memory, written to ``OUTPUT/instances``.
+
+    Face connectivity (as :func:`pipeline.weights.weight_map` with ``binary=True``). Three
+    Dask passes over the blocks: label each block with ids offset by its number; collect
+    the id pairs that touch across block faces; merge those (connected components of the
+    small pair graph, here) and rewrite the blocks that hold merged ids.
+    """
+    from scipy import ndimage
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    url = f"{output.rstrip('/')}/{INSTANCES}"
+    shape = source.spatial_shape
+    zarr.open_group(store=output, mode="r+").create_array(INSTANCES, shape=shape, chunks=block_shape, dtype="uint64", fill_value=0, overwrite=True)
+    blocks = list(iter_blocks(shape, block_shape))
+    structure = ndimage.generate_binary_structure(len(shape), 1)
+    stride = int(np.prod(block_shape)) // 2 + 2  # more than the components a block can hold
+    client.gather(client.map(_label_block, blocks, mask_url=source.url, mask_axes=source.axes, out_url=url,
+                             structure=structure, stride=stride, pure=False))
+    pairs = [p for p in client.gather(client.map(_face_pairs, blocks, url=url, shape=shape, pure=False)) if len(p)]
+    if not pairs:
+        return url
+    pairs = np.unique(np.concatenate(pairs), axis=0)
+    ids, index = np.unique(pairs, return_inverse=True)
+    index = index.reshape(pairs.shape)
+    graph = coo_matrix((np.ones(len(pairs)), (index[:, 0], index[:, 1])), shape=(len(ids), len(ids)))
+    _, component = connected_components(graph, directed=False)
+    smallest = np.full(component.max() + 1, np.iinfo(np.uint64).max, np.uint64)
+    np.minimum.at(smallest, component, ids)
+    new = smallest[component]
+    changed = new != ids
+    client.gather(client.map(_relabel_block, blocks, url=url, old=ids[changed], new=new[changed], pure=False))
     return url
 
 
@@ -111,6 +165,8 @@ def weights_block(block: Block, job: WeightJob) -> dict[str, Any]:
     read = block.write.grow(job.halo).clip(job.spatial_shape)
     with watch("read"):
         labels = execute.open_source(job.labels_url, job.labels_axes).read(read)[0]
+        # consecutive ids inside the block: global ids may be huge (binary masks, user data)
+        labels = np.unique(labels, return_inverse=True)[1].reshape(labels.shape).astype(np.uint32)
     with watch("compute"):
         w = weights.weight_map(np.asarray(labels), job.settings.w0, job.settings.sigma, job.class_weights, job.spacing)
     with watch("write"):
@@ -159,7 +215,7 @@ def weight_maps(
         labels_url, labels_axes = settings.labels, settings.axes
         if settings.binary:
             labels_axes = source.spatial_axes
-            labels_url = label_mask(source, settings.output) if not done.all() else f"{settings.output.rstrip('/')}/{INSTANCES}"
+            labels_url = label_mask(client, source, settings.output, block_shape) if not done.all() else f"{settings.output.rstrip('/')}/{INSTANCES}"
         job = WeightJob(settings, labels_url, labels_axes, source.spatial_shape, block_shape, halo, spacing, class_weights,
                         counts, f"{settings.output.rstrip('/')}/0", ledger, fingerprint)
         blocks = [b for b in iter_blocks(source.spatial_shape, block_shape) if not done[b.index]]

@@ -89,3 +89,23 @@ def test_cli_all_background_and_preview(tmp_path, capsys):
     assert main(["weights", url, str(tmp_path / "w.zarr"), "--workers", "1", "--quiet", "--preview", str(png)]) == 0
     assert (zarr.open_group(str(tmp_path / "w.zarr"), mode="r")["0"][...] == 1).all()
     assert png.stat().st_size > 1000
+
+
+def test_mask_labelling_across_blocks_matches_whole_image_labelling(cluster_client, tmp_path):
+    from scipy import ndimage
+
+    from pipeline.storage import create_image, open_image
+    from pipeline.weightmaps import label_mask
+
+    mask = np.zeros((90, 100), np.uint8)
+    mask[5:85, 5:9] = mask[5:85, 90:94] = mask[80:85, 5:94] = 1  # a U crossing many blocks, joined late
+    mask[20:30, 30:60] = 1
+    mask[40, :] = 1  # touches the U's arms: all one cell with it
+    mask[60:62, 40:42] = 1
+    url = write_zarr(tmp_path / "mask.zarr", mask, chunks=(16, 16))
+    create_image(str(tmp_path / "out.zarr"), mask.shape, (16, 16), "float32", "yx")
+    instances = zarr.open_array(label_mask(cluster_client, open_image(url), str(tmp_path / "out.zarr"), (16, 16)), mode="r")[...]
+    whole, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(2, 1))
+    assert len(np.unique(instances[instances > 0])) == n == 3
+    for cell in range(1, n + 1):  # the same partition of the foreground
+        assert len(np.unique(instances[whole == cell])) == 1
