@@ -131,8 +131,8 @@ def plan_prediction(settings: PredictSettings) -> tuple[PredictJob, list[Block],
     existed = storage.check_output(settings.output, out_shape, out_dtype, settings.overwrite)
     fingerprint = hashlib.sha256(json.dumps({
         "input": settings.input, "axes": source.axes, "model": file_digest(settings.model),
-        "block": block_shape, "tile": tile,
-        "overlap": settings.overlap if cfg.padding == "same" else None,  # valid nets ignore it "kind": settings.output_kind, "dtype": out_dtype,
+        "block": block_shape, "tile": tile, "kind": settings.output_kind, "dtype": out_dtype,
+        "overlap": settings.overlap if cfg.padding == "same" else None,  # valid nets ignore it
         "mirror": settings.mirror, "autocast": settings.autocast,
     }, sort_keys=True).encode()).hexdigest()
 
