@@ -81,6 +81,84 @@ def _weights(args: argparse.Namespace) -> None:
         print(f"overtile: preview written to {weights_png(job.labels_url, job.output_array.rsplit('/', 1)[0], args.preview, job.labels_axes)}")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from pipeline.train import TrainSettings, train
+    from pipeline.unet import num_parameters
+
+    val_slices: list[int] = []
+    for text in args.val_slices or []:  # "20 21 22", "20-24" or "20,21"
+        for part in text.replace(",", " ").split():
+            first, _, last = part.partition("-")
+            try:
+                val_slices.extend(range(int(first), int(last or first) + 1))
+            except ValueError:
+                raise InputError(f"--val-slices: {part!r}; expected slice numbers like 20 21 or a range 20-24") from None
+    settings = TrainSettings(
+        images=args.images, labels=args.labels, weights=args.weights, out=args.out, axes=args.axes,
+        labels_axes=args.labels_axes, val_slices=tuple(val_slices), steps=args.steps, batch_size=args.batch_size,
+        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, lr_schedule=args.lr_schedule,
+        dims=args.dims, depth=args.depth, base_channels=args.base_channels, padding=args.padding,
+        batch_norm=args.batch_norm, dropout=args.dropout, tile_size=args.tile_size, normalize=args.normalize,
+        w0=args.w0, sigma=args.sigma, class_balance=not args.no_class_balance, foreground_bias=args.foreground_bias,
+        elastic=not args.no_elastic, flips=not args.no_flips, rotations=not args.no_rotations, gray=not args.no_gray,
+        val_every=args.val_every, checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
+        amp=args.amp, num_workers=args.workers, threads=args.threads, time_limit=args.time_limit,
+        resume=args.resume, overwrite=args.overwrite,
+    )
+    bar: list[Any] = []
+    running: list[float] = []
+
+    def on_start(job: Any) -> None:
+        c, s = job.model.config, job.settings
+        n_train, n_val = len(job.spec.regions), len(job.val_regions)
+        if c.dims == 2 and len(job.images.spatial_shape) == 3:
+            where = f"{n_train} slices" + (f" ({n_val} more held out for validation)" if n_val else "")
+        else:
+            where = "the image" if n_train == 1 else f"{n_train} runs of slices"
+            where += " (held-out slices for validation)" if n_val else ""
+        where += "" if n_val else "; no validation: best.pt is the latest model"
+        optimiser = f"SGD momentum {s.momentum}" if s.optimizer == "sgd" else "Adam"
+        print(f"overtile: training a {c.dims}-D U-Net ({num_parameters(job.model):,} parameters, depth {c.depth}, "
+              f"{c.base_channels} base channels, {c.padding}) on {job.spec.input_size} px patches "
+              f"(labels {job.spec.output_size} px) from {where}; {optimiser}, lr {job.lr:g}, "
+              f"batch {s.batch_size}, on {job.device}")
+        if job.start:
+            done = " (nothing left to do)" if job.start >= s.steps else ""
+            print(f"overtile: resuming after step {job.start} of {s.steps}{done}")
+        bar.append(tqdm(total=s.steps, initial=min(job.start, s.steps), unit="step", desc="train", disable=args.quiet))
+
+    def on_step(row: dict[str, Any]) -> None:
+        running.append(row["loss"] if not running else 0.98 * running[-1] + 0.02 * row["loss"])
+        postfix = {"loss": f"{running[-1]:.4f}"}
+        if "rand_error" in row:
+            postfix["rand"] = f"{row['rand_error']:.4f}"
+        bar[0].set_postfix(postfix, refresh=False)
+        bar[0].update(1)
+
+    try:
+        summary = train(settings, on_start=on_start, on_step=on_step)
+    except KeyboardInterrupt:
+        if bar:
+            bar[0].close()
+        print(f"overtile: interrupted; rerun with --resume to continue from {settings.out}/last.pt", file=sys.stderr)
+        raise SystemExit(130) from None
+    if bar:
+        bar[0].close()
+    out = summary.out
+    if summary.best.get("rand_error") is not None:
+        b = summary.best
+        best = (f"best Rand error {b['rand_error']:.4f} at step {summary.best_step} "
+                f"(pixel error {b['pixel_error']:.4f}, IoU {b['iou']:.4f}, raw Rand error {b['rand_error_raw']:.4f})")
+    else:
+        best = "best Rand error: none (no --val-slices; best.pt is the latest model)"
+    ran = f"steps {summary.start + 1}-{summary.step} in {summary.seconds:.1f} s" if summary.step > summary.start else "no steps"
+    loss = f", last loss {summary.loss:.4f}" if summary.loss is not None else ""
+    print(f"overtile: done: {ran}{loss}; {best}\n"
+          f"overtile: checkpoints {out / 'best.pt'} and {out / 'last.pt'}; log {out / 'log.csv'}, curves {out / 'curves.png'}")
+
+
 def _model_init(args: argparse.Namespace) -> None:
     import torch
 
@@ -162,6 +240,54 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--preview", help="also write a PNG of the labels beside the weight map")
     w.add_argument("--quiet", action="store_true", help="no progress bar")
     w.set_defaults(func=_weights)
+
+    t = sub.add_parser("train", help="train a U-Net from Zarr images and labels",
+                       description="Train a U-Net as the paper does: random patches from Zarr, elastic deformation, "
+                                   "weighted cross-entropy with the weight map, SGD with momentum 0.99 (or Adam). "
+                                   "Writes OUT/last.pt (resumable), OUT/best.pt (by validation Rand error), "
+                                   "OUT/log.csv and OUT/curves.png; best.pt is a model for 'overtile predict'.")
+    t.add_argument("--images", required=True, help="training image: Zarr array or OME-Zarr image")
+    t.add_argument("--labels", required=True, help="labels: a mask (255 or 1 = cell, 0 = membrane/background) or instance labels")
+    t.add_argument("--weights", help="precomputed weight maps (see 'overtile weights'); default: computed per patch")
+    t.add_argument("--out", required=True, help="directory for checkpoints, log and curves")
+    t.add_argument("--axes", help="axes of a plain image array: yx, cyx, zyx, czyx or yxc (default yx for 2-D)")
+    t.add_argument("--labels-axes", help="axes of a plain labels array (default: the image's without c)")
+    t.add_argument("--val-slices", nargs="+", metavar="Z", help="z-slices of a stack held out for validation, e.g. 20-24")
+    t.add_argument("--steps", type=int, default=1000, help="optimiser steps (default 1000)")
+    t.add_argument("--batch-size", type=int, default=1, help="patches per step (default 1, as in the paper)")
+    t.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="SGD with momentum (the paper's) or Adam")
+    t.add_argument("--lr", type=float, help="learning rate (default 0.01 for SGD, 0.001 for Adam)")
+    t.add_argument("--momentum", type=float, default=0.99, help="SGD momentum (default 0.99, as in the paper)")
+    t.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    t.add_argument("--dims", type=int, choices=[2, 3], help="2-D or 3-D U-Net (default: the image's spatial axes)")
+    t.add_argument("--depth", type=int, default=5, help="resolution levels (5 in the paper: 4 poolings)")
+    t.add_argument("--base-channels", type=int, default=64, help="channels at the first level (64 in the paper)")
+    t.add_argument("--padding", choices=["valid", "same"], default="valid")
+    t.add_argument("--batch-norm", action="store_true")
+    t.add_argument("--dropout", type=float, default=0.0, help="dropout at the end of the contracting path")
+    t.add_argument("--tile-size", type=int, default=572, help="patch edge = model input, snapped to a valid size (default 572)")
+    t.add_argument("--normalize", choices=["scale", "standardize"], default="scale",
+                   help="scale: integers divided by their dtype's max; standardize: then the training data's mean/std")
+    t.add_argument("--w0", type=float, default=10.0, help="weight map border term height (default 10)")
+    t.add_argument("--sigma", type=float, default=5.0, help="weight map border term width in px (default 5)")
+    t.add_argument("--no-class-balance", action="store_true", help="do not balance background and cell frequencies")
+    t.add_argument("--foreground-bias", type=float, default=0.0, help="probability of centring a patch on cells (default 0)")
+    t.add_argument("--no-elastic", action="store_true", help="no elastic deformation")
+    t.add_argument("--no-flips", action="store_true", help="no random flips")
+    t.add_argument("--no-rotations", action="store_true", help="no random 90° rotations")
+    t.add_argument("--no-gray", action="store_true", help="no gray-value variation")
+    t.add_argument("--val-every", type=int, default=100, help="validate every N steps (default 100)")
+    t.add_argument("--checkpoint-every", type=int, default=100, help="write last.pt every N steps (default 100)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    t.add_argument("--amp", choices=["none", "bf16", "fp16"], default="fp16", help="mixed precision on CUDA (default fp16)")
+    t.add_argument("--workers", type=int, default=0, help="data-loader worker processes (default 0)")
+    t.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    t.add_argument("--time-limit", type=float, help="stop after this many seconds (validate and checkpoint first)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--overwrite", action="store_true", help="start over even if OUT holds a run")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train)
 
     m = sub.add_parser("model", help="create or inspect U-Net checkpoints")
     msub = m.add_subparsers(dest="model_command", required=True, metavar="COMMAND")

@@ -216,56 +216,63 @@ class DataStats:
     """What one pass over the training regions learns, kept in the checkpoint.
 
     ``counts``: (background, cell) pixels; ``mask``: the labels hold at most two values (a
-    mask, cells made by connected components) rather than instances; ``foreground``: blocks
-    holding cells, as ``(region, offset, shape)``, for foreground-biased sampling; ``mean``
-    and ``std`` of the scaled image (only with ``normalize="standardize"``).
+    mask, cells made by connected components) rather than instances; ``foreground``: the
+    cells of a ``cell``-pixel grid that hold labelled pixels, one row ``(region, *offset)``
+    each, for foreground-biased sampling; ``mean`` and ``std`` of the scaled image (only
+    with ``normalize="standardize"``).
     """
 
     counts: tuple[int, int]
     mask: bool
-    foreground: tuple[tuple[int, tuple[int, ...], tuple[int, ...]], ...]
+    cell: int
+    foreground: np.ndarray = field(compare=False, repr=False)
     mean: float = 0.0
     std: float = 1.0
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["foreground"] = [[r, list(o), list(s)] for r, o, s in self.foreground]
-        d["counts"] = list(self.counts)
-        return d
+        return {"counts": list(self.counts), "mask": self.mask, "cell": self.cell,
+                "foreground": torch.from_numpy(self.foreground), "mean": self.mean, "std": self.std}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataStats:
-        return cls(tuple(d["counts"]), bool(d["mask"]),
-                   tuple((int(r), tuple(o), tuple(s)) for r, o, s in d["foreground"]),
-                   float(d["mean"]), float(d["std"]))
+        return cls((int(d["counts"][0]), int(d["counts"][1])), bool(d["mask"]), int(d["cell"]),
+                   np.asarray(d["foreground"], np.int64), float(d["mean"]), float(d["std"]))
 
 
 def data_stats(images: storage.ImageSource, labels: storage.ImageSource, regions: Sequence[Region],
-               standardize: bool, labels_kind: str) -> DataStats:
-    """Read the training regions once, block by block: class counts, label kind, foreground."""
+               cell: int, standardize: bool = False, labels_kind: str = "auto") -> DataStats:
+    """Read the training regions once, block by block: class counts, label kind, the grid
+    cells (``cell`` px) that hold labelled pixels, and the image's mean and std if asked."""
     scale = Normalization()
     counts = np.zeros(2, np.int64)
     values: set[int] = set()
     foreground = []
     total, total_sq, n = 0.0, 0.0, 0
     for r, region in enumerate(regions):
-        for block in iter_blocks(region.shape, (1024,) * 2 if region.dims == 2 else (128,) * 3):
-            lab = region.read(labels, block.write)[0]
-            fg = int(np.count_nonzero(lab))
-            counts += (lab.size - fg, fg)
-            if fg:
-                foreground.append((r, block.write.offset, block.write.shape))
+        block = cell * max(1, (1024 if region.dims == 2 else 128) // cell)  # a whole number of cells
+        for b in iter_blocks(region.shape, (block,) * region.dims):
+            lab = region.read(labels, b.write)[0]
+            fg = lab != 0
+            count = int(np.count_nonzero(fg))
+            counts += (lab.size - count, count)
+            if count:
+                for axis, size in enumerate(fg.shape):  # any() per grid cell
+                    fg = np.logical_or.reduceat(fg, np.arange(0, size, cell), axis=axis)
+                cells = np.argwhere(fg) * cell + np.array(b.write.offset)
+                foreground.append(np.column_stack([np.full(len(cells), r), cells]))
             if len(values) <= 2:
                 values |= set(np.unique(lab).tolist())
             if standardize:
-                img = scale(region.read(images, block.write)).astype(np.float64)
+                img = scale(region.read(images, b.write)).astype(np.float64)
                 total, total_sq, n = total + img.sum(), total_sq + (img * img).sum(), n + img.size
     mask = len(values) <= 2 if labels_kind == "auto" else labels_kind == "mask"
     mean, std = 0.0, 1.0
     if standardize and n:
         mean = total / n
         std = math.sqrt(max(total_sq / n - mean * mean, 0.0)) or 1.0
-    return DataStats((int(counts[0]), int(counts[1])), mask, tuple(foreground), mean, std)
+    dims = regions[0].dims if regions else 2
+    rows = np.concatenate(foreground) if foreground else np.zeros((0, 1 + dims), np.int64)
+    return DataStats((int(counts[0]), int(counts[1])), mask, cell, rows.astype(np.int64), mean, std)
 
 
 # --- augmentation (pure functions of an array and a random generator) ----------------------
@@ -405,15 +412,16 @@ class PatchDataset(Dataset):
 
     def sample_box(self, rng: np.random.Generator) -> tuple[Region, Box]:
         """Where a patch's output lies: uniform over the training regions or, with probability
-        ``foreground_bias``, centred in a block that holds cells."""
+        ``foreground_bias``, around a grid cell that holds labels (the cell is half the
+        output's size, so the output holds the whole cell)."""
         s = self.spec
         out = s.output_size
-        biased = rng.random() < s.foreground_bias and s.stats.foreground
-        if biased:
-            r, offset, shape = s.stats.foreground[int(rng.integers(len(s.stats.foreground)))]
+        fg = s.stats.foreground
+        if rng.random() < s.foreground_bias and len(fg):
+            r, *offset = (int(v) for v in fg[int(rng.integers(len(fg)))])
             region = s.regions[r]
-            centre = [int(rng.integers(o, o + n)) for o, n in zip(offset, shape)]
-            start = [min(max(c - out // 2, 0), max(n - out, 0)) if n >= out else (n - out) // 2
+            centre = [int(rng.integers(o, min(o + s.stats.cell, n))) for o, n in zip(offset, region.shape)]
+            start = [min(max(c - out // 2, 0), n - out) if n >= out else (n - out) // 2
                      for c, n in zip(centre, region.shape)]
         else:
             region = s.regions[int(rng.choice(len(s.regions), p=self._region_p))]
@@ -616,10 +624,13 @@ def write_curves(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         left.set_yscale("log")
     left.legend()
     val = [r for r in rows if str(r.get("rand_error", "")) != ""]
-    for key in ("rand_error", "rand_error_raw", "pixel_error"):
-        right.plot([int(r["step"]) for r in val], [float(r[key]) for r in val], "o-", ms=3, label=key.replace("_", " "))
     right.set(xlabel="step", title="validation (held-out slices)")
-    right.legend()
+    if val:
+        for key, name in (("rand_error", "Rand error"), ("rand_error_raw", "Rand error, not grown"), ("pixel_error", "pixel error")):
+            right.plot([int(r["step"]) for r in val], [float(r[key]) for r in val], "o-", ms=3, label=name)
+        right.legend()
+    else:
+        right.text(0.5, 0.5, "no validation slices", ha="center", va="center", transform=right.transAxes)
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, dpi=90, format="png")
     tmp.replace(path)
@@ -705,12 +716,13 @@ def plan_training(settings: TrainSettings) -> TrainJob:
     elif last.exists() and not s.overwrite:
         raise InputError(f"{out}: holds a training run (last.pt); pass --resume to continue it or --overwrite to start over")
 
-    data_keys = ("images", "labels", "axes", "labels_axes", "val_slices", "dims", "labels_kind", "normalize")
+    data_keys = ("images", "labels", "axes", "labels_axes", "val_slices", "dims", "labels_kind", "normalize", "tile_size")
     old = payload["training"].get("settings", {}) if payload else {}
     if payload and "stats" in payload["training"] and all(old.get(k) == v for k, v in s.model_dump(mode="json", include=set(data_keys)).items()):
         stats = DataStats.from_dict(payload["training"]["stats"])  # the same data: no second pass
     else:
-        stats = data_stats(images, labels, train_regions, s.normalize == "standardize", s.labels_kind)
+        cell = max(1, model.output_size(tile) // 2)
+        stats = data_stats(images, labels, train_regions, cell, s.normalize == "standardize", s.labels_kind)
     if payload:
         model = model_from_payload(payload, last)  # normalisation as it was trained
     else:
