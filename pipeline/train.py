@@ -268,8 +268,8 @@ def data_stats(images: storage.ImageSource, labels: storage.ImageSource, regions
     mask = len(values) <= 2 if labels_kind == "auto" else labels_kind == "mask"
     mean, std = 0.0, 1.0
     if standardize and n:
-        mean = total / n
-        std = math.sqrt(max(total_sq / n - mean * mean, 0.0)) or 1.0
+        mean = float(total / n)  # plain floats: numpy scalars would not load with weights_only
+        std = float(math.sqrt(max(total_sq / n - mean * mean, 0.0))) or 1.0
     dims = regions[0].dims if regions else 2
     rows = np.concatenate(foreground) if foreground else np.zeros((0, 1 + dims), np.int64)
     return DataStats((int(counts[0]), int(counts[1])), mask, cell, rows.astype(np.int64), mean, std)

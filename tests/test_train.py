@@ -1,0 +1,296 @@
+"""Training: a few steps on tiny data lower the loss, a resumed run follows the uninterrupted
+one step for step, the weighted loss is the paper's formula, the elastic deformation keeps
+image and labels aligned, and a bad checkpoint is one clear error."""
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from torch.utils.data import DataLoader
+
+from pipeline.cli import main
+from pipeline.errors import InputError
+from pipeline.train import (
+    PatchDataset,
+    TrainSettings,
+    data_stats,
+    deform,
+    elastic_field,
+    plan_training,
+    split_regions,
+    train,
+    weighted_cross_entropy,
+)
+from pipeline.unet import load_model
+
+from conftest import write_zarr
+
+TINY = dict(depth=2, base_channels=4, tile_size=44, threads=1, channels_last=False)  # margin 8: 44 in, 28 out
+NO_AUGMENTATION = dict(elastic=False, flips=False, rotations=False, gray=False)
+
+
+def disks(shape: tuple[int, ...], count: int, seed: int = 0, radius: tuple[int, int] = (5, 10)) -> tuple[np.ndarray, np.ndarray]:
+    """Bright disks (balls in 3-D) on a noisy dark background: uint8 image, uint16 instance labels."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape)
+    labels = np.zeros(shape, np.uint16)
+    for i in range(count):
+        centre = [rng.integers(0, n) for n in shape]
+        r = rng.integers(*radius)
+        labels[sum((g - c) ** 2 for g, c in zip(grid, centre)) < r * r] = i + 1
+    image = np.clip((labels > 0) * 150 + rng.normal(50, 20, shape), 0, 255).astype(np.uint8)
+    return image, labels
+
+
+@pytest.fixture(scope="module")
+def data_2d(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("train2d")
+    image, labels = disks((64, 64), 8)
+    return write_zarr(root / "img.zarr", image), write_zarr(root / "lab.zarr", labels)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> tuple[str, str]:
+    """An ISBI-like stack: 4 slices of 64×64, labels 255 = cell, 0 = membrane/background."""
+    root = tmp_path_factory.mktemp("stack")
+    images, masks = zip(*(disks((64, 64), 8, seed=z) for z in range(4)))
+    mask = (np.stack(masks) > 0).astype(np.uint8) * 255
+    return write_zarr(root / "img.zarr", np.stack(images)), write_zarr(root / "lab.zarr", mask)
+
+
+def settings(images: str, labels: str, out: Path, **kwargs) -> TrainSettings:
+    return TrainSettings(images=images, labels=labels, out=str(out), **{**TINY, **kwargs})
+
+
+def log_rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --- the loss ------------------------------------------------------------------------------
+
+
+def test_weighted_loss_equals_hand_computed_value():
+    # two pixels, two classes: p = softmax(logits) per pixel
+    logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]]]])  # (N=1, K=2, 1, 2)
+    target = torch.tensor([[[0, 1]]])
+    weight = torch.tensor([[[3.0, 0.5]]])
+    p0 = math.exp(2) / (math.exp(2) + 1)  # pixel 0, class 0
+    p1 = math.exp(1) / (1 + math.exp(1))  # pixel 1, class 1
+    expected = -(3.0 * math.log(p0) + 0.5 * math.log(p1)) / 2
+    assert weighted_cross_entropy(logits, target, weight).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_training_lowers_the_loss(data_2d, tmp_path):
+    """30 steps on 64×64 disks: the loss on 16 fixed patches falls well below the
+    He-initialised model's (the same seed builds the same initial model)."""
+    s = settings(*data_2d, tmp_path, steps=30, w0=0.0, base_channels=8, optimizer="adam", lr=0.01, **NO_AUGMENTATION)
+    job = plan_training(s)
+    patches = [PatchDataset(job.spec)[i] for i in range(16)]
+
+    def fixed_loss(model) -> float:
+        with torch.no_grad():
+            return float(np.mean([weighted_cross_entropy(model.eval()(x[None]), t[None], w[None]).item() for x, t, w in patches]))
+
+    before = fixed_loss(job.model)
+    losses = []
+    summary = train(s, on_step=lambda row: losses.append(row["loss"]))
+    assert summary.step == 30 and len(losses) == 30 and all(np.isfinite(losses))
+    assert fixed_loss(load_model(tmp_path / "last.pt")) < 0.6 * before
+
+
+# --- data ----------------------------------------------------------------------------------
+
+
+def test_elastic_deformation_keeps_labels_aligned():
+    rng = np.random.default_rng(1)
+    pattern = ndimage.gaussian_filter(rng.random((96, 96)), 6)
+    image = (pattern - pattern.min()) / np.ptp(pattern)
+    labels = (image > 0.5).astype(np.uint8)
+    field = elastic_field((64, 64), rng, sigma=10.0, limit=16)
+    assert field.shape == (2, 64, 64) and 5 < np.abs(field).max() <= 16  # a real, bounded warp
+    warped_image = deform(image, field, order=3, offset=16)
+    warped_labels = deform(labels, field, order=0, offset=16)
+    assert warped_labels.dtype == np.uint8 and set(np.unique(warped_labels)) <= {0, 1}
+    assert not np.array_equal(warped_labels, labels[16:80, 16:80])  # it did move
+    disagree = warped_labels != (warped_image > 0.5)
+    boundary = ndimage.binary_dilation(warped_labels) & ~ndimage.binary_erosion(warped_labels)
+    assert disagree.mean() < 0.02 and not (disagree & ~boundary).any()
+
+
+def test_patches_keep_image_and_labels_aligned(tmp_path):
+    """Through the whole sampler (mirroring, elastic, flips, rotations, crop): a binary image
+    thresholded gives back the patch's labels, except on a thin boundary."""
+    _, labels = disks((80, 80), 10, seed=3)
+    image = ((labels > 0) * 200 + 20).astype(np.uint8)
+    s = settings(write_zarr(tmp_path / "i.zarr", image), write_zarr(tmp_path / "l.zarr", labels), tmp_path / "out",
+                 gray=False, steps=8)
+    dataset = PatchDataset(plan_training(s).spec)
+    for i in range(8):
+        x, classes, weights = dataset[i]
+        assert x.shape == (1, 44, 44) and classes.shape == weights.shape == (28, 28)
+        inner = x[0, 8:-8, 8:-8].numpy() > 0.5
+        truth = classes.numpy().astype(bool)
+        boundary = ndimage.binary_dilation(truth) & ~ndimage.binary_erosion(truth)
+        assert not ((inner != truth) & ~boundary).any()
+        assert (weights > 0).all()
+
+
+def test_a_sample_depends_only_on_seed_and_index(data_2d, tmp_path):
+    dataset = PatchDataset(plan_training(settings(*data_2d, tmp_path, steps=4)).spec)
+    again = PatchDataset(plan_training(settings(*data_2d, tmp_path, steps=4)).spec)
+    for a, b in zip(dataset[3], again[3]):
+        assert torch.equal(a, b)
+    assert not torch.equal(dataset[2][0], dataset[3][0])
+    # loader workers (processes) give the same patches as reading them here
+    batches = list(DataLoader(dataset, batch_size=2, num_workers=2))
+    assert torch.equal(batches[1][0][1], dataset[3][0]) and torch.equal(batches[1][2][1], dataset[3][2])
+
+
+def test_foreground_bias_finds_sparse_cells(tmp_path):
+    labels = np.zeros((256, 256), np.uint16)
+    labels[200:210, 30:40] = 1
+    image = ((labels > 0) * 200).astype(np.uint8)
+    urls = write_zarr(tmp_path / "i.zarr", image), write_zarr(tmp_path / "l.zarr", labels)
+
+    def with_cells(bias: float) -> int:
+        dataset = PatchDataset(plan_training(settings(*urls, tmp_path / "o", steps=20, foreground_bias=bias,
+                                                      **NO_AUGMENTATION)).spec)
+        return sum(bool(dataset[i][1].any()) for i in range(20))
+
+    assert with_cells(1.0) == 20 and with_cells(0.0) < 10
+
+
+def test_given_weight_maps_are_cropped_like_the_labels(data_2d, tmp_path):
+    weights = np.random.default_rng(0).uniform(0.5, 5.0, (64, 64)).astype(np.float32)
+    s = settings(*data_2d, tmp_path, weights=write_zarr(tmp_path / "w.zarr", weights), steps=4, **NO_AUGMENTATION)
+    dataset = PatchDataset(plan_training(s).spec)
+    for i in range(4):
+        _, box = dataset.sample_box(np.random.default_rng([s.seed, i]))  # the first draw of sample i
+        assert np.array_equal(dataset[i][2].numpy(), weights[box.slices()])
+
+
+def test_standardized_normalization_is_stored_with_the_model(data_2d, tmp_path):
+    import zarr
+
+    train(settings(*data_2d, tmp_path, steps=1, normalize="standardize"))
+    norm = load_model(tmp_path / "best.pt").normalization
+    scaled = zarr.open_array(data_2d[0], mode="r")[:] / 255.0
+    assert norm.scale_integers and norm.mean == pytest.approx(scaled.mean()) and norm.std == pytest.approx(scaled.std())
+
+def test_label_kinds(tmp_path):
+    from pipeline import storage
+
+    _, instances = disks((64, 64), 8)
+    image = storage.open_image(write_zarr(tmp_path / "i.zarr", np.zeros((64, 64), np.uint8)))
+    isbi = storage.open_image(write_zarr(tmp_path / "m.zarr", ((instances > 0) * 255).astype(np.uint8)))
+    inst = storage.open_image(write_zarr(tmp_path / "n.zarr", instances))
+    regions, _ = split_regions((64, 64), 2, [])
+    mask = data_stats(image, isbi, regions, 8)
+    assert mask.mask and mask.counts == (int((instances == 0).sum()), int((instances > 0).sum()))
+    assert not data_stats(image, inst, regions, 8).mask
+    assert len(mask.foreground) == len(np.unique(np.argwhere(instances > 0) // 8, axis=0))
+
+
+def test_validation_slices_are_never_trained_on():
+    train_regions, val = split_regions((6, 32, 32), 2, [2, 3])
+    assert [r.box.offset[0] for r in train_regions] == [0, 1, 4, 5] and [r.box.offset[0] for r in val] == [2, 3]
+    train3, val3 = split_regions((6, 32, 32), 3, [2, 3])
+    assert [(r.box.offset[0], r.box.shape[0]) for r in train3] == [(0, 2), (4, 2)]
+    assert [(r.box.offset[0], r.box.shape[0]) for r in val3] == [(2, 2)]
+
+
+# --- checkpoints and resume ----------------------------------------------------------------
+
+
+def test_resumed_run_follows_the_same_trajectory(data_2d, tmp_path):
+    """6 steps straight, or 3, stop, resume to 6: the same losses, step for step (augmentation,
+    dropout and batches of 2 included), and the same weights at the end."""
+    common = dict(dropout=0.3, batch_size=2, checkpoint_every=3, seed=7)
+    train(settings(*data_2d, tmp_path / "straight", steps=6, **common))
+    train(settings(*data_2d, tmp_path / "resumed", steps=3, **common))
+    train(settings(*data_2d, tmp_path / "resumed", steps=6, resume=True, **common))
+    straight, resumed = log_rows(tmp_path / "straight"), log_rows(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [str(i) for i in range(1, 7)]
+    assert [float(r["loss"]) for r in straight] == [float(r["loss"]) for r in resumed]
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert a["training"]["step"] == b["training"]["step"] == 6
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+
+
+def test_corrupt_or_incompatible_checkpoint_is_a_clear_error(data_2d, tmp_path):
+    out = tmp_path / "run"
+    train(settings(*data_2d, out, steps=2))
+    with pytest.raises(InputError, match="pass --resume"):
+        train(settings(*data_2d, out, steps=4))
+    with pytest.raises(InputError, match="incompatible.*base_channels"):
+        train(settings(*data_2d, out, steps=4, resume=True, base_channels=8))
+    with pytest.raises(InputError, match="optimizer 'sgd'"):
+        train(settings(*data_2d, out, steps=4, resume=True, optimizer="adam"))
+    before = (out / "log.csv").read_bytes()
+    (out / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="last.pt: not a readable checkpoint"):
+        train(settings(*data_2d, out, steps=4, resume=True))
+    assert (out / "log.csv").read_bytes() == before  # nothing touched
+
+
+# --- 3D, validation and the command line ---------------------------------------------------
+
+
+def test_3d_training_with_held_out_slices(tmp_path):
+    image, labels = disks((12, 32, 32), 6, seed=2, radius=(4, 7))
+    urls = write_zarr(tmp_path / "i.zarr", image), write_zarr(tmp_path / "l.zarr", labels)
+    s = TrainSettings(images=urls[0], labels=urls[1], out=str(tmp_path / "out"), axes="zyx", depth=2,
+                      base_channels=2, tile_size=20, steps=3, val_slices=(10, 11), val_every=2, threads=1)
+    summary = train(s)
+    rows = log_rows(tmp_path / "out")
+    assert summary.step == 3 and [r["rand_error"] != "" for r in rows] == [False, True, True]
+    model = load_model(tmp_path / "out" / "best.pt")
+    assert model.dims == 3 and summary.best_step in (2, 3) and 0 <= summary.best["rand_error"] <= 1
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
+
+
+def test_cli_train_then_predict_with_best_checkpoint(stack, tmp_path, capsys):
+    images, labels = stack
+    out = tmp_path / "run"
+    code = main(["train", "--images", images, "--labels", labels, "--out", str(out), "--axes", "zyx", "--dims", "2",
+                 "--depth", "2", "--base-channels", "4", "--tile-size", "44", "--steps", "4", "--val-slices", "3",
+                 "--val-every", "2", "--threads", "1", "--optimizer", "adam", "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "best Rand error" in printed and str(out / "best.pt") in printed
+    assert {p.name for p in out.iterdir()} >= {"best.pt", "last.pt", "log.csv", "curves.png"}
+    assert load_model(out / "best.pt").normalization.scale_integers  # what training applied
+    slice_ = write_zarr(tmp_path / "slice.zarr", np.asarray(__import__("zarr").open_array(images, mode="r")[3]))
+    code = main(["predict", slice_, str(tmp_path / "pred.zarr"), "--model", str(out / "best.pt"),
+                 "--workers", "1", "--block-size", "64", "--quiet"])
+    assert code == 0
+    import zarr
+
+    probabilities = zarr.open_group(str(tmp_path / "pred.zarr"), mode="r")["0"][:]
+    assert probabilities.shape == (2, 64, 64) and np.allclose(probabilities.sum(0), 1, atol=1e-5)
+    # resuming a finished run is a no-op that says so
+    code = main(["train", "--images", images, "--labels", labels, "--out", str(out), "--axes", "zyx", "--dims", "2",
+                 "--depth", "2", "--base-channels", "4", "--tile-size", "44", "--steps", "4", "--val-slices", "3",
+                 "--optimizer", "adam", "--resume", "--quiet"])
+    assert code == 0 and "resuming after step 4" in capsys.readouterr().out
+
+
+def test_cli_train_help():
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+
+
+def test_cli_bad_input_is_one_line(data_2d, tmp_path, capsys):
+    code = main(["train", "--images", data_2d[0], "--labels", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "missing.zarr: no such file or directory" in err and len(err.strip().splitlines()) == 1
+    code = main(["train", "--images", data_2d[0], "--labels", data_2d[1], "--out", str(tmp_path / "o"), "--val-slices", "1"])
+    assert code == 2 and "held-out slices need a z axis" in capsys.readouterr().err
