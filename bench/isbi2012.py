@@ -1,0 +1,178 @@
+"""ISBI 2012 EM segmentation: train a U-Net within a fixed CPU budget, score held-out slices.
+
+The data is the U-Net paper's first headline result: serial-section TEM of the Drosophila
+larva ventral nerve cord, ``../shared/data/isbi2012`` (25 labelled 512² slices; 255 = cell,
+0 = membrane). One run:
+
+1. writes the volume and labels to Zarr under ``--out`` (not counted in the budget);
+2. trains a 2-D valid U-Net (default: depth 5, 16 base channels, 572² patches, Adam with a
+   cosine schedule, the paper's elastic deformation, flips, rotations, gray values and the
+   weight map with w0 = 10, sigma = 5) on slices 0-19, validating on 20-24, with
+   ``overtile train``'s Python API. The number of steps is set from the budget: a few
+   timed steps first (counted), then as many as fit, with ``time_limit`` as the hard stop;
+3. predicts slices 20-24 with the overlap-tile path (mirrored borders) from ``last.pt``
+   (the model at the end of the budget) and from ``best.pt`` (chosen on these same slices,
+   so slightly optimistic), each plainly and with test-time flips and rotations (the mean of
+   the 8 dihedral transforms), and prints pixel error, Rand error (cells grown over the
+   predicted membrane, as the challenge thinned borders; best threshold of a sweep) and the
+   raw Rand error, beside the paper's figures (on the challenge's hidden test labels).
+
+Usage::
+
+    .venv/bin/python bench/isbi2012.py                      # the benchmark: 30 min of training
+    .venv/bin/python bench/isbi2012.py --budget 120 --no-tta   # a smoke test (about 3 min)
+
+The table is printed and written to ``OUT/result.md``; copy it to ``bench/RESULTS.md`` with
+the command after a full run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.metrics import score_segmentation
+from pipeline.tiling import overlap_tile, softmax
+from pipeline.train import TrainSettings, train
+from pipeline.unet import load_model, num_parameters
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isbi2012"
+PAPER = {"pixel_error": 0.0611, "rand_error": 0.0382}  # test set, hidden labels; warping error 0.000353
+TRAIN_SLICES, VAL_SLICES = range(0, 20), range(20, 25)
+
+
+def write_zarr_inputs(out: Path) -> tuple[str, str]:
+    """The tif volume and labels as Zarr arrays (one chunk per slice), written once."""
+    import tifffile
+    import zarr
+
+    urls = []
+    for name in ("train-volume", "train-labels"):
+        path = out / f"{name}.zarr"
+        if not (path / "zarr.json").exists():
+            data = tifffile.imread(DATA / f"{name}.tif")
+            array = zarr.create_array(str(path), shape=data.shape, chunks=(1, *data.shape[1:]), dtype=data.dtype, overwrite=True)
+            array[...] = data
+        urls.append(str(path))
+    return urls[0], urls[1]
+
+
+def predict_slices(model, volume: np.ndarray, tile_size: int, tta: bool) -> np.ndarray:
+    """Cell probabilities ``(Z, Y, X)`` by overlap-tile prediction; with ``tta`` the mean over
+    the 8 flips/rotations of each slice (each mapped back before averaging)."""
+    out = []
+    for image in volume:
+        x = model.normalization(image[None])
+        transforms = [(k, f) for k in range(4) for f in (False, True)] if tta else [(0, False)]
+        total = np.zeros(image.shape, np.float32)
+        for k, flip in transforms:
+            t = np.rot90(x[:, :, ::-1] if flip else x, k, axes=(1, 2))
+            p = softmax(overlap_tile(model, np.ascontiguousarray(t), tile_size=tile_size))[1]
+            p = np.rot90(p, -k)
+            total += p[:, ::-1] if flip else p
+        out.append(total / len(transforms))
+    return np.stack(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budget", type=float, default=1800, help="training seconds, calibration included (default 1800)")
+    parser.add_argument("--out", default="bench/out/isbi2012")
+    parser.add_argument("--depth", type=int, default=5)
+    parser.add_argument("--base-channels", type=int, default=16)
+    parser.add_argument("--tile-size", type=int, default=572)
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="adam")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--w0", type=float, default=10.0)
+    parser.add_argument("--no-elastic", action="store_true")
+    parser.add_argument("--calibration-steps", type=int, default=4)
+    parser.add_argument("--val-tile-size", type=int, default=700, help="tile for validation and scoring (700: one tile per 512² slice)")
+    parser.add_argument("--no-tta", action="store_true", help="score without test-time flips only (quicker)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not DATA.exists():
+        print(f"isbi2012: {DATA} is absent; nothing to benchmark")
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images, labels = write_zarr_inputs(out)
+    base = dict(
+        images=images, labels=labels, axes="zyx", dims=2, val_slices=tuple(VAL_SLICES), depth=args.depth,
+        base_channels=args.base_channels, tile_size=args.tile_size, optimizer=args.optimizer, lr=args.lr,
+        w0=args.w0, elastic=not args.no_elastic, val_tile_size=args.val_tile_size, seed=args.seed,
+        threads=args.threads, overwrite=True,
+    )
+
+    # 1. calibration: time a few steps of the same model (counted in the budget)
+    clock = time.perf_counter()
+    stamps: list[float] = []
+    train(TrainSettings(**{**base, "val_slices": ()}, out=str(out / "calibration"), steps=args.calibration_steps,
+                        checkpoint_every=10**6), on_step=lambda row: stamps.append(time.perf_counter()))
+    step_seconds = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
+    left = args.budget - (time.perf_counter() - clock)
+    steps = max(1, int(left * 0.95 / step_seconds))  # 5% for validation
+    print(f"isbi2012: {step_seconds:.2f} s per step; {steps} steps in the {left:.0f} s left of a {args.budget:.0f} s budget")
+
+    # 2. training, with the remaining budget as a hard stop
+    run = out / "run"
+    settings = TrainSettings(**base, out=str(run), steps=steps, lr_schedule="cosine",
+                             val_every=max(1, steps // 6), checkpoint_every=max(1, steps // 6), time_limit=max(1.0, left))
+    last_print = [0.0]
+
+    def progress(row: dict) -> None:
+        if "rand_error" in row or time.perf_counter() - last_print[0] > 60:
+            last_print[0] = time.perf_counter()
+            val = f", val Rand error {row['rand_error']:.4f}, pixel error {row['pixel_error']:.4f}" if "rand_error" in row else ""
+            print(f"isbi2012: step {row['step']}/{steps}, loss {row['loss']:.4f}, {row['seconds']:.0f} s{val}", flush=True)
+
+    summary = train(settings, on_step=progress)
+    trained = time.perf_counter() - clock
+
+    # 3. scoring on the held-out slices
+    import zarr
+
+    volume = zarr.open_array(images, mode="r")[VAL_SLICES.start:VAL_SLICES.stop]
+    truth = zarr.open_array(labels, mode="r")[VAL_SLICES.start:VAL_SLICES.stop] > 0
+    rows = []
+    for name in ("last.pt", "best.pt"):
+        model = load_model(run / name)
+        for tta in (False,) if args.no_tta else (False, True):
+            start = time.perf_counter()
+            scores = score_segmentation(predict_slices(model, volume, args.val_tile_size, tta), truth)
+            rows.append((name, tta, scores, time.perf_counter() - start))
+    command = "python bench/isbi2012.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    lines = [
+        f"ISBI 2012, train slices 0-19, validate 20-24; {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        f"model: 2-D valid U-Net, depth {args.depth}, {args.base_channels} base channels, "
+        f"{num_parameters(model):,} parameters; {args.tile_size}² patches, batch 1, {args.optimizer} "
+        f"(cosine), elastic {'off' if args.no_elastic else 'on'}, w0 {args.w0}",
+        f"training: {summary.step} steps in {trained:.0f} s (budget {args.budget:.0f} s, calibration included); "
+        f"best.pt from step {summary.best_step}",
+        "",
+        "| model | test-time flips | pixel error | Rand error | Rand error (not grown) | IoU | threshold | predict s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, tta, s, seconds in rows:
+        lines.append(f"| {name} | {'8' if tta else 'no'} | {s.pixel_error:.4f} | {s.rand_error:.4f} | "
+                     f"{s.rand_error_raw:.4f} | {s.iou:.4f} | {s.threshold:.1f} | {seconds:.1f} |")
+    lines.append(f"| paper (test set) | | {PAPER['pixel_error']} | {PAPER['rand_error']} | | | | |")
+    lines += ["", f"command: `{command}`"]
+    text = "\n".join(lines)
+    print(text)
+    (out / "result.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
