@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from scipy import ndimage
 from torch.utils.data import DataLoader
 
@@ -175,8 +176,6 @@ def test_given_weight_maps_are_cropped_like_the_labels(data_2d, tmp_path):
 
 
 def test_standardized_normalization_is_stored_with_the_model(data_2d, tmp_path):
-    import zarr
-
     train(settings(*data_2d, tmp_path, steps=1, normalize="standardize"))
     norm = load_model(tmp_path / "best.pt").normalization
     scaled = zarr.open_array(data_2d[0], mode="r")[:] / 255.0
@@ -260,24 +259,23 @@ def test_cli_train_then_predict_with_best_checkpoint(stack, tmp_path, capsys):
     images, labels = stack
     out = tmp_path / "run"
     code = main(["train", "--images", images, "--labels", labels, "--out", str(out), "--axes", "zyx", "--dims", "2",
-                 "--depth", "2", "--base-channels", "4", "--tile-size", "44", "--steps", "4", "--val-slices", "3",
+                 "--depth", "2", "--base-channels", "4", "--tile-size", "44", "--steps", "4", "--val-slices", "2-3",
                  "--val-every", "2", "--threads", "1", "--optimizer", "adam", "--quiet"])
     printed = capsys.readouterr().out
     assert code == 0, printed
+    assert "from 2 slices (2 more held out for validation)" in printed
     assert "best Rand error" in printed and str(out / "best.pt") in printed
     assert {p.name for p in out.iterdir()} >= {"best.pt", "last.pt", "log.csv", "curves.png"}
     assert load_model(out / "best.pt").normalization.scale_integers  # what training applied
-    slice_ = write_zarr(tmp_path / "slice.zarr", np.asarray(__import__("zarr").open_array(images, mode="r")[3]))
+    slice_ = write_zarr(tmp_path / "slice.zarr", zarr.open_array(images, mode="r")[3])
     code = main(["predict", slice_, str(tmp_path / "pred.zarr"), "--model", str(out / "best.pt"),
                  "--workers", "1", "--block-size", "64", "--quiet"])
     assert code == 0
-    import zarr
-
     probabilities = zarr.open_group(str(tmp_path / "pred.zarr"), mode="r")["0"][:]
     assert probabilities.shape == (2, 64, 64) and np.allclose(probabilities.sum(0), 1, atol=1e-5)
     # resuming a finished run is a no-op that says so
     code = main(["train", "--images", images, "--labels", labels, "--out", str(out), "--axes", "zyx", "--dims", "2",
-                 "--depth", "2", "--base-channels", "4", "--tile-size", "44", "--steps", "4", "--val-slices", "3",
+                 "--depth", "2", "--base-channels", "4", "--tile-size", "44", "--steps", "4", "--val-slices", "2", "3",
                  "--optimizer", "adam", "--resume", "--quiet"])
     assert code == 0 and "resuming after step 4" in capsys.readouterr().out
 
