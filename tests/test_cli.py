@@ -21,7 +21,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("command", [[], ["predict"], ["model"], ["model", "init"], ["model", "info"]])
+@pytest.mark.parametrize("command", [[], ["predict"], ["weights"], ["train"], ["model"], ["model", "init"], ["model", "info"]])
 def test_help_on_every_command(command):
     result = run_cli(*command, "--help")
     assert result.returncode == 0 and "usage: overtile" in result.stdout
