@@ -57,21 +57,41 @@ class Ledger:
         return cls(url, tuple(grid))
 
     def done(self) -> np.ndarray:
-        """Boolean array over the block grid: True where the block is finished."""
-        return zarr.open_array(store=self.url, mode="r")[...] > 0
+        """Boolean array over the block grid: True where the block is finished.
+
+        A block's chunk is written only when the block is finished, so listing the chunks
+        that exist answers without touching the (possibly hundreds of thousands of) others:
+        planning a mostly empty slide costs what its finished blocks cost.
+        """
+        array = zarr.open_array(store=self.url, mode="r")
+        done = np.zeros(self.grid, dtype=bool)
+        try:
+            from zarr.core.sync import sync
+
+            prefix = f"{array.store_path.path}/" if array.store_path.path else ""
+            encoding = array.metadata.chunk_key_encoding
+
+            async def stored() -> list[str]:
+                return [k async for k in array.store_path.store.list_prefix(prefix + "c" + encoding.separator)]
+
+            for key in sync(stored()):
+                done[encoding.decode_chunk_key(key[len(prefix):])] = True
+        except (AttributeError, NotImplementedError, TypeError, ValueError):  # a store that cannot list
+            return array[...] > 0
+        return done
 
     def mark(self, block: Block) -> None:
         open_array(self.url)[block.index] = 1
 
 
-_ARRAYS: dict[str, zarr.Array] = {}
-
-
 def open_array(url: str) -> zarr.Array:
-    """Open a Zarr array for writing once per process (workers reuse it across blocks)."""
-    if url not in _ARRAYS:
-        _ARRAYS[url] = zarr.open_array(store=url, mode="r+")
-    return _ARRAYS[url]
+    """Open a Zarr array for writing, fresh for every task.
+
+    Not cached: a long-lived worker may see the same URL recreated with another shape or
+    chunking (``--overwrite`` with another block size), and a stale handle would write the
+    old chunk grid. Reading ``zarr.json`` costs far less than any block.
+    """
+    return zarr.open_array(store=url, mode="r+")
 
 
 _SOURCES: dict[tuple[str, str | None], storage.ImageSource] = {}
@@ -90,15 +110,18 @@ def default_workers() -> int:
 
 @contextlib.contextmanager
 def dask_client(scheduler: str | None = None, workers: int | None = None, gpu: bool = False) -> Iterator[Any]:
-    """A Dask client: of an existing cluster at ``scheduler``, else of a LocalCluster.
+    """A Dask client: of an existing cluster at ``scheduler`` (or Dask's ``scheduler-address``
+    setting, e.g. the ``DASK_SCHEDULER_ADDRESS`` environment variable), else of a LocalCluster.
 
     On CPU the LocalCluster has one task slot per core, spread over ``workers`` processes
     (default: one per core); each task computes on one thread. With ``gpu`` it has one
     worker per GPU (or ``workers``), each offering the Dask resource ``GPU=1``. The
     dashboard is served on 127.0.0.1 only.
     """
+    import dask
     from distributed import Client, LocalCluster
 
+    scheduler = scheduler or dask.config.get("scheduler-address", None)  # e.g. DASK_SCHEDULER_ADDRESS in a pod
     if scheduler:
         try:
             client = Client(scheduler, timeout="20s")
@@ -146,6 +169,8 @@ class RunSummary:
     skipped: int
     records: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    failed: list[str] = field(default_factory=list)  # "block key: error" of blocks that failed
+    background: int = 0  # blocks without tissue, not computed (left at the fill value)
 
     @property
     def done(self) -> int:
@@ -169,29 +194,42 @@ def run_blocks(
     resources: dict[str, float] | None = None,
     retries: int = 2,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    failures: list[str] | None = None,
+    prefetch: Callable[..., Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``fn(block, *args)`` for every block as one Dask task each; return their records.
 
     ``on_result`` is called in this process for every finished block (progress bars, Prefect
-    artifacts). On the first failure the remaining tasks are cancelled and the task's own
-    exception is raised here; finished blocks stay in the ledger.
+    artifacts). By default the first failure cancels the remaining tasks and its exception is
+    raised here; with a ``failures`` list, every block is tried, each failure (after Dask's
+    ``retries``) is appended as ``"key: error"`` and the others go on. Either way finished
+    blocks stay in the ledger. With ``prefetch``, ``prefetch(block, *args)`` runs as a task of
+    its own (without ``resources``) and its result is passed to ``fn`` as a last argument, so
+    that a worker reads its next block while it computes this one.
     """
     from distributed import as_completed
 
     if not blocks:
         return []
     keys = [f"{name}-{b.key}" for b in blocks]
-    futures = client.map(fn, blocks, *[[a] * len(blocks) for a in args], key=keys,
+    extra: list[list[Any]] = []
+    if prefetch is not None:
+        extra = [client.map(prefetch, blocks, *[[a] * len(blocks) for a in args], key=[f"read-{k}" for k in keys],
+                            retries=retries, pure=False)]
+    futures = client.map(fn, blocks, *[[a] * len(blocks) for a in args], *extra, key=keys,
                          resources=resources, retries=retries, pure=False)
     records = []
     try:
         for future in as_completed(futures):
+            if failures is not None and future.status == "error":
+                failures.append(f"{str(future.key).removeprefix(name + '-')}: {future.exception()!r}")
+                continue
             record = future.result()
             records.append(record)
             if on_result is not None:
                 on_result(record)
     except BaseException:
-        client.cancel(futures)
+        client.cancel(futures + [f for futures_ in extra for f in futures_])
         raise
     return records
 

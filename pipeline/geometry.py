@@ -197,3 +197,14 @@ def mirror_indices(start: int, stop: int, size: int, mode: str = "reflect") -> n
         c = np.mod(coords, period)
         return np.where(c < size, c, period - 1 - c)
     raise ValueError(f"unknown mirror mode {mode!r}; expected 'reflect' or 'symmetric'")
+
+
+def block_at(index: Sequence[int], shape: Sequence[int], block_shape: Sequence[int]) -> Block:
+    """The block at grid position ``index`` (as :func:`iter_blocks` would yield it)."""
+    shape, block_shape = _ints(shape), _ints(block_shape, len(shape))
+    index = tuple(int(i) for i in index)
+    offset = tuple(i * b for i, b in zip(index, block_shape))
+    number = 0
+    for i, n in zip(index, block_grid(shape, block_shape)):
+        number = number * n + i
+    return Block(index, Box(offset, block_shape).clip(shape), number)

@@ -16,7 +16,7 @@ state dict; it is read with ``torch.load(..., weights_only=True)``.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 

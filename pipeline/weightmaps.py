@@ -180,8 +180,13 @@ def weight_maps(
     client: Any | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
     on_plan: Callable[[WeightJob, int, int], None] | None = None,
+    failures: list[str] | None = None,
 ) -> tuple[WeightJob, execute.RunSummary]:
-    """Compute the weight map of a label image blockwise on Dask; the entry point of the CLI."""
+    """Compute the weight map of a label image blockwise on Dask; the entry point of the CLI.
+
+    ``failures``: as in :func:`pipeline.execute.run_blocks` (try every block, collect the
+    failed ones there instead of stopping at the first); they also go to the summary.
+    """
     start = time.perf_counter()
     settings = settings.model_copy(update={"labels": storage.absolute(settings.labels), "output": storage.absolute(settings.output)})
     source = open_labels(settings)
@@ -222,5 +227,7 @@ def weight_maps(
         skipped = int(done.sum())
         if on_plan is not None:
             on_plan(job, len(blocks), skipped)
-        records = execute.run_blocks(client, weights_block, blocks, job, name=f"weights-{fingerprint[:10]}", on_result=on_result)
-    return job, execute.RunSummary(len(blocks) + skipped, skipped, records, time.perf_counter() - start)
+        records = execute.run_blocks(client, weights_block, blocks, job, name=f"weights-{fingerprint[:10]}",
+                                     on_result=on_result, failures=failures)
+    return job, execute.RunSummary(len(blocks) + skipped, skipped, records, time.perf_counter() - start,
+                                   list(failures or []))
