@@ -24,14 +24,17 @@ def _predict(args: argparse.Namespace) -> None:
         block_size=args.block_size, tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
         device=args.device, workers=args.workers, scheduler=args.scheduler,
         output_kind=args.output_kind, dtype=args.dtype, mirror=args.mirror,
-        autocast=args.autocast, overwrite=args.overwrite,
+        autocast=args.autocast, tissue=args.tissue, tissue_threshold=args.tissue_threshold,
+        tissue_mask=args.tissue_mask, pyramid=not args.no_pyramid, overwrite=args.overwrite,
     )
     bar: list[Any] = []
 
     def on_plan(job: Any, todo: int, skipped: int) -> None:
         shape = "×".join(map(str, job.spatial_shape))
         block = "×".join(map(str, job.block_shape))
-        print(f"overtile: {shape} px in {todo + skipped} blocks of {block}, tiles of {job.tile_size} px, on {job.device}")
+        print(f"overtile: {shape} px in {todo + skipped + job.background} blocks of {block}, tiles of {job.tile_size} px, on {job.device}")
+        if job.tissue:
+            print(f"overtile: tissue mask {job.tissue}; {job.background} blocks without tissue are not computed")
         if skipped:
             print(f"overtile: resuming: {skipped} blocks already done, {todo} to go")
         bar.append(tqdm(total=todo + skipped, initial=skipped, unit="block", desc="predict", disable=args.quiet))
@@ -42,8 +45,9 @@ def _predict(args: argparse.Namespace) -> None:
     job, summary = predict(settings, on_result=on_result, on_plan=on_plan)
     if bar:
         bar[0].close()
+    background = f", {summary.background} without tissue (not computed)" if summary.background else ""
     print(
-        f"overtile: done: {summary.done} blocks computed, {summary.skipped} skipped (already done), "
+        f"overtile: done: {summary.done} blocks computed, {summary.skipped} skipped (already done){background}, "
         f"{summary.pixels / 1e6:.1f} MP in {summary.seconds:.1f} s = {summary.megapixels_per_second:.2f} MP/s\n"
         f"overtile: {settings.output_kind} written to {job.settings.output} (array '0', shape {job.output_shape}, {job.output_dtype})"
     )
@@ -159,6 +163,36 @@ def _train(args: argparse.Namespace) -> None:
           f"overtile: checkpoints {out / 'best.pt'} and {out / 'last.pt'}; log {out / 'log.csv'}, curves {out / 'curves.png'}")
 
 
+def _ingest(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from pipeline.slides import IngestSettings, ingest
+
+    settings = IngestSettings(
+        slide=args.slide, output=args.output, block_size=args.block_size, levels=args.levels, axes=args.axes,
+        workers=args.workers, scheduler=args.scheduler, overwrite=args.overwrite,
+    )
+    bar: list[Any] = []
+
+    def on_plan(job: Any, todo: int, skipped: int) -> None:
+        shapes = ", ".join("×".join(map(str, lv.shape[1:])) for lv in job.levels)
+        size = ", ".join(f"{a} {s:g} {job.units[a]}" for a, s in zip(job.axes[1:], job.levels[0].scale[1:]) if a in job.units)
+        print(f"overtile: {job.kind} slide, {job.levels[0].shape[0]} channel(s) {job.dtype}, {len(job.levels)} level(s) "
+              f"({shapes} px), pixel size {size or 'unknown'}; {todo + skipped} blocks of "
+              f"{'×'.join(map(str, job.levels[0].chunks[1:]))}")
+        if skipped:
+            print(f"overtile: resuming: {skipped} blocks already done, {todo} to go")
+        bar.append(tqdm(total=todo + skipped, initial=skipped, unit="block", desc="ingest", disable=args.quiet))
+
+    job, summary = ingest(settings, on_result=lambda record: bar[0].update(1), on_plan=on_plan)
+    if bar:
+        bar[0].close()
+    print(f"overtile: done: {summary.done} blocks copied, {summary.skipped} skipped (already done), "
+          f"{summary.pixels / 1e6:.1f} MP in {summary.seconds:.1f} s\n"
+          f"overtile: OME-Zarr written to {job.settings.output} (arrays {', '.join(map(str, range(len(job.levels))))}, "
+          f"axes {job.axes}, {job.dtype})")
+
+
 def _model_init(args: argparse.Namespace) -> None:
     import torch
 
@@ -219,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mirroring at the image border, in numpy's words (default reflect)")
     p.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
                    help="mixed precision; faster on GPUs, slightly different numbers (default none)")
+    p.add_argument("--tissue", choices=["all", "auto", "saturation", "bright", "dark"], default="all",
+                   help="compute only blocks with tissue in a low-resolution mask: saturation (Otsu on HSV saturation, "
+                        "brightfield H&E), bright / dark (Otsu on intensity), auto (saturation for RGB, else bright); "
+                        "default all")
+    p.add_argument("--tissue-threshold", type=float, help="fixed threshold on that feature instead of Otsu's")
+    p.add_argument("--tissue-mask", help="a mask image (any resolution, nonzero = tissue) choosing the blocks to compute")
+    p.add_argument("--no-pyramid", action="store_true", help="write only the full resolution (no downsampled levels)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_predict)
@@ -288,6 +329,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="start over even if OUT holds a run")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
+
+    g = sub.add_parser("ingest", help="convert a slide (SVS, NDPI, OME-TIFF, TIFF, PNG, JPEG) to OME-Zarr",
+                       description="Convert a whole-slide image or picture to an OME-Zarr 0.5 image with every "
+                                   "pyramid level the file has, block by block (memory bounded by the block size). "
+                                   "'overtile predict' also reads TIFF-based slides directly. A rerun resumes.")
+    g.add_argument("slide", help="SVS, NDPI, OME-TIFF, SCN, BIF or other (pyramidal) TIFF; PNG or JPEG (read whole)")
+    g.add_argument("output", help="output OME-Zarr image (path or URL)")
+    g.add_argument("--block-size", type=int, help="block edge in px: unit of work and output chunk (default 2048 in 2-D, 256 in 3-D)")
+    g.add_argument("--levels", default="all", help="pyramid levels to write: all (default) or the first N")
+    g.add_argument("--axes", help="axes of a TIFF stack whose axes the file does not name, e.g. zyx")
+    g.add_argument("--workers", type=int, help="copy blocks on a local Dask cluster of N processes (default: in this process)")
+    g.add_argument("--scheduler", help="address of an existing Dask scheduler to copy blocks on")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming it")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=_ingest)
 
     m = sub.add_parser("model", help="create or inspect U-Net checkpoints")
     msub = m.add_subparsers(dest="model_command", required=True, metavar="COMMAND")

@@ -18,11 +18,14 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
+import zarr
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline import execute, storage
 from pipeline.errors import InputError
-from pipeline.geometry import Block, Box, block_grid, iter_blocks
+from pipeline.geometry import Block, Box, block_at, block_grid
+from pipeline.pyramid import build_pyramid, level_shapes
+from pipeline.tissue import TissueMethod, tissue_mask
 from pipeline.tiling import plan_tiles, predict_region, read_mirrored, softmax
 from pipeline.unet import UNet, model_from_payload, read_checkpoint
 
@@ -51,6 +54,15 @@ class PredictSettings(BaseModel):
     mirror: Literal["reflect", "symmetric"] = Field("reflect", description="Mirroring at the image border, in numpy's words")
     autocast: Literal["none", "bf16", "fp16"] = Field("none", description="Mixed precision (changes the numbers slightly)")
     channels_last: bool = Field(True, description="channels_last memory format (same numbers, about 2× faster on CPU)")
+    tissue: TissueMethod = Field("all", description="Which blocks to compute: all, or those with tissue in a low-resolution mask: "
+                                 "saturation (Otsu on HSV saturation; brightfield H&E), bright / dark (Otsu on intensity; "
+                                 "fluorescence / brightfield), auto (saturation for RGB, else bright)")
+    tissue_threshold: float | None = Field(None, description="A fixed threshold on the tissue feature instead of Otsu's "
+                                           "(saturation 0-1; intensity in the image's units)")
+    tissue_mask: str | None = Field(None, description="A mask image (any resolution, nonzero = tissue) choosing the blocks to compute")
+    prefetch: bool | None = Field(None, description="Read each block in a Dask task of its own, so that the next block is "
+                                  "read while this one computes (default: on CUDA)")
+    pyramid: bool = Field(True, description="Also write downsampled levels (mean of probabilities, nearest labels) to the multiscales")
     overwrite: bool = Field(False, description="Replace an existing output instead of resuming it")
 
     @field_validator("axes")
@@ -59,11 +71,14 @@ class PredictSettings(BaseModel):
         return v.lower() if v else v
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str, remote: bool = False) -> str:
+    """``auto`` becomes ``cuda`` where this process sees a GPU. With ``remote`` (the blocks run
+    on another cluster, whose workers may have GPUs this planning machine lacks) ``cuda`` is
+    taken on trust: the blocks then wait for workers offering the ``GPU`` resource."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available here")
+    if device == "cuda" and not remote and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available here (and no --scheduler of a GPU cluster given)")
     return device
 
 
@@ -89,6 +104,8 @@ class PredictJob:
     output_array: str
     ledger: execute.Ledger
     fingerprint: str
+    background: int = 0  # blocks without tissue: not computed, left at the fill value
+    tissue: str = ""  # how the tissue mask was made, for the summary ("" without one)
 
     @property
     def name(self) -> str:
@@ -111,7 +128,7 @@ def plan_prediction(settings: PredictSettings) -> tuple[PredictJob, list[Block],
         raise InputError(f"{settings.model}: a {cfg.dims}-D model; {settings.input} has {nd} spatial axes ({source.spatial_axes})")
     if cfg.in_channels != source.channels:
         raise InputError(f"{settings.model}: the model expects {cfg.in_channels} input channel(s); {settings.input} has {source.channels}")
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.device, remote=bool(settings.scheduler))
     block = settings.block_size or (2048 if nd == 2 else 256)
     tile = settings.tile_size or (1212 if nd == 2 else model.min_input_size(4 * model.factor))
     try:
@@ -120,8 +137,12 @@ def plan_prediction(settings: PredictSettings) -> tuple[PredictJob, list[Block],
     except ValueError as exc:
         raise InputError(f"--tile-size {settings.tile_size or tile}: {exc}") from None
     block_shape = tuple(min(block, n) for n in source.spatial_shape)
+    into_image = storage.label_parent(settings.input, settings.output)
+    if into_image and settings.output_kind != "labels":
+        raise InputError(f"{settings.output}: only labels go under an image's labels/ group (use --output labels)")
+    channel_axis = not (into_image and "c" not in source.axes)  # an NGFF label image has its image's axes
     if settings.output_kind == "labels":
-        out_shape, out_dtype = (1, *source.spatial_shape), "uint8"
+        out_shape, out_dtype = ((1,) if channel_axis else ()) + tuple(source.spatial_shape), "uint8"
     else:
         out_shape, out_dtype = (cfg.num_classes, *source.spatial_shape), settings.dtype
     if settings.output_kind == "labels" and cfg.num_classes > 255:
@@ -129,6 +150,8 @@ def plan_prediction(settings: PredictSettings) -> tuple[PredictJob, list[Block],
     if source.dtype.kind == "f":
         check_finite(source)
     existed = storage.check_output(settings.output, out_shape, out_dtype, settings.overwrite)
+    mask = tissue_mask(source, settings.tissue, settings.tissue_threshold,
+                       storage.absolute(settings.tissue_mask) if settings.tissue_mask else None)
     fingerprint = hashlib.sha256(json.dumps({
         "input": settings.input, "axes": source.axes, "model": file_digest(settings.model),
         "block": block_shape, "tile": tile, "kind": settings.output_kind, "dtype": out_dtype,
@@ -136,20 +159,29 @@ def plan_prediction(settings: PredictSettings) -> tuple[PredictJob, list[Block],
         "mirror": settings.mirror, "autocast": settings.autocast,
     }, sort_keys=True).encode()).hexdigest()
 
-    scale = [1.0] + [source.scale.get(a, 1.0) for a in source.spatial_axes]
+    scale = ([1.0] if channel_axis else []) + [source.scale.get(a, 1.0) for a in source.spatial_axes]
     storage.create_image(
-        settings.output, out_shape, (out_shape[0], *block_shape), out_dtype, "c" + source.spatial_axes,
+        settings.output, out_shape, ((out_shape[0],) if channel_axis else ()) + tuple(block_shape), out_dtype,
+        ("c" if channel_axis else "") + source.spatial_axes,
         name=settings.output_kind, scale=scale, units=source.units, overwrite=settings.overwrite,
         attrs={"overtile": {"input": settings.input, "model": str(settings.model), "output_kind": settings.output_kind}},
     )
+    if into_image:
+        storage.register_label(into_image, settings.output, cfg.num_classes)
     grid = block_grid(source.spatial_shape, block_shape)
     ledger = execute.Ledger.prepare(settings.output, grid, fingerprint, overwrite=settings.overwrite or not existed)
     done = ledger.done()
-    blocks = [b for b in iter_blocks(source.spatial_shape, block_shape) if not done[b.index]]
+    wanted = np.ones(grid, bool) if mask is None else mask.blocks(source.spatial_shape, block_shape, model.margin + 1)
+    todo = wanted & ~done
+    blocks = [block_at(index, source.spatial_shape, block_shape) for index in np.argwhere(todo)]
+    tissue = "" if mask is None else (
+        f"{mask.method}{'' if mask.threshold is None else f' > {mask.threshold:.3g}'} on {mask.source}: "
+        f"{100 * mask.fraction:.1f}% tissue")
     job = PredictJob(
         settings=settings, device=device, spatial_shape=source.spatial_shape,
         block_shape=block_shape, tile_size=tile, output_shape=out_shape, output_dtype=out_dtype,
         output_array=f"{settings.output.rstrip('/')}/0", ledger=ledger, fingerprint=fingerprint,
+        background=int((~wanted & ~done).sum()), tissue=tissue,
     )
     return job, blocks, int(done.sum())
 
@@ -191,26 +223,51 @@ def cached_model(path: str, device: str, channels_last: bool) -> UNet:
     return model
 
 
-def predict_block(block: Block, job: PredictJob) -> dict[str, Any]:
-    """The Dask task: read the block and its halo, run its tiles, write it, mark it done."""
+def read_block(block: Block, job: PredictJob) -> np.ndarray:
+    """The block's input with its context (mirrored at the image border), normalised: what
+    the tiles of :func:`predict_block` cut from. A Dask task of its own with ``prefetch``."""
+    s = job.settings
+    source = execute.open_source(s.input, s.axes)
+    model = cached_model(s.model, job.device, s.channels_last)
+    plan = plan_tiles(model, block.write, job.tile_size, s.overlap)
+    raw = read_mirrored(source.read, plan.read, job.spatial_shape, s.mirror)
+    if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+        raise InputError(f"{s.input}: NaN or Inf values near block {block.write}")
+    return model.normalization(raw)
+
+
+def predict_block(block: Block, job: PredictJob, image: np.ndarray | None = None) -> dict[str, Any]:
+    """The Dask task: read the block and its context (unless a prefetch task passed ``image``),
+    run its tiles, write it, mark it done."""
     s = job.settings
     watch = execute.Stopwatch()
     with watch("load"):
         model = cached_model(s.model, job.device, s.channels_last)
-        source = execute.open_source(s.input, s.axes)
     plan = plan_tiles(model, block.write, job.tile_size, s.overlap)
-    with watch("read"):
-        raw = read_mirrored(source.read, plan.read, job.spatial_shape, s.mirror)
-    if raw.dtype.kind == "f" and not np.isfinite(raw).all():
-        raise InputError(f"{s.input}: NaN or Inf values near block {block.write}")
+    if image is None:
+        with watch("read"):
+            image = read_block(block, job)
     with watch("compute"):
-        logits = predict_region(model, plan, model.normalization(raw), s.batch_size, AUTOCAST[s.autocast])
+        logits = predict_region(model, plan, image, s.batch_size, AUTOCAST[s.autocast])
         result = encode_output(logits, s.output_kind, job.output_dtype)
     with watch("write"):
-        execute.open_array(job.output_array)[(slice(None), *block.write.slices())] = result
+        array = execute.open_array(job.output_array)
+        array[(Ellipsis, *block.write.slices())] = result if array.ndim == result.ndim else result[0]
         job.ledger.mark(block)
     return {"block": block.key, "pixels": block.write.size, "tiles": len(plan.tiles),
             "worker_pid": os.getpid(), **{f"{k}_s": v for k, v in watch.seconds.items()}}
+
+
+def run_job_blocks(client: Any, job: PredictJob, blocks: list[Block],
+                   on_result: Callable[[dict[str, Any]], None] | None = None,
+                   failures: list[str] | None = None) -> list[dict[str, Any]]:
+    """The job's blocks on Dask: CUDA blocks ask for the ``GPU`` resource, and with prefetch
+    (default on CUDA) each block's reading is a task of its own that runs while the previous
+    block computes (it needs no GPU), its result staying on the worker."""
+    gpu = job.device == "cuda"
+    prefetch = job.settings.prefetch if job.settings.prefetch is not None else gpu
+    return execute.run_blocks(client, predict_block, blocks, job, name=job.name, resources={"GPU": 1} if gpu else None,
+                              on_result=on_result, failures=failures, prefetch=read_block if prefetch else None)
 
 
 def encode_output(logits: np.ndarray, kind: str, dtype: str) -> np.ndarray:
@@ -246,12 +303,29 @@ def predict(
     if on_plan is not None:
         on_plan(job, len(blocks), skipped)
     records: list[dict[str, Any]] = []
-    if blocks:  # a finished output needs no cluster
+    pyramid = wants_pyramid(job, len(blocks))
+    if blocks or pyramid:  # a finished output needs no cluster
         with execute.client_or_cluster(client, settings.scheduler, settings.workers, job.device == "cuda") as client:
-            records = execute.run_blocks(
-                client, predict_block, blocks, job, name=job.name,
-                resources={"GPU": 1} if job.device == "cuda" else None, on_result=on_result,
-            )
-    summary = execute.RunSummary(total=len(blocks) + skipped, skipped=skipped, records=records,
-                                 seconds=time.perf_counter() - start)
+            records = run_job_blocks(client, job, blocks, on_result)
+            if pyramid:
+                write_pyramid(client, job)
+    summary = execute.RunSummary(total=len(blocks) + skipped + job.background, skipped=skipped, records=records,
+                                 seconds=time.perf_counter() - start, background=job.background)
     return job, summary
+
+
+def wants_pyramid(job: PredictJob, computing: int) -> bool:
+    """Build the pyramid when blocks are computed now, or when an earlier run left none."""
+    if not job.settings.pyramid or not level_shapes(job.output_shape, len(job.spatial_shape)):
+        return False
+    if computing:
+        return True
+    group = zarr.open_group(store=job.settings.output, mode="r")
+    return len(storage.ome_metadata(dict(group.attrs))["datasets"]) == 1
+
+
+def write_pyramid(client: Any, job: PredictJob) -> int:
+    """Levels 1, 2, ... of the output (mean of probabilities, nearest labels), below the
+    blocks that are finished; returns how many levels."""
+    kind = "nearest" if job.settings.output_kind == "labels" else "mean"
+    return build_pyramid(client, job.settings.output, kind, present=job.ledger.done())

@@ -141,7 +141,8 @@ def open_image(url: str, axes: str | None = None) -> ImageSource:
     Parameters
     ----------
     url : str
-        A Zarr array, or an OME-Zarr image group (its full-resolution level is used).
+        A Zarr array, or an OME-Zarr image group (its full-resolution level is used), or a
+        TIFF-based slide (SVS, NDPI, OME-TIFF, ...), read in place by :mod:`pipeline.slides`.
     axes : str, optional
         The stored axes of a plain array (``"yx"``, ``"cyx"``, ``"zyx"``, ``"czyx"``,
         ``"yxc"``); 2-D arrays default to ``"yx"``. Ignored when it agrees with OME-Zarr
@@ -153,6 +154,10 @@ def open_image(url: str, axes: str | None = None) -> ImageSource:
         Missing path, not Zarr, axes that do not fit, unsupported dtype, empty array.
     """
     url = str(url)
+    from pipeline import slides  # here, not at the top: slides imports this module
+
+    if slides.is_tiff(url):  # SVS, NDPI, OME-TIFF, ...: read in place, tile by tile (pipeline.slides)
+        return slides.open_source(url, axes)
     node = _open_node(url)
     scale: dict[str, float] = {}
     units: dict[str, str] = {}
@@ -187,6 +192,13 @@ def open_image(url: str, axes: str | None = None) -> ImageSource:
                     f"(one of {', '.join(AXES_CHOICES)})"
                 )
             axes = "yx"
+    return checked_source(url, array, axes, scale, units)
+
+
+def checked_source(url: str, array: Any, axes: str, scale: dict[str, float] | None = None,
+                   units: dict[str, str] | None = None) -> ImageSource:
+    """An :class:`ImageSource` for ``array`` with stored ``axes``, after the checks every
+    input gets (axes fit, dtype, not empty, one time point, 2-D or 3-D)."""
     axes = _check_axes(url, axes, array.ndim)
     dtype = np.dtype(array.dtype)
     if dtype.kind not in "uif":
@@ -198,7 +210,7 @@ def open_image(url: str, axes: str | None = None) -> ImageSource:
     spatial = "".join(a for a in axes if a in "zyx")
     if spatial not in ("yx", "zyx"):
         raise InputError(f"{url}: spatial axes {spatial!r}; expected 'yx' or 'zyx'")
-    return ImageSource(url, array, axes, scale, units)
+    return ImageSource(url, array, axes, dict(scale or {}), dict(units or {}))
 
 
 def multiscales(axes: str, scales: Sequence[Sequence[float]], name: str, units: dict[str, str] | None = None) -> dict[str, Any]:
@@ -278,6 +290,41 @@ def create_image(
     scale = list(scale) if scale is not None else [1.0] * len(axes)
     group.attrs.update({"ome": {"version": OME_VERSION, "multiscales": [multiscales(axes, [scale], name, units)]}, **(attrs or {})})
     return array
+
+
+def label_parent(image_url: str, output_url: str) -> str | None:
+    """The OME-Zarr image ``output_url`` is a label image of (``IMAGE/labels/NAME``), else None."""
+    image, output = str(image_url).rstrip("/"), str(output_url).rstrip("/")
+    prefix = image + "/labels/"
+    if not output.startswith(prefix) or "/" in output[len(prefix):]:
+        return None
+    try:
+        node = zarr.open(store=image, mode="r")
+    except Exception:
+        return None
+    return image if isinstance(node, zarr.Group) and ome_metadata(dict(node.attrs)) else None
+
+
+def register_label(image_url: str, label_url: str, classes: int) -> None:
+    """Make ``label_url`` an NGFF label image of ``image_url``: ``image-label`` metadata with a
+    colour per class (0 transparent), listed in ``IMAGE/labels``, so viewers overlay it."""
+    import colorsys
+
+    name = str(label_url).rstrip("/").rsplit("/", 1)[1]
+    label = zarr.open_group(store=str(label_url), mode="r+")
+    colors = [{"label-value": 0, "rgba": [0, 0, 0, 0]}]
+    for k in range(1, classes):
+        r, g, b = colorsys.hsv_to_rgb((k - 1) / max(1, classes - 1) * 0.8, 0.9, 1.0)
+        colors.append({"label-value": k, "rgba": [int(255 * r), int(255 * g), int(255 * b), 160]})
+    ome = dict(label.attrs.get("ome", {}))
+    ome["image-label"] = {"colors": colors, "source": {"image": "../../"}}
+    label.attrs["ome"] = ome
+    labels = zarr.open_group(store=f"{str(image_url).rstrip('/')}/labels", mode="a", zarr_format=3)
+    listed = dict(labels.attrs.get("ome", {}))
+    names = list(listed.get("labels", []))
+    if name not in names:
+        names.append(name)
+    labels.attrs["ome"] = {"version": OME_VERSION, **listed, "labels": names}
 
 
 def open_output(url: str, path: str = "0") -> zarr.Array:

@@ -166,17 +166,54 @@ def run_tiles(
 ) -> list[np.ndarray]:
     """Forward each batch ``(N, C, *tile)`` through ``model``; float32 logits back on the host."""
     device, fmt = _model_device(model)
+    if device.type == "cuda" and batches:
+        return _run_tiles_cuda(model, batches, device, fmt, autocast)
     out = []
     with torch.inference_mode():
         for batch in batches:
-            x = torch.from_numpy(np.ascontiguousarray(batch))
-            if device.type == "cuda":
-                x = x.pin_memory().to(device, non_blocking=True)
-            x = x.contiguous(memory_format=fmt)
+            x = torch.from_numpy(np.ascontiguousarray(batch)).contiguous(memory_format=fmt)
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 y = model(x)
-            out.append(y.float().cpu().numpy())
+            out.append(y.float().numpy())
     return out
+
+
+def _run_tiles_cuda(
+    model: torch.nn.Module,
+    batches: Sequence[np.ndarray],
+    device: torch.device,
+    fmt: torch.memory_format,
+    autocast: torch.dtype | None,
+) -> list[np.ndarray]:
+    """The GPU path: each batch is uploaded from pinned host memory on a side stream one batch
+    ahead of the compute stream (the next upload overlaps this forward pass); results come
+    back into pinned buffers without blocking; one synchronisation at the end."""
+    copy, compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+
+    def upload(batch: np.ndarray) -> tuple[torch.Tensor, torch.cuda.Event]:
+        host = torch.from_numpy(np.ascontiguousarray(batch)).pin_memory()
+        with torch.cuda.stream(copy):
+            x = host.to(device, non_blocking=True)  # the caching host allocator keeps `host` until done
+            ready = torch.cuda.Event()
+            ready.record(copy)
+        return x, ready
+
+    results = []
+    with torch.inference_mode():
+        pending = upload(batches[0])
+        for i in range(len(batches)):
+            x, ready = pending
+            if i + 1 < len(batches):
+                pending = upload(batches[i + 1])
+            compute.wait_event(ready)
+            x.record_stream(compute)
+            with torch.autocast("cuda", dtype=autocast, enabled=autocast is not None):
+                y = model(x.contiguous(memory_format=fmt))
+            host_out = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
+            host_out.copy_(y.float(), non_blocking=True)
+            results.append(host_out)
+    compute.synchronize()
+    return [r.numpy() for r in results]
 
 
 def predict_region(
@@ -193,10 +230,8 @@ def predict_region(
     """
     region = plan.region
     crops = [image[(slice(None), *t.input.relative_to(plan.read))] for t in plan.tiles]
-    logits = []
-    for i in range(0, len(crops), batch_size):
-        for y in run_tiles(model, [np.stack(crops[i : i + batch_size])], autocast):
-            logits.extend(y)
+    batches = [np.stack(crops[i : i + batch_size]) for i in range(0, len(crops), batch_size)]
+    logits = [y for batch in run_tiles(model, batches, autocast) for y in batch]
     k = logits[0].shape[0]
     out = np.zeros((k, *region.shape), dtype=np.float32)
     if not plan.blend:

@@ -198,3 +198,38 @@ def test_scheduler_address_uses_an_existing_cluster(image_2d, model_2d, tmp_path
         _, summary = predict(settings)  # no client given: connects to the address
         assert summary.done == 9
         assert len({r["worker_pid"] for r in summary.records}) == 1
+
+
+def test_prefetched_reads_give_the_same_output(client, image_2d, model_2d, tmp_path):
+    """The GPU path's read-ahead (a read task per block, its result handed to the compute
+    task) changes the schedule, not the numbers; run here on CPU."""
+    url, _ = image_2d
+    plain, _ = run(client, url, model_2d, tmp_path / "plain.zarr", block_size=64, pyramid=False)
+    ahead, summary = run(client, url, model_2d, tmp_path / "ahead.zarr", block_size=64, pyramid=False, prefetch=True)
+    assert np.array_equal(plain, ahead) and summary.done == 30
+    assert all("read_s" not in r for r in summary.records)  # the compute tasks did not read
+
+
+BF16_TOLERANCE = 0.02  # max |p_bf16 - p_float32| of a probability, as README states
+
+
+def test_bf16_autocast_stays_within_the_stated_tolerance(client, image_2d, model_2d, tmp_path):
+    url, _ = image_2d
+    exact, _ = run(client, url, model_2d, tmp_path / "f32.zarr", block_size=128, pyramid=False)
+    mixed, _ = run(client, url, model_2d, tmp_path / "bf16.zarr", block_size=128, pyramid=False, autocast="bf16")
+    error = np.abs(mixed - exact).max()
+    assert 0 < error <= BF16_TOLERANCE
+
+
+def test_cuda_is_planned_on_trust_for_a_remote_cluster(image_2d, model_2d, tmp_path):
+    """A login node or CPU pod plans runs for GPU workers elsewhere; locally, cuda without a
+    GPU is a clear error."""
+    import torch
+
+    url, _ = image_2d
+    remote = PredictSettings(input=url, output=str(tmp_path / "r.zarr"), model=str(model_2d), device="cuda",
+                             scheduler="tcp://10.0.0.5:8786")
+    assert plan_prediction(remote)[0].device == "cuda"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            plan_prediction(remote.model_copy(update={"scheduler": None, "output": str(tmp_path / "l.zarr")}))

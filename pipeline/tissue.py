@@ -1,0 +1,179 @@
+"""Tissue masks: which blocks of a mostly empty slide hold anything worth computing.
+
+A whole-slide scan is mostly glass. The mask is computed once, on a low-resolution level of
+the image (the finest pyramid level of at most :data:`MAX_MASK_PIXELS`, or a strided read of
+the full-resolution array when there is no pyramid), or read from a mask the user gives.
+Blocks that see no tissue within the model's context are not computed: they get no chunk
+files (the output's fill value) and are counted in the run's summary.
+
+Features, as pathologists' tools threshold them:
+
+- ``saturation``: Otsu on the HSV saturation of RGB brightfield slides (H&E tissue is
+  coloured, glass is grey or white);
+- ``bright``: Otsu on intensity, for fluorescence (tissue bright on black);
+- ``dark``: Otsu on intensity with tissue darker than the background (brightfield gray, EM
+  sections on a bright support);
+- ``auto``: ``saturation`` for 3-channel images, else ``bright``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+import zarr
+
+from pipeline import storage
+from pipeline.errors import InputError
+
+TissueMethod = Literal["all", "auto", "saturation", "bright", "dark"]
+MAX_MASK_PIXELS = 4096 * 4096
+
+
+@dataclass(frozen=True)
+class TissueMask:
+    """A boolean mask over the image at low resolution; ``factor`` full-resolution pixels per
+    mask pixel along each spatial axis."""
+
+    mask: np.ndarray
+    factor: tuple[float, ...]
+    method: str
+    threshold: float | None
+    source: str
+
+    @property
+    def fraction(self) -> float:
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def blocks(self, shape: Sequence[int], block_shape: Sequence[int], margin: int = 0) -> np.ndarray:
+        """Boolean over the block grid: True where a block, grown by ``margin`` full-resolution
+        pixels (the model's context), overlaps tissue."""
+        return blocks_touching(self.mask, self.factor, shape, block_shape, margin)
+
+
+def blocks_touching(mask: np.ndarray, factor: Sequence[float], shape: Sequence[int], block_shape: Sequence[int],
+                    margin: int = 0) -> np.ndarray:
+    """For each block of ``shape`` in ``block_shape`` blocks: does it, grown by ``margin``,
+    overlap a True pixel of the low-resolution ``mask``? One summed-area table, no loop over
+    blocks (a terabyte slide has hundreds of thousands)."""
+    nd = len(shape)
+    table = np.zeros(tuple(n + 1 for n in mask.shape), dtype=np.int64)
+    table[tuple(slice(1, None) for _ in range(nd))] = mask
+    for axis in range(nd):
+        table = np.cumsum(table, axis=axis)
+    starts, stops = [], []
+    for axis in range(nd):
+        edges = np.arange(0, shape[axis], block_shape[axis])
+        lo = np.maximum(edges - margin, 0) / factor[axis]
+        hi = np.minimum(edges + block_shape[axis] + margin, shape[axis]) / factor[axis]
+        lo = np.clip(np.floor(lo).astype(np.int64), 0, mask.shape[axis] - 1)
+        hi = np.clip(np.ceil(hi).astype(np.int64), lo + 1, mask.shape[axis])
+        starts.append(lo)
+        stops.append(hi)
+    total = np.zeros(tuple(len(s) for s in starts), dtype=np.int64)
+    for corner in itertools.product((0, 1), repeat=nd):  # inclusion-exclusion over the box corners
+        index = np.ix_(*[stops[a] if c else starts[a] for a, c in enumerate(corner)])
+        total += (-1) ** (nd - sum(corner)) * table[index]
+    return total > 0
+
+
+def otsu(values: np.ndarray) -> float:
+    """Otsu's threshold of ``values`` (scikit-image's), or +inf when they are all equal."""
+    from skimage.filters import threshold_otsu
+
+    values = values[np.isfinite(values)]
+    if values.size == 0 or values.min() == values.max():
+        return math.inf
+    return float(threshold_otsu(values))
+
+
+def feature(image: np.ndarray, method: str) -> np.ndarray:
+    """The per-pixel feature a method thresholds, from a channel-first low-resolution image."""
+    image = image.astype(np.float32)
+    if method == "saturation":
+        if image.shape[0] != 3:
+            raise InputError(f"tissue 'saturation' needs an RGB image (3 channels); this one has {image.shape[0]}")
+        high, low = image.max(axis=0), image.min(axis=0)
+        return np.where(high > 0, (high - low) / np.maximum(high, 1e-12), 0.0)
+    intensity = image.mean(axis=0)
+    return -intensity if method == "dark" else intensity
+
+
+def _levels(url: str) -> list[tuple[zarr.Array, str]]:
+    """The arrays of an OME-Zarr image's pyramid, finest first (one entry for a plain array)."""
+    node = zarr.open(store=url, mode="r")
+    if isinstance(node, zarr.Array):
+        return [(node, url)]
+    ms = storage.ome_metadata(dict(node.attrs))
+    out = []
+    for dataset in ms["datasets"]:
+        try:
+            out.append((node[dataset["path"]], f"{url.rstrip('/')}/{dataset['path']}"))
+        except KeyError:
+            continue
+    return out
+
+
+def _low_resolution(source: storage.ImageSource) -> tuple[np.ndarray, tuple[float, ...], str]:
+    """A channel-first image of at most about MAX_MASK_PIXELS pixels and its factors."""
+    spatial = source.spatial_shape
+    levels = _levels(source.url)
+    level_sources = []
+    for array, url in levels:
+        level = storage.ImageSource(url, array, source.axes)
+        if len(level.spatial_shape) == len(spatial):
+            level_sources.append(level)
+    small = [lv for lv in level_sources if math.prod(lv.spatial_shape) <= MAX_MASK_PIXELS]
+    chosen = small[0] if small else level_sources[-1]
+    step = max(1, math.ceil(math.sqrt(math.prod(chosen.spatial_shape) / MAX_MASK_PIXELS)))
+    index = tuple(slice(None, None, step) if a in "yx" else slice(None) if a == "c" else 0 for a in chosen.axes)
+    data = np.asarray(chosen.array[index])
+    kept = [a for a in chosen.axes if a in "cyx"]
+    data = data.transpose([kept.index(a) for a in (["c"] if "c" in kept else []) + ["y", "x"]])
+    if "c" not in kept:
+        data = data[None]
+    factor = tuple(n / m for n, m in zip(spatial, data.shape[1:]))
+    where = chosen.url if chosen is not level_sources[0] or step == 1 else f"{chosen.url} (every {step}th pixel)"
+    return data, factor, where
+
+
+def compute_mask(source: storage.ImageSource, method: TissueMethod, threshold: float | None = None) -> TissueMask:
+    """The tissue mask of a 2-D image by ``method`` (see the module docstring)."""
+    if len(source.spatial_shape) != 2:
+        raise InputError(f"{source.url}: tissue masks are for 2-D slides; this image is {len(source.spatial_shape)}-D")
+    if method == "auto":
+        method = "saturation" if source.channels == 3 else "bright"
+    image, factor, where = _low_resolution(source)
+    values = feature(image, method)
+    cut = threshold if threshold is not None else otsu(values)
+    if method == "dark" and threshold is not None:
+        cut = -threshold
+    mask = values > cut
+    return TissueMask(mask, factor, method, None if not math.isfinite(cut) else abs(cut), where)
+
+
+def read_mask(url: str, image_shape: Sequence[int]) -> TissueMask:
+    """A user-given mask (nonzero = tissue) of any resolution covering the same field of view."""
+    mask_source = storage.open_image(url)
+    if len(mask_source.spatial_shape) != len(image_shape):
+        raise InputError(f"{url}: a {len(mask_source.spatial_shape)}-D mask for a {len(image_shape)}-D image")
+    step = max(1, math.ceil(math.sqrt(math.prod(mask_source.spatial_shape) / MAX_MASK_PIXELS)))
+    index = tuple(slice(None, None, step) if a in "zyx" else 0 for a in mask_source.axes)
+    data = np.asarray(mask_source.array[index]) != 0
+    factor = tuple(n / m for n, m in zip(image_shape, data.shape))
+    if any(f < 1 for f in factor):
+        raise InputError(f"{url}: the mask {tuple(mask_source.spatial_shape)} is larger than the image {tuple(image_shape)}")
+    return TissueMask(data, factor, "mask", None, url)
+
+
+def tissue_mask(source: storage.ImageSource, method: TissueMethod, threshold: float | None = None,
+                mask_url: str | None = None) -> TissueMask | None:
+    """The mask a prediction run uses: the user's, one computed by ``method``, or None (all)."""
+    if mask_url:
+        return read_mask(mask_url, source.spatial_shape)
+    if method == "all":
+        return None
+    return compute_mask(source, method, threshold)

@@ -1,0 +1,174 @@
+"""Whole-slide scale: tissue masks choose the blocks (background blocks leave no chunks), output
+pyramids in the multiscales (read back with the ome-zarr package), labels under the image."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline import storage
+from pipeline.cli import main
+from pipeline.predict import PredictSettings, predict
+from pipeline.pyramid import downsample
+from pipeline.tissue import blocks_touching, compute_mask
+
+from conftest import cells, make_model, write_zarr
+
+
+def brute_force(mask, factor, shape, block, margin):
+    grid = [math.ceil(s / b) for s, b in zip(shape, block)]
+    out = np.zeros(grid, bool)
+    for index in itertools.product(*map(range, grid)):
+        sl = []
+        for a, i in enumerate(index):
+            lo = max(i * block[a] - margin, 0) / factor[a]
+            hi = min((i + 1) * block[a] + margin, shape[a]) / factor[a]
+            lo = min(int(math.floor(lo)), mask.shape[a] - 1)
+            sl.append(slice(lo, max(int(math.ceil(hi)), lo + 1)))
+        out[index] = mask[tuple(sl)].any()
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_blocks_touching_equals_a_loop_over_blocks(seed):
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(100, 700, 2))
+    factor = tuple(float(f) for f in rng.uniform(1.5, 9, 2))
+    mask = rng.random(tuple(math.ceil(s / f) for s, f in zip(shape, factor))) > 0.97
+    block = tuple(int(b) for b in rng.integers(16, 120, 2))
+    margin = int(rng.integers(0, 40))
+    np.testing.assert_array_equal(blocks_touching(mask, factor, shape, block, margin),
+                                  brute_force(mask, factor, shape, block, margin))
+
+
+def rgb_slide(path: Path, shape=(512, 640), blob=((60, 200), (80, 260))) -> tuple[str, np.ndarray]:
+    """White glass with noise, and one pink 'tissue' region: an OME-Zarr RGB image (c, y, x)."""
+    rng = np.random.default_rng(0)
+    image = np.clip(rng.normal(235, 6, (3, *shape)), 0, 255).astype(np.uint8)
+    (y0, y1), (x0, x1) = blob
+    tissue = np.array([200, 110, 170])[:, None, None] + rng.normal(0, 15, (3, y1 - y0, x1 - x0))
+    image[:, y0:y1, x0:x1] = np.clip(tissue, 0, 255).astype(np.uint8)
+    storage.create_image(str(path), image.shape, (3, 128, 128), "uint8", "cyx", name="slide")[...] = image
+    return str(path), image
+
+
+@pytest.fixture(scope="module")
+def rgb_model(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("rgb") / "rgb.pt", in_channels=3, base_channels=2)
+
+
+def stored_blocks(url: str) -> set[tuple[int, ...]]:
+    array = zarr.open_array(url, mode="r")
+    return {tuple(map(int, key.split("/")[1:])) for key in _keys(array)}
+
+
+def _keys(array) -> list[str]:
+    """The chunk keys (``c/i/j/...``) that exist in the store: what was written."""
+    from zarr.core.sync import sync
+
+    prefix = f"{array.store_path.path}/" if array.store_path.path else ""
+
+    async def listing():
+        return [k async for k in array.store_path.store.list_prefix(prefix + "c/")]
+
+    return [k[len(prefix):] for k in sync(listing())]
+
+
+def test_tissue_mask_computes_only_blocks_near_tissue(client, tmp_path, rgb_model):
+    url, image = rgb_slide(tmp_path / "slide.zarr")
+    base = dict(input=url, model=str(rgb_model), block_size=64, pyramid=False)
+    job, full = predict(PredictSettings(output=str(tmp_path / "all.zarr"), **base), client=client)
+    job, masked = predict(PredictSettings(output=str(tmp_path / "tissue.zarr"), tissue="saturation", **base), client=client)
+    assert job.tissue.startswith("saturation")
+    truth = np.zeros((512, 640), bool)
+    truth[60:200, 80:260] = True  # blocks within the model's context of the tissue are computed
+    expected = brute_force(truth, (1.0, 1.0), (512, 640), (64, 64), load_margin(rgb_model) + 1)
+    computed = stored_blocks(str(tmp_path / "tissue.zarr" / "0"))
+    assert computed == {(0, *map(int, i)) for i in np.argwhere(expected)}
+    assert masked.done == int(expected.sum()) and masked.background == expected.size - expected.sum()
+    assert masked.total == full.total == expected.size
+    a = zarr.open_array(str(tmp_path / "all.zarr" / "0"), mode="r")[...]
+    b = zarr.open_array(str(tmp_path / "tissue.zarr" / "0"), mode="r")[...]
+    for i, j in np.argwhere(expected):
+        sl = (slice(None), slice(64 * i, 64 * i + 64), slice(64 * j, 64 * j + 64))
+        np.testing.assert_array_equal(a[sl], b[sl])
+    assert np.isnan(b[:, 400:, 500:]).all()  # far from tissue: the fill value, no chunk
+    again = predict(PredictSettings(output=str(tmp_path / "tissue.zarr"), tissue="saturation", **base), client=client)[1]
+    assert again.done == 0 and again.skipped == masked.done and again.background == masked.background
+
+
+def load_margin(path) -> int:
+    from pipeline.unet import load_model
+
+    return load_model(path).margin
+
+
+def test_otsu_on_saturation_finds_the_tissue(tmp_path):
+    url, _ = rgb_slide(tmp_path / "slide.zarr")
+    mask = compute_mask(storage.open_image(url), "auto")
+    assert mask.method == "saturation" and mask.factor == (1.0, 1.0)
+    truth = np.zeros((512, 640), bool)
+    truth[60:200, 80:260] = True
+    assert (mask.mask == truth).mean() > 0.99
+    with pytest.raises(ValueError, match="RGB"):
+        compute_mask(storage.open_image(write_zarr(tmp_path / "gray.zarr", cells((64, 64)))), "saturation")
+
+
+def test_user_mask_at_low_resolution_and_cli_summary(client, tmp_path, rgb_model, capsys):
+    url, _ = rgb_slide(tmp_path / "slide.zarr")
+    low = np.zeros((64, 80), np.uint8)  # 1/8 of the slide
+    low[0:8, 0:8] = 1  # only the top-left 64×64
+    mask = write_zarr(tmp_path / "mask.zarr", low)
+    code = main(["predict", url, str(tmp_path / "o.zarr"), "--model", str(rgb_model), "--block-size", "128",
+                 "--tissue-mask", mask, "--quiet", "--scheduler", client.scheduler.address])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "without tissue (not computed)" in out
+    computed = stored_blocks(str(tmp_path / "o.zarr" / "0"))
+    margin = load_margin(rgb_model) + 1
+    assert computed == {(0, 0, 0)} | ({(0, 0, 1), (0, 1, 0), (0, 1, 1)} if margin > 64 else set())
+
+
+def test_pyramid_levels_are_means_of_probabilities_and_nearest_labels(client, image_2d, model_2d, tmp_path):
+    url, _ = image_2d  # 333 × 270
+    predict(PredictSettings(input=url, output=str(tmp_path / "p.zarr"), model=str(model_2d), block_size=64), client=client)
+    group = zarr.open_group(str(tmp_path / "p.zarr"), mode="r")
+    p0, p1 = group["0"][...], group["1"][...]
+    assert p1.shape == (2, 167, 135) and "2" not in group  # stops at 256 px
+    np.testing.assert_allclose(p1, downsample(p0, (2, 2), "mean"), rtol=1e-6)
+    np.testing.assert_allclose(p1[:, 10, 20], p0[:, 20:22, 40:42].mean(axis=(1, 2)), rtol=1e-6)
+    datasets = group.attrs["ome"]["multiscales"][0]["datasets"]
+    assert [d["coordinateTransformations"][0]["scale"] for d in datasets] == [[1.0, 1.0, 1.0], [1.0, 2.0, 2.0]]
+
+    predict(PredictSettings(input=url, output=str(tmp_path / "l.zarr"), model=str(model_2d), block_size=64,
+                            output_kind="labels"), client=client)
+    labels = zarr.open_group(str(tmp_path / "l.zarr"), mode="r")
+    np.testing.assert_array_equal(labels["1"][...], labels["0"][:, ::2, ::2])
+
+
+def test_ome_zarr_reader_sees_the_pyramid_and_the_labels_on_the_image(client, tmp_path, rgb_model):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Multiscales, Reader
+
+    url, _ = rgb_slide(tmp_path / "slide.zarr", shape=(600, 520))
+    label_url = f"{url}/labels/unet"
+    predict(PredictSettings(input=url, output=label_url, model=str(rgb_model), block_size=128, output_kind="labels"),
+            client=client)
+    nodes = list(Reader(parse_url(url))())
+    image = nodes[0]
+    assert image.load(Multiscales) is not None
+    labels = [n for n in nodes if n.load(Label)]
+    assert labels, "the reader finds no label image under the slide"
+    label = labels[0]
+    assert [tuple(d.shape) for d in label.data] == [(1, 600, 520), (1, 300, 260), (1, 150, 130)]
+    colors = label.metadata["color"]  # class 0 transparent, class 1 coloured and half opaque
+    assert colors[0][3] == 0 and colors[1][3] == pytest.approx(160 / 255)
+    np.testing.assert_array_equal(np.asarray(label.data[0]), zarr.open_array(label_url + "/0", mode="r")[...])
+
+    with pytest.raises(ValueError, match="only labels"):
+        predict(PredictSettings(input=url, output=f"{url}/labels/probs", model=str(rgb_model)), client=client)
