@@ -66,3 +66,26 @@ def client():
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real ``prefect server start`` on 127.0.0.1 (SQLite in a temporary PREFECT_HOME),
+    shared by the flow, deployment and UI tests; stopped by PID with everything it spawned."""
+    from servers import PrefectServer, free_port
+
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-home"), free_port())
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def prefect_api(prefect_server):
+    """This process's flows report to the test server (not to an ephemeral one)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_server.api}):
+        yield prefect_server

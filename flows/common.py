@@ -1,0 +1,133 @@
+"""What every overtile flow shares: its Dask client, a block-progress artifact, the report.
+
+Prefect sees coarse stages only (plan, run the blocks, report). Blocks are plain Dask futures
+submitted from the flow process, so no Dask worker ever talks to Prefect: in ephemeral mode
+each such process would start a Prefect server of its own, and a thousand Prefect task runs
+cost more than a thousand blocks' scheduling.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator
+
+from prefect import get_run_logger
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.context import FlowRunContext
+
+from pipeline import execute
+
+
+@contextlib.contextmanager
+def dask_client(scheduler: str | None, workers: int | None, gpu: bool = False) -> Iterator[Any]:
+    """The Dask client a flow's blocks run on.
+
+    In order: the scheduler at ``scheduler``; else the cluster of the flow's
+    ``prefect_dask.DaskTaskRunner`` when the flow runs with one (a deployment may configure
+    one, e.g. on SLURM through dask-jobqueue: see deploy/), reached with a plain client of
+    its scheduler; else a LocalCluster on this machine, started for the run and closed after.
+    """
+    from distributed import Client
+    from prefect_dask import DaskTaskRunner
+
+    logger = get_run_logger()
+    context = FlowRunContext.get()
+    if not scheduler and context is not None and isinstance(context.task_runner, DaskTaskRunner):
+        address = context.task_runner.client.scheduler.address
+        with Client(address) as client:
+            logger.info("Blocks run on the flow's DaskTaskRunner cluster at %s", address)
+            yield client
+        return
+    with execute.dask_client(scheduler, workers, gpu=gpu) as client:
+        info = client.scheduler_info()
+        where = f"the Dask cluster at {scheduler}" if scheduler else "a local Dask cluster"
+        logger.info("Blocks run on %s: %d workers, %d task slots; dashboard %s", where, len(info.get("workers", {})),
+                    sum(w.get("nthreads", 0) for w in info.get("workers", {}).values()), client.dashboard_link)
+        yield client
+
+
+class BlockProgress:
+    """A Prefect progress artifact advanced as blocks finish, and a log line every ~10%."""
+
+    def __init__(self, kind: str, total: int, skipped: int):
+        self.kind, self.total, self.done = kind, max(total, 1), skipped
+        self.step = max(1, total // 100)
+        self.log_step = max(1, total // 10)
+        self.id = create_progress_artifact(
+            progress=100.0 * skipped / self.total, key=f"{kind}-progress",
+            description=f"overtile {kind}: share of blocks finished (the ledger's count, this run and earlier ones)",
+        )
+        self.logger = get_run_logger()
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        self.done += 1
+        if self.done % self.step == 0 or self.done == self.total:
+            update_progress_artifact(self.id, progress=100.0 * self.done / self.total)
+        if self.done % self.log_step == 0 or self.done == self.total:
+            self.logger.info("%s: %d of %d blocks finished", self.kind, self.done, self.total)
+
+
+def log_plan(kind: str, todo: int, skipped: int, what: str) -> None:
+    """The words a user reads first: how much there is to do and how much is already done."""
+    logger = get_run_logger()
+    total = todo + skipped
+    if skipped and not todo:
+        logger.info("%s: all %d blocks of %s are already finished (ledger); nothing to compute", kind, total, what)
+    elif skipped:
+        logger.info("%s: resuming %s: %d of %d blocks already finished (ledger), %d to do", kind, what, skipped, total, todo)
+    else:
+        logger.info("%s: %d blocks to compute for %s", kind, total, what)
+
+
+def png_markdown(title: str, png: Path, note: str = "") -> str:
+    """Markdown that shows ``png`` inline (as a data URI: the UI needs no access to the file)."""
+    data = base64.b64encode(png.read_bytes()).decode()
+    return f"### {title}\n\n![{title}](data:image/png;base64,{data})\n\n{note}"
+
+
+def report(kind: str, summary: execute.RunSummary, rows: dict[str, Any], preview: Path | None = None) -> dict[str, Any]:
+    """Table artifact of what the run did and, when given, a markdown artifact with its picture.
+
+    Returns the table as a dict (the flow's return value).
+    """
+    table = {
+        "blocks computed in this run": summary.done,
+        "blocks skipped (finished earlier, per the ledger)": summary.skipped,
+        "blocks failed": len(summary.failed),
+        "blocks without tissue (not computed)": summary.background,
+        "blocks in total": summary.total,
+        "megapixels computed": round(summary.pixels / 1e6, 2),
+        "seconds": round(summary.seconds, 1),
+        "megapixels per second": round(summary.megapixels_per_second, 3),
+        **rows,
+    }
+    create_table_artifact(
+        [{"what": k, "value": str(v)} for k, v in table.items()], key=f"{kind}-summary",
+        description=f"overtile {kind}: what this run did",
+    )
+    if preview is not None and preview.exists():
+        create_markdown_artifact(png_markdown(f"{kind}: a look at the result", preview, f"`{preview}`"),
+                                 key=f"{kind}-preview", description=f"overtile {kind}: a look at the result")
+    logger = get_run_logger()
+    if summary.skipped and not summary.done:
+        logger.info("%s: nothing to do, all %d blocks were finished before", kind, summary.total)
+    else:
+        logger.info("%s: %d blocks computed, %d skipped as finished before; %.1f megapixels in %.1f s (%.2f MP/s)",
+                    kind, summary.done, summary.skipped, summary.pixels / 1e6, summary.seconds,
+                    summary.megapixels_per_second)
+    return table
+
+
+def preview_path(output: str) -> Path | None:
+    """Where a local output's preview PNG goes (beside it); None for remote outputs."""
+    if "://" in output and not output.startswith("file://"):
+        return None
+    path = Path(output.removeprefix("file://").rstrip("/"))
+    return path.with_name(path.name + ".preview.png")

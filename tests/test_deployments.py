@@ -1,0 +1,151 @@
+"""Deployments end to end with real servers: ``deploy/prefect.yaml`` deployed to a Prefect
+server, a process worker, runs triggered through the API and from the UI in headless Chromium
+(Playwright), outputs and artifacts checked through the API, and a rerun that skips."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.predict import PredictSettings, predict
+
+from conftest import cells, make_model, write_zarr
+from servers import BIN, ROOT
+from test_flows import COMPUTED, SKIPPED, table
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = ROOT / "test-output" / "ui"
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server, tmp_path_factory):
+    """All deployments of deploy/prefect.yaml on the server, and a process worker polling."""
+    data = tmp_path_factory.mktemp("deployed")
+    image = write_zarr(data / "image.zarr", cells((256, 384), seed=5))
+    model = make_model(data / "model.pt")
+    prefect_server.cli("work-pool", "create", "overtile", "--type", "process")
+    out = prefect_server.cli("--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml")
+    assert "segment" in out
+    worker = prefect_server.spawn([str(BIN / "prefect"), "worker", "start", "--pool", "overtile", "--type", "process"],
+                                  "worker.log", PREFECT_WORKER_QUERY_SECONDS="1")
+    deployment = prefect_server.request("GET", "/deployments/name/segment/segment")
+    yield {"server": prefect_server, "deployment": deployment, "image": image, "model": str(model), "data": data}
+    from servers import stop
+
+    stop(worker)
+
+
+def parameters(d: dict, output: str) -> dict:
+    return {"settings": {"input": d["image"], "output": output, "model": d["model"], "block_size": 128}}
+
+
+def test_every_deployment_in_prefect_yaml_is_on_the_server(deployed):
+    server = deployed["server"]
+    names = {(d["name"], d["entrypoint"]) for d in server.request("POST", "/deployments/filter", {})}
+    assert {n for n, _ in names} >= {"segment", "weight-maps", "train", "ingest"}
+    segment = deployed["deployment"]
+    assert segment["work_pool_name"] == "overtile"
+    assert any(s["schedule"].get("cron") == "0 2 * * *" for s in segment["schedules"])
+    # the UI renders a form from this schema: the settings model with descriptions and defaults
+    schema = segment["parameter_openapi_schema"]
+    settings = schema["definitions"]["PredictSettings"]["properties"]
+    assert settings["block_size"]["description"].startswith("Block edge")
+    assert settings["overlap"]["default"] == 0.5
+
+
+def test_run_through_the_api_then_rerun_skips(deployed):
+    server, d = deployed["server"], deployed
+    output = str(d["data"] / "api.zarr")
+    first = server.request("POST", f"/deployments/{d['deployment']['id']}/create_flow_run",
+                           {"parameters": parameters(d, output)})
+    run = server.wait_for_run(first["id"])
+    assert run["state_type"] == "COMPLETED", (server.home / "worker.log").read_text()[-4000:]
+
+    clean = d["data"] / "clean.zarr"
+    predict(PredictSettings(input=d["image"], output=str(clean), model=d["model"], block_size=128, workers=1))
+    out = zarr.open_array(output + "/0", mode="r")[...]
+    assert np.array_equal(out, zarr.open_array(str(clean / "0"), mode="r")[...])
+    artifacts = server.artifacts(first["id"])
+    summary = table(artifacts["segment-summary"])
+    assert summary[COMPUTED] == "6" and summary[SKIPPED] == "0"
+    assert "data:image/png;base64," in artifacts["segment-preview"]["data"]
+
+    second = server.request("POST", f"/deployments/{d['deployment']['id']}/create_flow_run",
+                            {"parameters": parameters(d, output)})
+    assert server.wait_for_run(second["id"])["state_type"] == "COMPLETED"
+    summary = table(server.artifacts(second["id"])["segment-summary"])
+    assert summary[COMPUTED] == "0" and summary[SKIPPED] == "6"
+    logs = server.request("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [second["id"]]}}})
+    assert any("already finished" in entry["message"] for entry in logs)
+
+
+def chromium_or_skip() -> Path:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent (make test installs Debian's chromium where it can: apt-get install chromium)")
+    pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
+    return CHROMIUM
+
+
+def test_quick_run_from_the_ui(deployed):
+    """Click Run > Quick run on the segment deployment page in headless Chromium; the run
+    completes; screenshots of the deployment page and of the finished run's artifacts."""
+    executable = chromium_or_skip()
+    from playwright.sync_api import expect, sync_playwright
+
+    server, d = deployed["server"], deployed
+    deployment_id = d["deployment"]["id"]
+    output = str(d["data"] / "ui.zarr")
+    server.request("PATCH", f"/deployments/{deployment_id}", {"parameters": parameters(d, output)})
+    shutil.rmtree(SCREENSHOTS, ignore_errors=True)
+    SCREENSHOTS.mkdir(parents=True)
+    by_deployment = {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}}
+    before = {r["id"] for r in server.request("POST", "/flow_runs/filter", by_deployment)}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(executable), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(f"{server.url}/deployments")
+            page.get_by_role("link", name="segment", exact=True).first.click()
+            page.wait_for_url(f"**/deployments/deployment/{deployment_id}**")
+            expect(page.get_by_text("flows/segment.py:segment").first).to_be_visible()
+            page.screenshot(path=str(SCREENSHOTS / "deployment.png"), full_page=True)
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.get_by_text("Quick run").first.click()
+            dialog = page.get_by_role("dialog")  # this UI version confirms with the parameter form
+            page.wait_for_timeout(1000)
+            if dialog.count():
+                page.screenshot(path=str(SCREENSHOTS / "run-form.png"))
+                dialog.get_by_role("button", name="Run", exact=True).click()
+
+            runs: list = []
+            deadline = time.monotonic() + 60
+            while not runs and time.monotonic() < deadline:
+                runs = [r for r in server.request("POST", "/flow_runs/filter", by_deployment) if r["id"] not in before]
+                time.sleep(0.5)
+            assert runs, "clicking Quick run created no flow run"
+            run = server.wait_for_run(runs[0]["id"])
+            assert run["state_type"] == "COMPLETED", (server.home / "worker.log").read_text()[-4000:]
+
+            page.goto(f"{server.url}/runs/flow-run/{run['id']}")
+            expect(page.get_by_text("Completed").first).to_be_visible()
+            page.screenshot(path=str(SCREENSHOTS / "run.png"), full_page=True)
+            page.get_by_text("Artifacts", exact=True).first.click()
+            expect(page.get_by_text("overtile segment: what this run did").first).to_be_visible()
+            page.wait_for_timeout(1000)  # images in the markdown artifact
+            page.screenshot(path=str(SCREENSHOTS / "run-artifacts.png"), full_page=True)
+            page.get_by_text("segment-preview", exact=True).last.click()  # the picture renders in the UI
+            picture = page.locator("img[src^='data:image/png']").first
+            expect(picture).to_be_visible()
+            assert picture.evaluate("img => img.naturalWidth") > 100
+            page.screenshot(path=str(SCREENSHOTS / "preview-artifact.png"), full_page=True)
+        finally:
+            browser.close()
+    assert zarr.open_group(output, mode="r")["ledger"][...].all()
+    assert all((SCREENSHOTS / n).stat().st_size > 10_000 for n in ("deployment.png", "run.png", "run-artifacts.png",
+                                                                   "preview-artifact.png"))
