@@ -1,22 +1,27 @@
-"""``make demo``: a synthetic cell image, a small U-Net, a blockwise prediction and a preview.
+"""``make demo``: the whole overtile pipeline as Prefect flows, on generated data.
 
 Run from the repository root::
 
-    .venv/bin/python scripts/demo.py [--dir demo-data] [--size 8192] [-- extra 'overtile predict' options]
+    .venv/bin/python scripts/demo.py [--dir demo-data] [--size 8192] [--steps 300]
 
-Stages (each prints its time):
+The flows report to the Prefect server of ``PREFECT_API_URL`` when one is set, and otherwise
+run in Prefect's ephemeral mode with the database under ``DIR/prefect``, so that
+``prefect server start`` with that ``PREFECT_HOME`` shows the runs afterwards. Stages (each
+prints its time):
 
 1. ``DIR/cells.zarr``: an OME-Zarr image of ``size × size`` uint8 pixels that look like
    cells in an EM section: bright cytoplasm, dark membranes, darker nuclei and vesicles,
    blur and shot noise. Written block by block, so a large ``--size`` needs no more memory
    than a small one; seeded, so every run makes the same image. Kept between runs.
-2. ``DIR/model.pt``: a valid 2-D U-Net with random weights (depth 5, 8 base channels,
-   seed 0), as ``overtile model init`` writes it. Kept between runs.
-3. ``DIR/prediction.zarr``: ``overtile predict`` run as a subprocess on a local Dask
-   cluster, with ``--overwrite`` (so the demo always shows a full run and its progress bar).
-4. ``DIR/preview.png``: the input beside the foreground probability.
-
-The weights are random, so the prediction shows the machinery, not a segmentation.
+2. ``DIR/train-image.zarr``, ``DIR/train-labels.zarr``: a smaller image of the same kind
+   with its cell instances (the generator knows where every cell is).
+3. ``DIR/train-weights.zarr`` and its ``.preview.png``: the paper's weight maps of those
+   labels (the ``weight-maps`` flow), pictured like its Figure 3.
+4. ``DIR/run/``, ``DIR/model.pt``: a small valid U-Net (depth 5, 8 base channels) trained
+   briefly on them (the ``train`` flow: Adam; elastic deformation, flips, rotations).
+5. ``DIR/prediction.zarr`` and its ``.preview.png``: the large image segmented with that
+   model (the ``segment`` flow) on a local Dask cluster, with ``overwrite`` so the demo
+   always shows a full run; the preview shows the input beside the cell probability.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import subprocess
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -130,6 +135,41 @@ def render_block(cells: dict[str, np.ndarray], box: Box, seed: int = SEED) -> np
     return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
 
 
+def render_labels(cells: dict[str, np.ndarray], box: Box) -> np.ndarray:
+    """The cell instances of ``box`` (uint32; 0 = resin and membranes), in the same drawing
+    order as :func:`render_block`, so a cell's id covers exactly its interior there."""
+    (y0, x0), (h, w) = box.offset, box.shape
+    labels = np.zeros((h, w), dtype=np.uint32)
+    for i in range(len(cells["cy"])):
+        cy, cx, a, b = cells["cy"][i], cells["cx"][i], cells["a"][i], cells["b"][i]
+        ext = int(math.ceil(a + 3))
+        ya, yb = max(int(cy) - ext, y0), min(int(cy) + ext + 1, y0 + h)
+        xa, xb = max(int(cx) - ext, x0), min(int(cx) + ext + 1, x0 + w)
+        if ya >= yb or xa >= xb:
+            continue
+        yy, xx = np.mgrid[ya:yb, xa:xb].astype(np.float32)
+        dy, dx = yy - cy, xx - cx
+        cos, sin = math.cos(cells["angle"][i]), math.sin(cells["angle"][i])
+        u, v = (dx * cos + dy * sin) / a, (-dx * sin + dy * cos) / b
+        rho = np.sqrt(u * u + v * v)
+        membrane = 2.2 / min(a, b)
+        patch = labels[ya - y0:yb - y0, xa - x0:xb - x0]
+        patch[rho < 1 + membrane] = 0  # a later cell's membrane covers what was below
+        patch[rho < 1 - membrane] = i + 1
+    return labels
+
+
+def make_training_data(image_url: Path, labels_url: Path, size: int, seed: int = SEED + 1) -> int:
+    """A smaller image of the same kind, with its cell instances: what the demo trains on."""
+    import zarr
+
+    cells = cell_table(size, seed)
+    box = Box.from_shape((size, size))
+    for url, data in ((image_url, render_block(cells, box, seed)), (labels_url, render_labels(cells, box))):
+        zarr.create_array(str(url), shape=data.shape, chunks=(256, 256), dtype=data.dtype, overwrite=True)[...] = data
+    return len(cells["cy"])
+
+
 def image_ready(url: Path, size: int) -> bool:
     """True when ``url`` holds a finished demo image of this size (a half-written one is not)."""
     import zarr
@@ -159,20 +199,6 @@ def make_image(url: Path, size: int, block: int = 2048) -> int:
     return len(cells["cy"])
 
 
-# --- the model ----------------------------------------------------------------------------
-
-def make_model(path: Path, base_channels: int = 8) -> str:
-    """A random valid U-Net as ``overtile model init --base-channels 8 --seed 0`` writes it."""
-    import torch
-
-    from pipeline.unet import UNet, num_parameters, save_model
-
-    torch.manual_seed(SEED)
-    model = UNet(in_channels=1, num_classes=2, dims=2, depth=5, base_channels=base_channels, padding="valid")
-    save_model(model, path)
-    return f"{num_parameters(model):,} parameters, margin {model.margin} px"
-
-
 # --- the run ------------------------------------------------------------------------------
 
 def stage(name: str, start: float, what: str) -> None:
@@ -181,20 +207,29 @@ def stage(name: str, start: float, what: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Make a synthetic cell image and a small U-Net, predict blockwise on Dask, write a preview.",
-        epilog="Options after '--' go to 'overtile predict' (e.g. -- --workers 1 --block-size 1024).",
+        description="The whole overtile pipeline as Prefect flows on generated data: weight maps, "
+                    "training, then segmentation of a large image blockwise on Dask.",
     )
     parser.add_argument("--dir", type=Path, default=Path("demo-data"), help="where everything goes (default demo-data)")
     parser.add_argument("--size", type=int, default=8192, help="image edge in px (default 8192: 67 megapixels)")
+    parser.add_argument("--train-size", type=int, default=1024, help="edge of the generated training image (default 1024)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    parser.add_argument("--workers", type=int, default=None, help="Dask worker processes (default: one per core)")
+    parser.add_argument("--block-size", type=int, default=None, help="prediction block edge (default 2048)")
     parser.add_argument("--dtype", choices=["float32", "float16", "uint8"], default="uint8",
                         help="probability dtype of the prediction (default uint8: round(255·p), 4× smaller)")
-    args, extra = parser.parse_known_args(argv)
-    extra = [a for a in extra if a != "--"]
+    args = parser.parse_args(argv)
     if args.size < 64:
         parser.error("--size must be at least 64")
     out = args.dir
     out.mkdir(parents=True, exist_ok=True)
-    image, model, prediction, png = out / "cells.zarr", out / "model.pt", out / "prediction.zarr", out / "preview.png"
+    image, model, prediction = out / "cells.zarr", out / "model.pt", out / "prediction.zarr"
+    # Prefect: the server of PREFECT_API_URL if one is set, else ephemeral mode with its
+    # database under DIR/prefect, where `prefect server start` finds the runs afterwards
+    os.environ.setdefault("PREFECT_HOME", str((out / "prefect").resolve()))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
+    ephemeral = "PREFECT_API_URL" not in os.environ
     total = time.perf_counter()
 
     start = time.perf_counter()
@@ -206,40 +241,68 @@ def main(argv: list[str] | None = None) -> int:
                               f"{args.size ** 2 / 1e6 / (time.perf_counter() - start):.1f} MP/s")
 
     start = time.perf_counter()
-    if model.is_file():
-        stage("model", start, f"{model} exists, kept")
-    else:
-        stage("model", start, f"wrote {model}: random valid 2-D U-Net, depth 5, 8 base channels, {make_model(model)}")
+    train_image, train_labels = out / "train-image.zarr", out / "train-labels.zarr"
+    n = make_training_data(train_image, train_labels, args.train_size)
+    stage("labels", start, f"wrote {train_image} and {train_labels}: {args.train_size}² px, {n:,} labelled cells")
+
+    from flows.segment import segment
+    from flows.train import train_flow
+    from flows.weight_maps import weight_maps_flow
+    from pipeline.predict import PredictSettings
+    from pipeline.train import TrainSettings
+    from pipeline.weightmaps import WeightSettings
+
+    print(f"demo: Prefect {'ephemeral mode, database in ' + os.environ['PREFECT_HOME'] if ephemeral else 'server ' + os.environ['PREFECT_API_URL']}",
+          flush=True)
+    start = time.perf_counter()
+    weights = out / "train-weights.zarr"
+    state = weight_maps_flow(WeightSettings(labels=str(train_labels), output=str(weights), block_size=512,
+                                            workers=args.workers, overwrite=True), return_state=True)
+    if not state.is_completed():
+        print(f"demo: the weight-maps flow ended {state.name}: {state.message}", file=sys.stderr)
+        return 1
+    stage("weights", start, f"weight maps (w0 = 10, sigma = 5 px) in {weights}, picture {weights}.preview.png")
 
     start = time.perf_counter()
-    command = [sys.executable, "-m", "pipeline.cli", "predict", str(image), str(prediction),
-               "--model", str(model), "--dtype", args.dtype, "--overwrite", *extra]
-    print("demo: running", " ".join(["overtile", *command[3:]]), flush=True)
-    code = subprocess.call(command)
-    if code != 0:
-        print(f"demo: overtile predict failed (exit status {code})", file=sys.stderr)
-        return code
-    stage("predict", start, f"{args.size ** 2 / 1e6 / (time.perf_counter() - start):.2f} MP/s end to end, "
-                            "cluster start-up included")
-
-    from pipeline.preview import preview_png
+    run = out / "run"
+    state = train_flow(TrainSettings(
+        images=str(train_image), labels=str(train_labels), weights=str(weights), out=str(run), steps=args.steps,
+        optimizer="adam", base_channels=8, tile_size=380, checkpoint_every=100, lr_schedule="cosine", overwrite=True,
+    ), return_state=True)
+    if not state.is_completed():
+        print(f"demo: the train flow ended {state.name}: {state.message}", file=sys.stderr)
+        return 1
+    shutil.copyfile(run / "last.pt", model)
+    stage("train", start, f"{args.steps} steps of Adam on {train_image.name}; model {model} (log and curves in {run})")
 
     start = time.perf_counter()
-    preview_png(str(image), str(prediction), png)
-    stage("preview", start, f"wrote {png}")
+    state = segment(PredictSettings(input=str(image), output=str(prediction), model=str(model), dtype=args.dtype,
+                                    workers=args.workers, block_size=args.block_size, overwrite=True), return_state=True)
+    if not state.is_completed():
+        print(f"demo: the segment flow ended {state.name}: {state.message}", file=sys.stderr)
+        return 1
+    stage("segment", start, f"{args.size ** 2 / 1e6 / (time.perf_counter() - start):.2f} MP/s end to end, "
+                            "cluster start-up and preview included")
+    png = Path(f"{prediction}.preview.png")
     print(f"demo: total      {time.perf_counter() - total:6.1f} s\n")
     encoding = ", uint8 = round(255·p)" if args.dtype == "uint8" else f", {args.dtype}"
-    overtile = Path(sys.executable).parent / "overtile"
-    overtile_cmd = os.path.relpath(overtile) if overtile.exists() else "overtile"
+    bin_dir = Path(sys.executable).parent
+    overtile = os.path.relpath(bin_dir / "overtile") if (bin_dir / "overtile").exists() else "overtile"
+    prefect = os.path.relpath(bin_dir / "prefect") if (bin_dir / "prefect").exists() else "prefect"
+    ui = (f"    PREFECT_HOME={os.environ['PREFECT_HOME']} {prefect} server start\n"
+          f"then open http://127.0.0.1:4200/runs (flow runs weight-maps, train and segment, with their artifacts)"
+          if ephemeral else f"open the UI of {os.environ['PREFECT_API_URL'].removesuffix('/api')}/runs")
     print(
         f"Input image:  {image.resolve()}   (OME-Zarr 0.5, array '0', yx)\n"
-        f"Model:        {model.resolve()}   (random weights: the output shows the machinery, not cells)\n"
+        f"Weight maps:  {weights.resolve()}.preview.png   (the paper's Figure 3 for the training labels)\n"
+        f"Model:        {model.resolve()}   (trained for {args.steps} steps; curves in {(run / 'curves.png').resolve()})\n"
         f"Prediction:   {prediction.resolve()}   (OME-Zarr 0.5, array '0': (class, y, x) probabilities{encoding})\n"
         f"Preview:      {png.resolve()}\n\n"
+        f"See the runs, their logs, progress and artifacts (tables, pictures) in the Prefect UI:\n{ui}\n"
         f"Look at the full resolution in napari (pip install 'napari[all]' napari-ome-zarr):\n"
         f"    napari --plugin napari-ome-zarr {image} {prediction}\n"
-        f"Rerun the prediction without --overwrite and it resumes from its ledger (here: nothing left to do):\n"
-        f"    {overtile_cmd} predict {image} {prediction} --model {model} --dtype {args.dtype} {' '.join(extra)}".rstrip()
+        f"Rerun the segmentation without --overwrite and it resumes from its ledger (here: nothing left to do):\n"
+        f"    {overtile} predict {image} {prediction} --model {model} --dtype {args.dtype}"
     )
     return 0
 
