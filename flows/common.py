@@ -34,9 +34,12 @@ def dask_client(scheduler: str | None, workers: int | None, gpu: bool = False) -
     one, e.g. on SLURM through dask-jobqueue: see deploy/), reached with a plain client of
     its scheduler; else a LocalCluster on this machine, started for the run and closed after.
     """
+    import logging
+
     from distributed import Client
     from prefect_dask import DaskTaskRunner
 
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # Prefect's console shows INFO: keep it to ours
     logger = get_run_logger()
     context = FlowRunContext.get()
     if not scheduler and context is not None and isinstance(context.task_runner, DaskTaskRunner):
@@ -86,10 +89,22 @@ def log_plan(kind: str, todo: int, skipped: int, what: str) -> None:
         logger.info("%s: %d blocks to compute for %s", kind, total, what)
 
 
-def png_markdown(title: str, png: Path, note: str = "") -> str:
-    """Markdown that shows ``png`` inline (as a data URI: the UI needs no access to the file)."""
-    data = base64.b64encode(png.read_bytes()).decode()
-    return f"### {title}\n\n![{title}](data:image/png;base64,{data})\n\n{note}"
+def png_markdown(title: str, png: Path, note: str = "", max_width: int = 1200) -> str:
+    """Markdown that shows ``png`` inline, as a data URI (the UI needs no access to the file),
+    scaled to ``max_width`` and JPEG-encoded so the artifact stays well under the server's
+    event size limit (a full preview PNG of noisy EM is several MB)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(png) as image:
+        image = image.convert("RGB")
+        if image.width > max_width:
+            image = image.resize((max_width, round(image.height * max_width / image.width)), Image.LANCZOS)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+    data = base64.b64encode(buffer.getvalue()).decode()
+    return f"### {title}\n\n![{title}](data:image/jpeg;base64,{data})\n\n{note}"
 
 
 def report(kind: str, summary: execute.RunSummary, rows: dict[str, Any], preview: Path | None = None) -> dict[str, Any]:

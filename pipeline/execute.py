@@ -68,15 +68,15 @@ class Ledger:
         try:
             from zarr.core.sync import sync
 
-            prefix = f"{array.store_path.path}/" if array.store_path.path else ""
-            encoding = array.metadata.chunk_key_encoding
+            separator = array.metadata.chunk_key_encoding.separator
+            start = (f"{array.store_path.path}/" if array.store_path.path else "") + "c" + separator
 
             async def stored() -> list[str]:
-                return [k async for k in array.store_path.store.list_prefix(prefix + "c" + encoding.separator)]
+                return [k async for k in array.store_path.store.list_prefix(start)]
 
-            for key in sync(stored()):
-                done[encoding.decode_chunk_key(key[len(prefix):])] = True
-        except (AttributeError, NotImplementedError, TypeError, ValueError):  # a store that cannot list
+            for key in sync(stored()):  # "c/i/j": the default chunk key encoding of Zarr 3
+                done[tuple(int(i) for i in key[len(start):].split(separator))] = True
+        except (AttributeError, NotImplementedError, TypeError, ValueError, IndexError):  # a store that cannot list
             return array[...] > 0
         return done
 

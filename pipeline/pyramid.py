@@ -41,24 +41,26 @@ def level_shapes(shape: Sequence[int], spatial: int, min_edge: int = MIN_EDGE) -
 
 
 def downsample(data: np.ndarray, factor: Sequence[int], kind: str) -> np.ndarray:
-    """Downsample the trailing axes by ``factor`` (each 1 or 2); edges of odd size keep their
-    last row/column alone."""
+    """Downsample the trailing axes by ``factor`` (each 1 or 2); an odd edge's last row or
+    column is averaged with itself (edge padding). NaN (unset background) is ignored by the
+    mean unless a whole window is NaN."""
     lead = data.ndim - len(factor)
     if kind == "nearest":
         return data[(slice(None),) * lead + tuple(slice(None, None, f) for f in factor)]
-    padded_shape = list(data.shape)
-    for a, f in enumerate(factor):
-        padded_shape[lead + a] = -(-data.shape[lead + a] // f) * f
-    work = np.full(padded_shape, np.nan, dtype=np.float32)
-    work[tuple(slice(0, n) for n in data.shape)] = data
+    pad = [(0, 0)] * lead + [(0, -n % f) for n, f in zip(data.shape[lead:], factor)]
+    work = np.pad(data, pad, mode="edge").astype(np.float32, copy=False)
     shape = list(work.shape[:lead])
     for a, f in enumerate(factor):
         shape += [work.shape[lead + a] // f, f]
     work = work.reshape(shape)
-    with np.errstate(invalid="ignore"), _quiet():
-        mean = np.nanmean(work, axis=tuple(lead + 2 * a + 1 for a in range(len(factor))))
+    axes = tuple(lead + 2 * a + 1 for a in range(len(factor)))
+    if np.dtype(data.dtype).kind == "f" and np.isnan(work).any():
+        with np.errstate(invalid="ignore"), _quiet():
+            mean = np.nanmean(work, axis=axes)
+    else:
+        mean = work.mean(axis=axes)
     if np.dtype(data.dtype).kind in "ui":
-        return np.rint(np.nan_to_num(mean)).astype(data.dtype)
+        return np.rint(mean).astype(data.dtype)
     return mean.astype(data.dtype)
 
 

@@ -73,7 +73,7 @@ def test_run_through_the_api_then_rerun_skips(deployed):
     artifacts = server.artifacts(first["id"])
     summary = table(artifacts["segment-summary"])
     assert summary[COMPUTED] == "6" and summary[SKIPPED] == "0"
-    assert "data:image/png;base64," in artifacts["segment-preview"]["data"]
+    assert "data:image/jpeg;base64," in artifacts["segment-preview"]["data"]
 
     second = server.request("POST", f"/deployments/{d['deployment']['id']}/create_flow_run",
                             {"parameters": parameters(d, output)})
@@ -140,7 +140,7 @@ def test_quick_run_from_the_ui(deployed):
             page.wait_for_timeout(1000)  # images in the markdown artifact
             page.screenshot(path=str(SCREENSHOTS / "run-artifacts.png"), full_page=True)
             page.get_by_text("segment-preview", exact=True).last.click()  # the picture renders in the UI
-            picture = page.locator("img[src^='data:image/png']").first
+            picture = page.locator("img[src^='data:image/jpeg']").first
             expect(picture).to_be_visible()
             assert picture.evaluate("img => img.naturalWidth") > 100
             page.screenshot(path=str(SCREENSHOTS / "preview-artifact.png"), full_page=True)

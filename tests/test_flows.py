@@ -58,7 +58,7 @@ def test_segment_flow_writes_what_predict_writes_and_reports_it(prefect_api, cli
     assert summary[COMPUTED] == "9" and summary[SKIPPED] == "0" and summary["blocks failed"] == "0"
     assert summary["input"] == url and summary["model"] == str(model_2d) and summary["output"] == settings.output
     assert float(summary["megapixels per second"]) > 0
-    assert "data:image/png;base64," in artifacts["segment-preview"]["data"]
+    assert "data:image/jpeg;base64," in artifacts["segment-preview"]["data"]
     assert (tmp_path / "flow.zarr.preview.png").stat().st_size > 1000
 
     # a second run with the same settings: every block is in the ledger, nothing is computed
@@ -97,7 +97,7 @@ def test_weight_maps_flow_equals_the_in_memory_map(prefect_api, client, tmp_path
     assert state.is_completed() and state.result()[COMPUTED] == 9
     np.testing.assert_allclose(zarr.open_array(str(tmp_path / "w.zarr" / "0"), mode="r")[...], weight_map(labels), atol=1e-4)
     artifacts = prefect_api.artifacts(run_id(state))
-    assert "data:image/png;base64," in artifacts["weight-maps-preview"]["data"]
+    assert "data:image/jpeg;base64," in artifacts["weight-maps-preview"]["data"]
     assert table(artifacts["weight-maps-summary"])["w0"] == "10.0"
     assert artifacts["weight-maps-progress"]["data"] == pytest.approx(100.0)
     assert weight_maps_flow(settings, return_state=True).result()[SKIPPED] == 9
@@ -125,7 +125,7 @@ def test_train_flow_reports_curves_and_scores(prefect_api, tmp_path):
     assert artifacts["train-progress"]["data"] == pytest.approx(100.0)
     summary = table(artifacts["train-summary"])
     assert 0.0 <= float(summary["best rand error"]) <= 1.0 and summary["best step (validation)"] in ("3", "6")
-    assert "data:image/png;base64," in artifacts["train-curves"]["data"]
+    assert "data:image/jpeg;base64," in artifacts["train-curves"]["data"]
     assert (tmp_path / "run" / "last.pt").exists()
 
 

@@ -233,3 +233,22 @@ def test_cuda_is_planned_on_trust_for_a_remote_cluster(image_2d, model_2d, tmp_p
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             plan_prediction(remote.model_copy(update={"scheduler": None, "output": str(tmp_path / "l.zarr")}))
+
+
+def test_ledger_lists_finished_blocks_without_reading_the_others(tmp_path, monkeypatch):
+    """A terabyte slide's ledger has hundreds of thousands of blocks: done() must list the
+    few stored chunks, not read every one."""
+    from pipeline.geometry import block_at
+
+    zarr.open_group(str(tmp_path / "o.zarr"), mode="w")
+    ledger = Ledger.prepare(str(tmp_path / "o.zarr"), (586, 586), "fingerprint", overwrite=False)
+    marked = [(4, 4), (0, 585), (300, 7)]
+    for index in marked:
+        ledger.mark(block_at(index, (1_200_000, 1_200_000), (2048, 2048)))
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the ledger was read chunk by chunk")
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", no_reading)
+    done = ledger.done()
+    assert done.shape == (586, 586) and set(map(tuple, np.argwhere(done))) == set(marked)
