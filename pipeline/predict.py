@@ -176,7 +176,7 @@ def plan_prediction(settings: PredictSettings) -> tuple[PredictJob, list[Block],
     blocks = [block_at(index, source.spatial_shape, block_shape) for index in np.argwhere(todo)]
     tissue = "" if mask is None else (
         f"{mask.method}{'' if mask.threshold is None else f' > {mask.threshold:.3g}'} on {mask.source}: "
-        f"{100 * mask.fraction:.1f}% tissue")
+        f"{100 * mask.fraction:.2g}% tissue")
     job = PredictJob(
         settings=settings, device=device, spatial_shape=source.spatial_shape,
         block_shape=block_shape, tile_size=tile, output_shape=out_shape, output_dtype=out_dtype,
