@@ -85,6 +85,24 @@ def cell_table(size: int, seed: int = SEED) -> dict[str, np.ndarray]:
     }
 
 
+def cell_shape(cells: dict[str, np.ndarray], i: int, y0: int, x0: int, h: int, w: int) -> tuple | None:
+    """Where cell ``i`` lies in the box ``(y0, x0, h, w)``: its window ``(ya, yb, xa, xb)``,
+    the cell's own coordinates ``u, v`` there, ``rho`` (1 on its outline) and the membrane's
+    thickness in units of ``rho``; None when it misses the box."""
+    cy, cx, a, b = cells["cy"][i], cells["cx"][i], cells["a"][i], cells["b"][i]
+    ext = int(math.ceil(a + 3))
+    ya, yb = max(int(cy) - ext, y0), min(int(cy) + ext + 1, y0 + h)
+    xa, xb = max(int(cx) - ext, x0), min(int(cx) + ext + 1, x0 + w)
+    if ya >= yb or xa >= xb:
+        return None
+    yy, xx = np.mgrid[ya:yb, xa:xb].astype(np.float32)
+    dy, dx = yy - cy, xx - cx
+    cos, sin = math.cos(cells["angle"][i]), math.sin(cells["angle"][i])
+    u, v = (dx * cos + dy * sin) / a, (-dx * sin + dy * cos) / b
+    rho = np.sqrt(u * u + v * v)
+    return (ya, yb, xa, xb), u, v, rho, 2.2 / min(a, b)  # the membrane: ~2 px thick
+
+
 def render_block(cells: dict[str, np.ndarray], box: Box, seed: int = SEED) -> np.ndarray:
     """The uint8 pixels of ``box``: cells painted in table order (later ones on top), blurred, noisy.
 
@@ -101,18 +119,11 @@ def render_block(cells: dict[str, np.ndarray], box: Box, seed: int = SEED) -> np
         & (cells["cx"] > x0 - reach) & (cells["cx"] < x0 + w + reach)
     )
     for i in near:
-        cy, cx, a, b = cells["cy"][i], cells["cx"][i], cells["a"][i], cells["b"][i]
-        ext = int(math.ceil(a + 3))
-        ya, yb = max(int(cy) - ext, y0), min(int(cy) + ext + 1, y0 + h)
-        xa, xb = max(int(cx) - ext, x0), min(int(cx) + ext + 1, x0 + w)
-        if ya >= yb or xa >= xb:
+        shape = cell_shape(cells, i, y0, x0, h, w)
+        if shape is None:
             continue
-        yy, xx = np.mgrid[ya:yb, xa:xb].astype(np.float32)
-        dy, dx = yy - cy, xx - cx
-        cos, sin = math.cos(cells["angle"][i]), math.sin(cells["angle"][i])
-        u, v = (dx * cos + dy * sin) / a, (-dx * sin + dy * cos) / b
-        rho = np.sqrt(u * u + v * v)  # 1 on the cell's outline
-        membrane = 2.2 / min(a, b)  # ~2 px thick, in units of rho
+        (ya, yb, xa, xb), u, v, rho, membrane = shape
+        a, b = cells["a"][i], cells["b"][i]
         inside = rho < 1 + membrane
         patch = canvas[ya - y0:yb - y0, xa - x0:xb - x0]
         value = cells["bright"][i] * (1 - 0.12 * rho * rho)  # cytoplasm, a little darker outwards
@@ -141,18 +152,10 @@ def render_labels(cells: dict[str, np.ndarray], box: Box) -> np.ndarray:
     (y0, x0), (h, w) = box.offset, box.shape
     labels = np.zeros((h, w), dtype=np.uint32)
     for i in range(len(cells["cy"])):
-        cy, cx, a, b = cells["cy"][i], cells["cx"][i], cells["a"][i], cells["b"][i]
-        ext = int(math.ceil(a + 3))
-        ya, yb = max(int(cy) - ext, y0), min(int(cy) + ext + 1, y0 + h)
-        xa, xb = max(int(cx) - ext, x0), min(int(cx) + ext + 1, x0 + w)
-        if ya >= yb or xa >= xb:
+        shape = cell_shape(cells, i, y0, x0, h, w)
+        if shape is None:
             continue
-        yy, xx = np.mgrid[ya:yb, xa:xb].astype(np.float32)
-        dy, dx = yy - cy, xx - cx
-        cos, sin = math.cos(cells["angle"][i]), math.sin(cells["angle"][i])
-        u, v = (dx * cos + dy * sin) / a, (-dx * sin + dy * cos) / b
-        rho = np.sqrt(u * u + v * v)
-        membrane = 2.2 / min(a, b)
+        (ya, yb, xa, xb), _, _, rho, membrane = shape
         patch = labels[ya - y0:yb - y0, xa - x0:xb - x0]
         patch[rho < 1 + membrane] = 0  # a later cell's membrane covers what was below
         patch[rho < 1 - membrane] = i + 1
