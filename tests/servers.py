@@ -121,6 +121,17 @@ class PrefectServer:
         found = self.request("POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
         return {a.get("key") or f"{a['type']}-{a['id']}": a for a in found}
 
+    def logs(self, run_id: str, contains: str, timeout: float = 20) -> list[str]:
+        """Log messages of a flow run that contain ``contains``, waiting for them: runs send
+        their logs to the server in batches, a little after the run returns."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [entry["message"] for entry in self.request("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}})
+                     if contains in entry["message"]]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.5)
+
     def stop(self) -> None:
         for child in self.children:
             stop(child)

@@ -184,6 +184,5 @@ def test_segment_flow_sends_blocks_to_its_dask_task_runner_cluster(prefect_api, 
                                             "dashboard_address": None})
     state = segment.with_options(task_runner=runner)(settings, return_state=True)
     assert state.is_completed() and state.result()[COMPUTED] == 9
-    logs = prefect_api.request("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id(state)]}}})
-    assert any("DaskTaskRunner cluster" in entry["message"] for entry in logs)
+    assert prefect_api.logs(run_id(state), "DaskTaskRunner cluster")
     assert zarr.open_group(str(tmp_path / "runner.zarr"), mode="r")["ledger"][...].all()
