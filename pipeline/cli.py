@@ -14,9 +14,29 @@ from pydantic import ValidationError
 from pipeline.errors import InputError
 
 
-def _predict(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
+class BlockBar:
+    """The progress bar of a blockwise run: says what a resumed run skips, then counts blocks."""
 
+    def __init__(self, desc: str, quiet: bool):
+        self.desc, self.quiet = desc, quiet
+        self.bar: Any = None
+
+    def start(self, todo: int, skipped: int) -> None:
+        from tqdm import tqdm
+
+        if skipped:
+            print(f"overtile: resuming: {skipped} blocks already done, {todo} to go")
+        self.bar = tqdm(total=todo + skipped, initial=skipped, unit="block", desc=self.desc, disable=self.quiet)
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _predict(args: argparse.Namespace) -> None:
     from pipeline.predict import PredictSettings, predict
 
     settings = PredictSettings(
@@ -27,7 +47,7 @@ def _predict(args: argparse.Namespace) -> None:
         autocast=args.autocast, tissue=args.tissue, tissue_threshold=args.tissue_threshold,
         tissue_mask=args.tissue_mask, pyramid=not args.no_pyramid, overwrite=args.overwrite,
     )
-    bar: list[Any] = []
+    bar = BlockBar("predict", args.quiet)
 
     def on_plan(job: Any, todo: int, skipped: int) -> None:
         shape = "×".join(map(str, job.spatial_shape))
@@ -35,16 +55,10 @@ def _predict(args: argparse.Namespace) -> None:
         print(f"overtile: {shape} px in {todo + skipped + job.background} blocks of {block}, tiles of {job.tile_size} px, on {job.device}")
         if job.tissue:
             print(f"overtile: tissue mask {job.tissue}; {job.background} blocks without tissue are not computed")
-        if skipped:
-            print(f"overtile: resuming: {skipped} blocks already done, {todo} to go")
-        bar.append(tqdm(total=todo + skipped, initial=skipped, unit="block", desc="predict", disable=args.quiet))
+        bar.start(todo, skipped)
 
-    def on_result(record: dict[str, Any]) -> None:
-        bar[0].update(1)
-
-    job, summary = predict(settings, on_result=on_result, on_plan=on_plan)
-    if bar:
-        bar[0].close()
+    job, summary = predict(settings, on_result=bar, on_plan=on_plan)
+    bar.close()
     background = f", {summary.background} without tissue (not computed)" if summary.background else ""
     print(
         f"overtile: done: {summary.done} blocks computed, {summary.skipped} skipped (already done){background}, "
@@ -54,8 +68,6 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _weights(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
     from pipeline.weightmaps import WeightSettings, weight_maps
 
     settings = WeightSettings(
@@ -63,19 +75,16 @@ def _weights(args: argparse.Namespace) -> None:
         binary=args.binary, block_size=args.block_size, workers=args.workers,
         scheduler=args.scheduler, overwrite=args.overwrite,
     )
-    bar: list[Any] = []
+    bar = BlockBar("weights", args.quiet)
 
     def on_plan(job: Any, todo: int, skipped: int) -> None:
         bg, fg = job.class_weights
         print(f"overtile: {'×'.join(map(str, job.spatial_shape))} px in {todo + skipped} blocks, halo {job.halo} px; "
               f"class weights background {bg:.3f}, foreground {fg:.3f}")
-        if skipped:
-            print(f"overtile: resuming: {skipped} blocks already done, {todo} to go")
-        bar.append(tqdm(total=todo + skipped, initial=skipped, unit="block", desc="weights", disable=args.quiet))
+        bar.start(todo, skipped)
 
-    job, summary = weight_maps(settings, on_result=lambda record: bar[0].update(1), on_plan=on_plan)
-    if bar:
-        bar[0].close()
+    job, summary = weight_maps(settings, on_result=bar, on_plan=on_plan)
+    bar.close()
     print(f"overtile: done: {summary.done} blocks computed, {summary.skipped} skipped (already done), "
           f"{summary.pixels / 1e6:.1f} MP in {summary.seconds:.1f} s\n"
           f"overtile: weight map written to {job.settings.output} (array '0', float32)")
@@ -164,15 +173,13 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _ingest(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
     from pipeline.slides import IngestSettings, ingest
 
     settings = IngestSettings(
         slide=args.slide, output=args.output, block_size=args.block_size, levels=args.levels, axes=args.axes,
         workers=args.workers, scheduler=args.scheduler, overwrite=args.overwrite,
     )
-    bar: list[Any] = []
+    bar = BlockBar("ingest", args.quiet)
 
     def on_plan(job: Any, todo: int, skipped: int) -> None:
         shapes = ", ".join("×".join(map(str, lv.shape[1:])) for lv in job.levels)
@@ -180,13 +187,10 @@ def _ingest(args: argparse.Namespace) -> None:
         print(f"overtile: {job.kind} slide, {job.levels[0].shape[0]} channel(s) {job.dtype}, {len(job.levels)} level(s) "
               f"({shapes} px), pixel size {size or 'unknown'}; {todo + skipped} blocks of "
               f"{'×'.join(map(str, job.levels[0].chunks[1:]))}")
-        if skipped:
-            print(f"overtile: resuming: {skipped} blocks already done, {todo} to go")
-        bar.append(tqdm(total=todo + skipped, initial=skipped, unit="block", desc="ingest", disable=args.quiet))
+        bar.start(todo, skipped)
 
-    job, summary = ingest(settings, on_result=lambda record: bar[0].update(1), on_plan=on_plan)
-    if bar:
-        bar[0].close()
+    job, summary = ingest(settings, on_result=bar, on_plan=on_plan)
+    bar.close()
     print(f"overtile: done: {summary.done} blocks copied, {summary.skipped} skipped (already done), "
           f"{summary.pixels / 1e6:.1f} MP in {summary.seconds:.1f} s\n"
           f"overtile: OME-Zarr written to {job.settings.output} (arrays {', '.join(map(str, range(len(job.levels))))}, "
