@@ -94,7 +94,8 @@ def read_preview(
     ((1, 67, 100), 3)
     """
     shape = source.spatial_shape
-    step = preview_step(shape, max_size)
+    source, factor = source.overview(max_size)  # a pyramid level near the size shown, if any
+    step = preview_step(source.spatial_shape, max_size)
     if "z" in source.axes:
         z = shape[0] // 2 if z is None else int(z)
         if not 0 <= z < shape[0]:
@@ -113,7 +114,7 @@ def read_preview(
     data = data.transpose([kept.index(a) for a in ("c", "y", "x") if a in kept])
     if "c" not in kept:
         data = data[None]
-    return PreviewSlice(data, step, z, shape)
+    return PreviewSlice(data, max(1, round(step * factor)), z, shape)
 
 
 def _contrast(plane: np.ndarray) -> tuple[float, float]:

@@ -195,6 +195,7 @@ def open_source(url: str, axes: str | None = None) -> storage.ImageSource:
     slide = open_slide(url, axes)
     try:
         source = storage.checked_source(url, slide.levels[0], slide.axes, slide.pixel_size, slide.units)
+        source.levels = list(slide.levels[1:])
     except BaseException:
         slide.close()
         raise

@@ -86,6 +86,21 @@ class ImageSource:
     axes: str
     scale: dict[str, float] = field(default_factory=dict)
     units: dict[str, str] = field(default_factory=dict)
+    levels: list[Any] = field(default_factory=list, repr=False)  # lower-resolution arrays, finer first
+
+    def overview(self, min_edge: int) -> tuple["ImageSource", float]:
+        """The coarsest stored level of a 2-D image whose larger edge is still at least
+        ``min_edge`` (level 0 when there is none), and its downsampling factor: where
+        previews and tissue masks read, instead of striding through the full resolution."""
+        if len(self.spatial_shape) != 2:
+            return self, 1.0
+        best, factor = self, 1.0
+        full = max(self.spatial_shape)
+        for array in self.levels:
+            level = ImageSource(self.url, array, self.axes, self.scale, self.units)
+            if array.ndim == self.array.ndim and max(level.spatial_shape) >= min_edge:
+                best, factor = level, full / max(level.spatial_shape)
+        return best, factor
 
     @property
     def spatial_axes(self) -> str:
@@ -161,6 +176,7 @@ def open_image(url: str, axes: str | None = None) -> ImageSource:
     node = _open_node(url)
     scale: dict[str, float] = {}
     units: dict[str, str] = {}
+    levels: list[Any] = []
     if isinstance(node, zarr.Group):
         ms = ome_metadata(dict(node.attrs))
         if ms is None:
@@ -177,6 +193,7 @@ def open_image(url: str, axes: str | None = None) -> ImageSource:
         except KeyError:
             raise InputError(f"{url}: OME-Zarr metadata names dataset {path!r}, which is missing") from None
         axes = ome_axes
+        levels = [node[d["path"]] for d in ms["datasets"][1:] if d["path"] in node]
         values = _scale_from_ome(ms)
         if values and len(values) == len(ome_axes):
             scale = dict(zip(ome_axes, values))
@@ -192,7 +209,9 @@ def open_image(url: str, axes: str | None = None) -> ImageSource:
                     f"(one of {', '.join(AXES_CHOICES)})"
                 )
             axes = "yx"
-    return checked_source(url, array, axes, scale, units)
+    source = checked_source(url, array, axes, scale, units)
+    source.levels = levels
+    return source
 
 
 def checked_source(url: str, array: Any, axes: str, scale: dict[str, float] | None = None,

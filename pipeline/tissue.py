@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
-import zarr
 
 from pipeline import storage
 from pipeline.errors import InputError
@@ -102,32 +101,14 @@ def feature(image: np.ndarray, method: str) -> np.ndarray:
     return -intensity if method == "dark" else intensity
 
 
-def _levels(url: str) -> list[tuple[zarr.Array, str]]:
-    """The arrays of an OME-Zarr image's pyramid, finest first (one entry for a plain array)."""
-    node = zarr.open(store=url, mode="r")
-    if isinstance(node, zarr.Array):
-        return [(node, url)]
-    ms = storage.ome_metadata(dict(node.attrs))
-    out = []
-    for dataset in ms["datasets"]:
-        try:
-            out.append((node[dataset["path"]], f"{url.rstrip('/')}/{dataset['path']}"))
-        except KeyError:
-            continue
-    return out
-
-
 def _low_resolution(source: storage.ImageSource) -> tuple[np.ndarray, tuple[float, ...], str]:
-    """A channel-first image of at most about MAX_MASK_PIXELS pixels and its factors."""
+    """A channel-first image of at most about MAX_MASK_PIXELS pixels and its factors: the
+    finest pyramid level that small, else the coarsest level read with a stride."""
     spatial = source.spatial_shape
-    levels = _levels(source.url)
-    level_sources = []
-    for array, url in levels:
-        level = storage.ImageSource(url, array, source.axes)
-        if len(level.spatial_shape) == len(spatial):
-            level_sources.append(level)
-    small = [lv for lv in level_sources if math.prod(lv.spatial_shape) <= MAX_MASK_PIXELS]
-    chosen = small[0] if small else level_sources[-1]
+    levels = [source] + [storage.ImageSource(source.url, array, source.axes) for array in source.levels
+                         if array.ndim == source.array.ndim]
+    small = [lv for lv in levels if math.prod(lv.spatial_shape) <= MAX_MASK_PIXELS]
+    chosen = small[0] if small else levels[-1]
     step = max(1, math.ceil(math.sqrt(math.prod(chosen.spatial_shape) / MAX_MASK_PIXELS)))
     index = tuple(slice(None, None, step) if a in "yx" else slice(None) if a == "c" else 0 for a in chosen.axes)
     data = np.asarray(chosen.array[index])
@@ -136,8 +117,9 @@ def _low_resolution(source: storage.ImageSource) -> tuple[np.ndarray, tuple[floa
     if "c" not in kept:
         data = data[None]
     factor = tuple(n / m for n, m in zip(spatial, data.shape[1:]))
-    where = chosen.url if chosen is not level_sources[0] or step == 1 else f"{chosen.url} (every {step}th pixel)"
-    return data, factor, where
+    level = levels.index(chosen)
+    where = f"{source.url} level {level} ({'×'.join(map(str, chosen.spatial_shape))} px"
+    return data, factor, where + (f", every {step}th pixel)" if step > 1 else ")")
 
 
 def compute_mask(source: storage.ImageSource, method: TissueMethod, threshold: float | None = None) -> TissueMask:

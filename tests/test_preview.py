@@ -87,3 +87,20 @@ def test_preview_png_rejects_an_image_that_is_not_a_prediction(tmp_path):
     create_image(str(tmp_path / "plain.zarr"), (2, *SHAPE_2D), (2, 64, 64), "float32", "cyx")
     with pytest.raises(InputError, match="not an overtile prediction"):
         preview_png(image, str(tmp_path / "plain.zarr"), tmp_path / "p.png", axes=axes)
+
+
+def test_preview_reads_a_pyramid_level_not_the_full_resolution(tmp_path):
+    """A slide's preview must not decode the whole of level 0: it reads the coarsest level
+    that still has the pixels shown (here level 1 holds other values than level 0 to tell)."""
+    from pipeline import storage
+
+    url = str(tmp_path / "pyramid.zarr")
+    storage.create_image(url, (2048, 1536), (512, 512), "uint8", "yx")[...] = 0
+    group = zarr.open_group(url, mode="r+")
+    group.create_array("1", shape=(1024, 768), chunks=(512, 512), dtype="uint8", fill_value=0)[...] = 7
+    ome = dict(group.attrs["ome"])
+    ome["multiscales"] = [storage.multiscales("yx", [[1.0, 1.0], [2.0, 2.0]], "pyramid")]
+    group.attrs["ome"] = ome
+    view = read_preview(storage.open_image(url), max_size=512)
+    assert view.data.shape == (1, 512, 384) and (view.data == 7).all()
+    assert view.step == 4 and view.shape == (2048, 1536)
