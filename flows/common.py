@@ -56,6 +56,27 @@ def dask_client(scheduler: str | None, workers: int | None, gpu: bool = False) -
         yield client
 
 
+class Cluster:
+    """The Dask client a flow's tasks share, started on first use (a rerun with nothing left
+    to compute starts no cluster) and closed when the flow leaves the ``with`` block."""
+
+    def __init__(self, scheduler: str | None, workers: int | None, gpu: bool = False):
+        self.args = (scheduler, workers, gpu)
+        self._stack = contextlib.ExitStack()
+        self._client: Any = None
+
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = self._stack.enter_context(dask_client(*self.args))
+        return self._client
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+
+
 class BlockProgress:
     """A Prefect progress artifact advanced as blocks finish, and a log line every ~10%."""
 

@@ -2,7 +2,8 @@
 
 Stages, each a Prefect task: validate and plan (every input check, the output created or
 reopened, the ledger read), run the blocks on Dask (retried: the ledger makes a retry do only
-the missing blocks), report (preview image, summary table). The numerics are
+the missing blocks), build the pyramid, report (preview image, summary table). The blocks and
+the pyramid share one Dask cluster, started only when there is something to compute. The numerics are
 :mod:`pipeline.predict`'s; this module only orchestrates and reports.
 """
 
@@ -13,7 +14,7 @@ import time
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import BlockProgress, dask_client, log_plan, preview_path, report
+from flows.common import BlockProgress, Cluster, log_plan, preview_path, report
 from pipeline import execute
 from pipeline.errors import BlocksFailed
 from pipeline.geometry import Block
@@ -33,30 +34,34 @@ def plan(settings: PredictSettings) -> tuple[PredictJob, list[Block]]:
 
 
 @task(name="run blocks on Dask", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def run_blocks(job: PredictJob, blocks: list[Block]) -> execute.RunSummary:
-    """Every planned block the ledger does not mark finished, as one Dask task each, then
-    the pyramid. Safe to retry: the ledger is read again, so a retry does only what is missing."""
+def run_blocks(job: PredictJob, blocks: list[Block], cluster: Cluster) -> execute.RunSummary:
+    """Every planned block the ledger does not mark finished, as one Dask task each. Safe to
+    retry: the ledger is read again, so a retry does only what is still missing."""
     start = time.perf_counter()
-    s = job.settings
     done = job.ledger.done()
     todo = [b for b in blocks if not done[b.index]]
     skipped = int(done.sum())
     records: list = []
     failures: list[str] = []
-    pyramid = wants_pyramid(job, len(todo))
     progress = BlockProgress("segment", len(todo) + skipped, skipped)
-    if todo or pyramid:
-        with dask_client(s.scheduler, s.workers, job.device == "cuda") as client:
-            if todo:
-                records = run_job_blocks(client, job, todo, progress, failures)
-            if pyramid and not failures:
-                levels = write_pyramid(client, job)
-                get_run_logger().info("segment: wrote %d downsampled levels into the multiscales of %s", levels, s.output)
+    if todo:
+        records = run_job_blocks(cluster.client(), job, todo, progress, failures)
     summary = execute.RunSummary(len(todo) + skipped + job.background, skipped, records, time.perf_counter() - start,
                                  failures, job.background)
     if failures:
         raise BlocksFailed(summary)
     return summary
+
+
+@task(name="build the pyramid", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def pyramid(job: PredictJob, summary: execute.RunSummary, cluster: Cluster) -> int:
+    """Downsampled levels under the finished blocks, when blocks were computed now or no
+    pyramid exists yet; rewriting a level is safe, so is a retry."""
+    if not wants_pyramid(job, summary.done):
+        return 0
+    levels = write_pyramid(cluster.client(), job)
+    get_run_logger().info("segment: wrote %d downsampled levels into the multiscales of %s", levels, job.settings.output)
+    return levels
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -78,11 +83,13 @@ def segment(settings: PredictSettings) -> dict:
     written as an OME-Zarr image. A rerun with the same settings resumes from the output's
     ledger; set ``overwrite`` to start over."""
     job, blocks = plan(settings)
-    try:
-        summary = run_blocks(job, blocks)
-    except BlocksFailed as exc:
-        summarise(job, exc.summary)
-        raise
+    with Cluster(job.settings.scheduler, job.settings.workers, job.device == "cuda") as cluster:
+        try:
+            summary = run_blocks(job, blocks, cluster)
+        except BlocksFailed as exc:
+            summarise(job, exc.summary)
+            raise
+        pyramid(job, summary, cluster)
     return summarise(job, summary)
 
 
