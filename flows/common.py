@@ -25,6 +25,14 @@ from prefect.context import FlowRunContext
 from pipeline import execute
 
 
+def on_task_runner_cluster() -> bool:
+    """Whether this flow run's blocks go to its ``prefect_dask.DaskTaskRunner`` cluster."""
+    from prefect_dask import DaskTaskRunner
+
+    context = FlowRunContext.get()
+    return context is not None and isinstance(context.task_runner, DaskTaskRunner)
+
+
 @contextlib.contextmanager
 def dask_client(scheduler: str | None, workers: int | None, gpu: bool = False) -> Iterator[Any]:
     """The Dask client a flow's blocks run on.
@@ -37,13 +45,11 @@ def dask_client(scheduler: str | None, workers: int | None, gpu: bool = False) -
     import logging
 
     from distributed import Client
-    from prefect_dask import DaskTaskRunner
 
     logging.getLogger("distributed").setLevel(logging.WARNING)  # Prefect's console shows INFO: keep it to ours
     logger = get_run_logger()
-    context = FlowRunContext.get()
-    if not scheduler and context is not None and isinstance(context.task_runner, DaskTaskRunner):
-        address = context.task_runner.client.scheduler.address
+    if not scheduler and on_task_runner_cluster():
+        address = FlowRunContext.get().task_runner.client.scheduler.address
         with Client(address) as client:
             logger.info("Blocks run on the flow's DaskTaskRunner cluster at %s", address)
             yield client

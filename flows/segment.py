@@ -14,7 +14,7 @@ import time
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import BlockProgress, Cluster, log_plan, preview_path, report
+from flows.common import BlockProgress, Cluster, log_plan, on_task_runner_cluster, preview_path, report
 from pipeline import execute
 from pipeline.errors import BlocksFailed
 from pipeline.geometry import Block
@@ -24,7 +24,7 @@ from pipeline.preview import preview_png
 
 @task(name="validate and plan", cache_policy=NO_CACHE)
 def plan(settings: PredictSettings) -> tuple[PredictJob, list[Block]]:
-    job, blocks, skipped = plan_prediction(settings)
+    job, blocks, skipped = plan_prediction(settings, remote=on_task_runner_cluster())
     shape = "×".join(map(str, job.spatial_shape))
     log_plan("segment", len(blocks), skipped, f"{job.settings.output} ({shape} px, blocks of "
              f"{'×'.join(map(str, job.block_shape))}, tiles of {job.tile_size} px, device {job.device})")

@@ -134,7 +134,7 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, gpu: b
         import torch
 
         n = workers or max(1, torch.cuda.device_count())
-        slots, resources = 1, {"GPU": 1}
+        slots, resources = 2, {"GPU": 1}  # GPU=1: one block computes; the other slot reads the next
     else:
         n = workers or default_workers()
         slots, resources = max(1, default_workers() // n), None

@@ -112,11 +112,13 @@ class PredictJob:
         return f"predict-{self.fingerprint[:10]}"
 
 
-def plan_prediction(settings: PredictSettings) -> tuple[PredictJob, list[Block], int]:
+def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[PredictJob, list[Block], int]:
     """Check the inputs, create or reopen the output, read the ledger.
 
     Returns the job, the blocks still to do and the number already finished. Every check
-    that can fail on user input happens before the output is touched.
+    that can fail on user input happens before the output is touched. ``remote``: the blocks
+    run on a cluster elsewhere (also implied by ``scheduler`` or Dask's ``scheduler-address``),
+    so ``device="cuda"`` is not checked against this machine.
     """
     settings = settings.model_copy(update={k: storage.absolute(getattr(settings, k)) for k in ("input", "output", "model")})
     source = storage.open_image(settings.input, settings.axes)
@@ -128,7 +130,10 @@ def plan_prediction(settings: PredictSettings) -> tuple[PredictJob, list[Block],
         raise InputError(f"{settings.model}: a {cfg.dims}-D model; {settings.input} has {nd} spatial axes ({source.spatial_axes})")
     if cfg.in_channels != source.channels:
         raise InputError(f"{settings.model}: the model expects {cfg.in_channels} input channel(s); {settings.input} has {source.channels}")
-    device = resolve_device(settings.device, remote=bool(settings.scheduler))
+    import dask
+
+    remote = remote or bool(settings.scheduler or dask.config.get("scheduler-address", None))
+    device = resolve_device(settings.device, remote=remote)
     block = settings.block_size or (2048 if nd == 2 else 256)
     tile = settings.tile_size or (1212 if nd == 2 else model.min_input_size(4 * model.factor))
     try:
@@ -223,12 +228,27 @@ def cached_model(path: str, device: str, channels_last: bool) -> UNet:
     return model
 
 
+_GEOMETRY: dict[tuple[Any, ...], UNet] = {}
+
+
+def model_geometry(path: str) -> UNet:
+    """The model on the CPU, for its size arithmetic and normalisation only: what a read task
+    needs, which may run on a worker without a GPU (its weights are never used there)."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _GEOMETRY:
+        _GEOMETRY.clear()
+        _GEOMETRY[key] = model_from_payload(read_checkpoint(path), path)
+    return _GEOMETRY[key]
+
+
 def read_block(block: Block, job: PredictJob) -> np.ndarray:
     """The block's input with its context (mirrored at the image border), normalised: what
-    the tiles of :func:`predict_block` cut from. A Dask task of its own with ``prefetch``."""
+    the tiles of :func:`predict_block` cut from. A Dask task of its own with ``prefetch``,
+    which may run on any worker (it needs no GPU)."""
     s = job.settings
     source = execute.open_source(s.input, s.axes)
-    model = cached_model(s.model, job.device, s.channels_last)
+    model = model_geometry(s.model)
     plan = plan_tiles(model, block.write, job.tile_size, s.overlap)
     raw = read_mirrored(source.read, plan.read, job.spatial_shape, s.mirror)
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():

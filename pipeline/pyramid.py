@@ -111,6 +111,7 @@ def build_pyramid(client: Any, url: str, kind: str, present: np.ndarray | None =
     grid = block_grid(base.shape[-spatial:], block_shape)
     present = np.ones(grid, bool) if present is None else present.astype(bool)
     scales = [scale0]
+    _write_levels(group, axes, scales, ms)  # level 0 only, until every level below is written again
     for level, shape in enumerate(shapes, start=1):
         array = group.create_array(str(level), shape=shape, chunks=chunks, dtype=base.dtype, fill_value=base.fill_value,
                                    dimension_names=axes, compressors=[storage.OUTPUT_CODEC], overwrite=True)
@@ -125,10 +126,14 @@ def build_pyramid(client: Any, url: str, kind: str, present: np.ndarray | None =
         blocks = [block_at(index, shape[-spatial:], block_shape) for index in np.argwhere(present)]
         execute.run_blocks(client, level_block, blocks, job, name=f"pyramid-{level}-{abs(hash(url)) % 10**8}")
         scales.append([s * 2**level if a in "yx" else s for a, s in zip(axes, scale0)])
-    attrs = dict(group.attrs)
-    ome = dict(attrs.get("ome", {}))
-    ms = dict(ome["multiscales"][0])
+    _write_levels(group, axes, scales, ms)
+    return len(shapes)
+
+
+def _write_levels(group: zarr.Group, axes: list[str], scales: list[list[float]], ms: dict[str, Any]) -> None:
+    """List datasets 0 .. len(scales) - 1 in the group's multiscales (a run interrupted while
+    rewriting the levels thus leaves only level 0 listed, and the next run rebuilds them)."""
+    ome = dict(group.attrs.get("ome", {}))
     units = {a["name"]: a["unit"] for a in ms["axes"] if a.get("unit")}
     ome["multiscales"] = [storage.multiscales("".join(axes), scales, ms.get("name", "image"), units)]
     group.attrs["ome"] = ome
-    return len(shapes)

@@ -199,7 +199,7 @@ def open_source(url: str, axes: str | None = None) -> storage.ImageSource:
     except BaseException:
         slide.close()
         raise
-    weakref.finalize(source.array, slide.close)  # the file closes with the last reference to the array
+    weakref.finalize(source, slide.close)  # the file closes with the source (the slide holds the array)
     return source
 
 

@@ -150,7 +150,7 @@ def _check_axes(url: str, axes: str, ndim: int) -> str:
     return axes
 
 
-def open_image(url: str, axes: str | None = None) -> ImageSource:
+def open_image(url: str, axes: str | None = None, allow_bool: bool = False) -> ImageSource:
     """Open an input image for reading, checking everything that can be checked up front.
 
     Parameters
@@ -162,6 +162,8 @@ def open_image(url: str, axes: str | None = None) -> ImageSource:
         The stored axes of a plain array (``"yx"``, ``"cyx"``, ``"zyx"``, ``"czyx"``,
         ``"yxc"``); 2-D arrays default to ``"yx"``. Ignored when it agrees with OME-Zarr
         metadata; an error when it does not.
+    allow_bool : bool
+        Accept boolean arrays (masks); images must be integers or floats.
 
     Raises
     ------
@@ -209,18 +211,18 @@ def open_image(url: str, axes: str | None = None) -> ImageSource:
                     f"(one of {', '.join(AXES_CHOICES)})"
                 )
             axes = "yx"
-    source = checked_source(url, array, axes, scale, units)
+    source = checked_source(url, array, axes, scale, units, allow_bool)
     source.levels = levels
     return source
 
 
 def checked_source(url: str, array: Any, axes: str, scale: dict[str, float] | None = None,
-                   units: dict[str, str] | None = None) -> ImageSource:
+                   units: dict[str, str] | None = None, allow_bool: bool = False) -> ImageSource:
     """An :class:`ImageSource` for ``array`` with stored ``axes``, after the checks every
     input gets (axes fit, dtype, not empty, one time point, 2-D or 3-D)."""
     axes = _check_axes(url, axes, array.ndim)
     dtype = np.dtype(array.dtype)
-    if dtype.kind not in "uif":
+    if dtype.kind not in ("uifb" if allow_bool else "uif"):
         raise InputError(f"{url}: unsupported dtype {dtype}; expected integers or floats")
     if 0 in array.shape:
         raise InputError(f"{url}: the array is empty (shape {tuple(array.shape)})")
@@ -321,7 +323,12 @@ def label_parent(image_url: str, output_url: str) -> str | None:
         node = zarr.open(store=image, mode="r")
     except Exception:
         return None
-    return image if isinstance(node, zarr.Group) and ome_metadata(dict(node.attrs)) else None
+    if not (isinstance(node, zarr.Group) and ome_metadata(dict(node.attrs))):
+        return None
+    if node.metadata.zarr_format != 3:
+        raise InputError(f"{output_url}: labels go into OME-Zarr 0.5 (Zarr v3) images; {image} is Zarr v2 "
+                         f"(NGFF 0.4): convert it, or write the labels to an image of their own")
+    return image
 
 
 def register_label(image_url: str, label_url: str, classes: int) -> None:

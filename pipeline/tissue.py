@@ -139,7 +139,7 @@ def compute_mask(source: storage.ImageSource, method: TissueMethod, threshold: f
 
 def read_mask(url: str, image_shape: Sequence[int]) -> TissueMask:
     """A user-given mask (nonzero = tissue) of any resolution covering the same field of view."""
-    mask_source = storage.open_image(url)
+    mask_source = storage.open_image(url, allow_bool=True)
     if len(mask_source.spatial_shape) != len(image_shape):
         raise InputError(f"{url}: a {len(mask_source.spatial_shape)}-D mask for a {len(image_shape)}-D image")
     step = max(1, math.ceil(math.sqrt(math.prod(mask_source.spatial_shape) / MAX_MASK_PIXELS)))

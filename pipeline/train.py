@@ -797,6 +797,9 @@ def train(
         elapsed = float(job.resume_payload["training"].get("seconds", 0.0))
         best = dict(job.resume_payload["training"].get("best", {}))
     job.out.mkdir(parents=True, exist_ok=True)
+    if s.overwrite and not job.resume_payload:  # starting over: an old run's checkpoints must not outlive it
+        for name in ("last.pt", "best.pt"):
+            (job.out / name).unlink(missing_ok=True)
     log = TrainingLog(job.out / "log.csv", start)
     if on_start is not None:
         on_start(job)

@@ -161,7 +161,7 @@ def test_gpu_group_requests_a_gpu_and_offers_the_gpu_resource(manifest):
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert worker["args"][:2] == ["dask", "worker"]
     assert after(worker["args"], "--resources") == "GPU=1"
-    assert after(worker["args"], "--nthreads") == "1"
+    assert after(worker["args"], "--nthreads") == "2"  # one computes on the GPU, one reads ahead
     assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
 
 
@@ -301,7 +301,7 @@ def test_gpu_job_script_asks_for_a_gpu_and_offers_the_gpu_resource(no_sbatch, tm
     assert command[:3] == [sys.executable, "-m", "distributed.cli.dask_worker"]
     assert command[3].startswith("tcp://127.0.0.1:")
     assert after(command, "--resources") == "GPU=1"
-    assert after(command, "--nthreads") == "1"
+    assert after(command, "--nthreads") == "2"
     assert "--nworkers" not in command  # one worker process per GPU
     assert after(command, "--interface") == "ib0"
     assert after(command, "--lifetime") == "225m"
@@ -322,7 +322,7 @@ def test_the_gpu_job_scripts_command_starts_a_worker_that_takes_gpu_tasks(no_sba
         try:
             client.wait_for_workers(1, timeout=60)
             (info,) = client.scheduler_info()["workers"].values()
-            assert info["resources"] == {"GPU": 1} and info["nthreads"] == 1
+            assert info["resources"] == {"GPU": 1} and info["nthreads"] == 2
             assert client.submit(sum, [1, 2], resources={"GPU": 1}, pure=False).result(timeout=30) == 3
         finally:
             worker.terminate()

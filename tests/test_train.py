@@ -292,3 +292,18 @@ def test_cli_bad_input_is_one_line(data_2d, tmp_path, capsys):
     assert code == 2 and "missing.zarr: no such file or directory" in err and len(err.strip().splitlines()) == 1
     code = main(["train", "--images", data_2d[0], "--labels", data_2d[1], "--out", str(tmp_path / "o"), "--val-slices", "1"])
     assert code == 2 and "held-out slices need a z axis" in capsys.readouterr().err
+
+
+def test_starting_over_removes_the_old_runs_checkpoints(data_2d, tmp_path):
+    """With --overwrite an old last.pt must not survive until the new run's first checkpoint:
+    a retry (the train flow resumes from last.pt) would otherwise continue the old run."""
+    images, labels = data_2d
+    train(settings(images, labels, tmp_path / "run", steps=2, checkpoint_every=1))
+    assert (tmp_path / "run" / "last.pt").exists()
+
+    def crash(row):
+        raise RuntimeError("node lost")
+
+    with pytest.raises(RuntimeError, match="node lost"):
+        train(settings(images, labels, tmp_path / "run", steps=5, checkpoint_every=100, overwrite=True), on_step=crash)
+    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "best.pt").exists()

@@ -172,3 +172,89 @@ def test_ome_zarr_reader_sees_the_pyramid_and_the_labels_on_the_image(client, tm
 
     with pytest.raises(ValueError, match="only labels"):
         predict(PredictSettings(input=url, output=f"{url}/labels/probs", model=str(rgb_model)), client=client)
+
+
+def test_read_tasks_need_no_gpu(tmp_path, rgb_model):
+    """With prefetch, read tasks may land on CPU-only workers of a mixed cluster: they use the
+    model's geometry on the CPU, never CUDA (planned here on trust, as for a remote cluster)."""
+    import dask
+
+    from pipeline.predict import plan_prediction, read_block
+
+    url, _ = rgb_slide(tmp_path / "slide.zarr", shape=(300, 260))
+    settings = PredictSettings(input=url, output=str(tmp_path / "o.zarr"), model=str(rgb_model), device="cuda",
+                               block_size=128)
+    with dask.config.set({"scheduler-address": "tcp://10.0.0.5:8786"}):  # e.g. DASK_SCHEDULER_ADDRESS in a pod
+        job, blocks, _ = plan_prediction(settings)
+    assert job.device == "cuda"
+    image = read_block(blocks[0], job)
+    assert image.dtype == np.float32 and image.shape[0] == 3
+
+
+def test_an_interrupted_pyramid_rebuild_is_redone_by_the_next_run(client, tmp_path, rgb_model, monkeypatch):
+    from pipeline import pyramid
+
+    url, _ = rgb_slide(tmp_path / "slide.zarr")
+    settings = PredictSettings(input=url, output=str(tmp_path / "o.zarr"), model=str(rgb_model), block_size=128)
+    predict(settings, client=client)
+    group = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")
+    levels = len(group.attrs["ome"]["multiscales"][0]["datasets"])
+    assert levels == 3
+
+    def interrupted(*args, **kwargs):
+        raise RuntimeError("worker lost")
+
+    monkeypatch.setattr(pyramid.execute, "run_blocks", interrupted)
+    with pytest.raises(RuntimeError):
+        pyramid.build_pyramid(client, str(tmp_path / "o.zarr"), "mean")
+    group = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")
+    assert len(group.attrs["ome"]["multiscales"][0]["datasets"]) == 1  # the emptied level is not listed
+    monkeypatch.undo()
+    again = predict(settings, client=client)[1]
+    group = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")
+    assert again.done == 0 and len(group.attrs["ome"]["multiscales"][0]["datasets"]) == levels
+    assert not np.isnan(group["1"][...]).any()
+
+
+def test_labels_into_a_zarr_v2_image_are_refused_clearly(tmp_path, rgb_model):
+    image = zarr.open_group(str(tmp_path / "v2.zarr"), mode="w", zarr_format=2)
+    image.create_array("0", shape=(3, 64, 64), chunks=(3, 64, 64), dtype="uint8")
+    image.attrs["multiscales"] = [storage.multiscales("cyx", [[1.0, 1.0, 1.0]], "v2")]
+    settings = PredictSettings(input=str(tmp_path / "v2.zarr"), output=str(tmp_path / "v2.zarr" / "labels" / "unet"),
+                               model=str(rgb_model), output_kind="labels")
+    with pytest.raises(ValueError, match="Zarr v2"):
+        predict(settings)
+
+
+def test_a_boolean_mask_is_a_tissue_mask(client, tmp_path, rgb_model):
+    url, _ = rgb_slide(tmp_path / "slide.zarr")
+    low = np.zeros((64, 80), bool)
+    low[:8, :8] = True
+    mask = write_zarr(tmp_path / "mask.zarr", low)
+    summary = predict(PredictSettings(input=url, output=str(tmp_path / "o.zarr"), model=str(rgb_model), block_size=128,
+                                      tissue_mask=mask), client=client)[1]
+    assert summary.background > 0 and summary.done >= 1
+
+
+def test_tiff_slides_are_closed_with_their_source(tmp_path):
+    import gc
+
+    import psutil
+    import tifffile
+
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, np.zeros((256, 256, 3), np.uint8), tile=(64, 64), photometric="rgb")
+    process = psutil.Process()
+    before = process.num_fds()
+    for _ in range(20):
+        source = storage.open_image(str(path))
+        source.read(source_box(source))
+        del source
+        gc.collect()
+    assert process.num_fds() - before < 5
+
+
+def source_box(source):
+    from pipeline.geometry import Box
+
+    return Box.from_shape(source.spatial_shape)
