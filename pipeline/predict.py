@@ -109,7 +109,9 @@ class PredictJob:
 
     @property
     def name(self) -> str:
-        return f"predict-{self.fingerprint[:10]}"
+        """Prefix of the run's Dask keys: one per output, so two runs with the same settings
+        into different outputs on a shared scheduler never share a task."""
+        return f"predict-{hashlib.sha256((self.fingerprint + self.settings.output).encode()).hexdigest()[:12]}"
 
 
 def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[PredictJob, list[Block], int]:

@@ -227,7 +227,7 @@ def weight_maps(
         skipped = int(done.sum())
         if on_plan is not None:
             on_plan(job, len(blocks), skipped)
-        records = execute.run_blocks(client, weights_block, blocks, job, name=f"weights-{fingerprint[:10]}",
+        records = execute.run_blocks(client, weights_block, blocks, job, name="weights-" + hashlib.sha256((fingerprint + settings.output).encode()).hexdigest()[:12],
                                      on_result=on_result, failures=failures)
     return job, execute.RunSummary(len(blocks) + skipped, skipped, records, time.perf_counter() - start,
                                    list(failures or []))

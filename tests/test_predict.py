@@ -252,3 +252,21 @@ def test_ledger_lists_finished_blocks_without_reading_the_others(tmp_path, monke
     monkeypatch.setattr(zarr.Array, "__getitem__", no_reading)
     done = ledger.done()
     assert done.shape == (586, 586) and set(map(tuple, np.argwhere(done))) == set(marked)
+
+
+def test_two_outputs_of_the_same_run_never_share_dask_tasks(client, image_2d, model_2d, tmp_path):
+    """Dask keys name the output too: the same settings into two outputs, submitted together
+    to one scheduler, must both be written (shared keys would make Dask run one of them)."""
+    import threading
+
+    url, _ = image_2d
+    jobs = [PredictSettings(input=url, output=str(tmp_path / f"{n}.zarr"), model=str(model_2d), block_size=128,
+                            pyramid=False) for n in ("a", "b")]
+    assert plan_prediction(jobs[0])[0].name != plan_prediction(jobs[1])[0].name
+    threads = [threading.Thread(target=predict, args=(s,), kwargs={"client": client}) for s in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    a, b = (zarr.open_array(str(tmp_path / f"{n}.zarr" / "0"), mode="r")[...] for n in ("a", "b"))
+    assert not np.isnan(a).any() and np.array_equal(a, b)
