@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import BlockProgress, dask_client, log_plan, preview_path, report
 from pipeline import execute, storage
-from pipeline.errors import BlocksFailed, InputError
+from pipeline.errors import BlocksFailed
 from pipeline.preview import weights_png
 from pipeline.weightmaps import WeightJob, WeightSettings, open_labels, weight_maps
 
@@ -22,9 +22,7 @@ from pipeline.weightmaps import WeightJob, WeightSettings, open_labels, weight_m
 def validate(settings: WeightSettings) -> WeightSettings:
     settings = settings.model_copy(update={"labels": storage.absolute(settings.labels),
                                            "output": storage.absolute(settings.output)})
-    source = open_labels(settings)
-    if source.array.size == 0:
-        raise InputError(f"{settings.labels}: the array is empty")
+    source = open_labels(settings)  # an empty array is refused here already
     storage.check_output(settings.output, source.spatial_shape, "float32", settings.overwrite)
     get_run_logger().info("weight-maps: %s, %s labels of shape %s -> %s (w0 = %g, sigma = %g)", settings.labels,
                           "binary" if settings.binary else "instance", "×".join(map(str, source.spatial_shape)),

@@ -130,11 +130,9 @@ def compute_mask(source: storage.ImageSource, method: TissueMethod, threshold: f
         method = "saturation" if source.channels == 3 else "bright"
     image, factor, where = _low_resolution(source)
     values = feature(image, method)
-    cut = threshold if threshold is not None else otsu(values)
-    if method == "dark" and threshold is not None:
-        cut = -threshold
-    mask = values > cut
-    return TissueMask(mask, factor, method, None if not math.isfinite(cut) else abs(cut), where)
+    sign = -1.0 if method == "dark" else 1.0  # dark tissue: the feature is minus the intensity
+    cut = sign * threshold if threshold is not None else otsu(values)
+    return TissueMask(values > cut, factor, method, sign * cut if math.isfinite(cut) else None, where)
 
 
 def read_mask(url: str, image_shape: Sequence[int]) -> TissueMask:
