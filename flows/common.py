@@ -1,6 +1,7 @@
-"""What every overtile flow shares: its Dask client, a block-progress artifact, the report.
+"""What every overtile flow shares: its Dask client, the blockwise stages as Prefect tasks (one
+run-blocks task, one pyramid task, one failure path), a block-progress artifact, the report.
 
-Prefect sees coarse stages only (plan, run the blocks, report). Blocks are plain Dask futures
+Prefect sees coarse stages only (plan, run the blocks, pyramid, report). Blocks are plain Dask futures
 submitted from the flow process, so no Dask worker ever talks to Prefect: in ephemeral mode
 each such process would start a Prefect server of its own, and a thousand Prefect task runs
 cost more than a thousand blocks' scheduling.
@@ -11,18 +12,23 @@ from __future__ import annotations
 import base64
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
-from prefect import get_run_logger
+from prefect import get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
-from pipeline import execute
+from pipeline.errors import BlocksFailed
+from pipeline.jobs import blockwise
+from pipeline.jobs.blockwise import BlockwiseJob, Pending, RunSummary
+
+J = TypeVar("J", bound=BlockwiseJob)
 
 
 def on_task_runner_cluster() -> bool:
@@ -54,7 +60,7 @@ def dask_client(scheduler: str | None, workers: int | None, gpu: bool = False) -
             logger.info("Blocks run on the flow's DaskTaskRunner cluster at %s", address)
             yield client
         return
-    with execute.dask_client(scheduler, workers, gpu=gpu) as client:
+    with blockwise.dask_client(scheduler, workers, gpu=gpu) as client:
         info = client.scheduler_info()
         where = f"the Dask cluster at {scheduler}" if scheduler else "a local Dask cluster"
         logger.info("Blocks run on %s: %d workers, %d task slots; dashboard %s", where, len(info.get("workers", {})),
@@ -134,7 +140,7 @@ def png_markdown(title: str, png: Path, note: str = "", max_width: int = 1200) -
     return f"### {title}\n\n![{title}](data:image/jpeg;base64,{data})\n\n{note}"
 
 
-def report(kind: str, summary: execute.RunSummary, rows: dict[str, Any], preview: Path | None = None) -> dict[str, Any]:
+def report(kind: str, summary: RunSummary, rows: dict[str, Any], preview: Path | None = None) -> dict[str, Any]:
     """Table artifact of what the run did and, when given, a markdown artifact with its picture.
 
     Returns the table as a dict (the flow's return value).
@@ -173,3 +179,55 @@ def preview_path(output: str) -> Path | None:
         return None
     path = Path(output.removeprefix("file://").rstrip("/"))
     return path.with_name(path.name + ".preview.png")
+
+
+# --- the blockwise stages, the same for every job ---------------------------------------------
+
+
+@task(name="run blocks on Dask", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def run_blocks(kind: str, job: J, planned: Pending, cluster: Cluster) -> tuple[J, RunSummary]:
+    """The job's global passes, then every planned block the ledger does not mark finished,
+    one Dask task each. Safe to retry: the ledger is read again, so a retry does only what is
+    still missing. Failed blocks are tried to the end, then raised together
+    (:class:`~pipeline.errors.BlocksFailed`, which carries the summary)."""
+    pending = planned.remaining(job.ledger)
+    if not pending.blocks and not job.wants_prepare():  # a finished output needs no cluster
+        BlockProgress(kind, pending.skipped, pending.skipped)
+        return job, RunSummary(pending.total, pending.skipped, [], 0.0, [], pending.background)
+    progress: list[BlockProgress] = []
+
+    def on_start(job: BlockwiseJob, pending: Pending) -> None:
+        progress.append(BlockProgress(kind, len(pending.blocks) + pending.skipped, pending.skipped))
+
+    failures: list[str] = []
+    job, summary = blockwise.run_pending(job, planned, cluster.client(), lambda record: progress[0](record),
+                                         failures, on_start)
+    if failures:
+        raise BlocksFailed(summary)
+    return job, summary
+
+
+@task(name="build the pyramid", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def pyramid(kind: str, job: BlockwiseJob, summary: RunSummary, cluster: Cluster) -> int:
+    """Downsampled levels under the finished blocks, when the job has them to build (blocks
+    computed now, or no pyramid yet); rewriting a level is safe, so is a retry."""
+    if not job.wants_finish(summary.done):
+        return 0
+    levels = job.finish(cluster.client())
+    get_run_logger().info("%s: wrote %d downsampled levels into the multiscales of %s", kind, levels, job.output)
+    return levels
+
+
+def run_job(kind: str, job: J, planned: Pending, summarise: Callable[[J, RunSummary], dict]) -> dict:
+    """A planned blockwise job through its stages on one Dask cluster, started only when
+    there is something to compute: run the blocks, build the pyramid, report. When blocks
+    fail, the report still runs (it says which) before the flow fails."""
+    settings = getattr(job, "settings")
+    with Cluster(settings.scheduler, settings.workers, job.gpu) as cluster:
+        try:
+            job, summary = run_blocks(kind, job, planned, cluster)
+        except BlocksFailed as exc:
+            summarise(job, exc.summary)
+            raise
+        pyramid(kind, job, summary, cluster)
+    return summarise(job, summary)

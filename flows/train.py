@@ -16,26 +16,32 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import png_markdown
-from pipeline.train import TrainSettings, TrainSummary, plan_training, train
-from pipeline.unet import num_parameters
+from pipeline.jobs.train import TrainJob, TrainSettings, TrainSummary, plan_training, train
+from pipeline.numerics.unet import num_parameters
 
 
 @task(name="validate and plan", cache_policy=NO_CACHE)
-def plan(settings: TrainSettings) -> None:
+def plan(settings: TrainSettings) -> TrainJob:
+    """Every check, the model built (or read back to resume), one pass over the training
+    labels; the job the training stage then runs (nothing is planned twice)."""
     job = plan_training(settings)
     get_run_logger().info(
         "train: a %d-D %s U-Net (depth %d, %d base channels, %s parameters) on %s, %d steps of %s from step %d; "
         "checkpoints and curves in %s", job.model.dims, settings.padding, settings.depth, settings.base_channels,
         f"{num_parameters(job.model):,}", settings.images, settings.steps, settings.optimizer, job.start, job.out)
+    return job
 
 
 @task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def fit(settings: TrainSettings) -> TrainSummary:
-    """The training loop; on a retry it resumes from ``OUT/last.pt`` (the same trajectory)."""
+def fit(settings: TrainSettings, job: TrainJob) -> TrainSummary:
+    """The training loop of the planned job; a retry plans again and resumes from
+    ``OUT/last.pt`` (the same trajectory)."""
     logger = get_run_logger()
-    if runtime.task_run.run_count > 1 and (Path(settings.out) / "last.pt").exists():
-        logger.info("train: retry %d resumes from %s", runtime.task_run.run_count - 1, Path(settings.out) / "last.pt")
-        settings = settings.model_copy(update={"resume": True, "overwrite": False})
+    if runtime.task_run.run_count > 1:
+        job = None  # the planned model was trained in place: plan again
+        if (Path(settings.out) / "last.pt").exists():
+            logger.info("train: retry %d resumes from %s", runtime.task_run.run_count - 1, Path(settings.out) / "last.pt")
+            settings = settings.model_copy(update={"resume": True, "overwrite": False})
     progress = create_progress_artifact(0.0, key="train-progress", description="overtile train: share of steps done")
     last = {"log": time.perf_counter(), "artifact": 0.0}
 
@@ -51,7 +57,7 @@ def fit(settings: TrainSettings) -> TrainSummary:
             update_progress_artifact(progress, 100.0 * row["step"] / settings.steps)
             last["artifact"] = now
 
-    summary = train(settings, on_step=on_step)
+    summary = train(settings, on_step=on_step, job=job)
     update_progress_artifact(progress, 100.0 * summary.step / settings.steps)
     return summary
 
@@ -86,6 +92,6 @@ def train_flow(settings: TrainSettings) -> dict:
     """Train a U-Net on Zarr images and labels with the paper's weighted loss and elastic
     deformation; checkpoints, a CSV log and curves go to ``out``. Set ``resume`` to continue
     a run, ``overwrite`` to start over."""
-    plan(settings)
-    summary = fit(settings)
+    job = plan(settings)
+    summary = fit(settings, job)
     return summarise(settings, summary)

@@ -7,23 +7,30 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Sequence
+from types import UnionType
+from typing import Any, Literal, Sequence, Union, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from pipeline.errors import InputError
 
 
 class BlockBar:
-    """The progress bar of a blockwise run: says what a resumed run skips, then counts blocks."""
+    """The progress bar of a blockwise run: says what a resumed run skips, then counts blocks.
+
+    A context manager: the bar is closed when the run ends, however it ends, so an error
+    printed after it is the terminal's last line, alone.
+    """
 
     def __init__(self, desc: str, quiet: bool):
         self.desc, self.quiet = desc, quiet
         self.bar: Any = None
 
-    def start(self, todo: int, skipped: int) -> None:
+    def start(self, pending: Any) -> None:
         from tqdm import tqdm
 
+        todo, skipped = len(pending.blocks), pending.skipped
         if skipped:
             print(f"overtile: resuming: {skipped} blocks already done, {todo} to go")
         self.bar = tqdm(total=todo + skipped, initial=skipped, unit="block", desc=self.desc, disable=self.quiet)
@@ -34,92 +41,74 @@ class BlockBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "BlockBar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _settings(model: type[BaseModel], args: argparse.Namespace) -> Any:
+    """The settings model from the parsed arguments: only what the user gave is passed, so
+    every default is the model's own."""
+    return model(**{name: value for name, value in vars(args).items() if name in model.model_fields})
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from pipeline.predict import PredictSettings, predict
+    from pipeline.jobs.predict import PredictSettings, predict
 
-    settings = PredictSettings(
-        input=args.input, output=args.output, model=args.model, axes=args.axes,
-        block_size=args.block_size, tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
-        device=args.device, workers=args.workers, scheduler=args.scheduler,
-        output_kind=args.output_kind, dtype=args.dtype, mirror=args.mirror,
-        autocast=args.autocast, tissue=args.tissue, tissue_threshold=args.tissue_threshold,
-        tissue_mask=args.tissue_mask, pyramid=not args.no_pyramid, overwrite=args.overwrite,
-    )
+    settings = _settings(PredictSettings, args)
     bar = BlockBar("predict", args.quiet)
 
-    def on_plan(job: Any, todo: int, skipped: int) -> None:
+    def on_plan(job: Any, pending: Any) -> None:
         shape = "×".join(map(str, job.spatial_shape))
         block = "×".join(map(str, job.block_shape))
-        print(f"overtile: {shape} px in {todo + skipped + job.background} blocks of {block}, tiles of {job.tile_size} px, on {job.device}")
+        print(f"overtile: {shape} px in {pending.total} blocks of {block}, tiles of {job.tile_size} px, on {job.device}")
         if job.tissue:
-            print(f"overtile: tissue mask {job.tissue}; {job.background} blocks without tissue are not computed")
-        bar.start(todo, skipped)
+            print(f"overtile: tissue mask {job.tissue}; {pending.background} blocks without tissue are not computed")
+        bar.start(pending)
 
-    job, summary = predict(settings, on_result=bar, on_plan=on_plan)
-    bar.close()
+    with bar:
+        job, summary = predict(settings, on_result=bar, on_plan=on_plan)
     background = f", {summary.background} without tissue (not computed)" if summary.background else ""
     print(
         f"overtile: done: {summary.done} blocks computed, {summary.skipped} skipped (already done){background}, "
         f"{summary.pixels / 1e6:.1f} MP in {summary.seconds:.1f} s = {summary.megapixels_per_second:.2f} MP/s\n"
-        f"overtile: {settings.output_kind} written to {job.settings.output} (array '0', shape {job.output_shape}, {job.output_dtype})"
+        f"overtile: {settings.output_kind} written to {job.output} (array '0', shape {job.output_shape}, {job.output_dtype})"
     )
 
 
 def _weights(args: argparse.Namespace) -> None:
-    from pipeline.weightmaps import WeightSettings, weight_maps
+    from pipeline.jobs.weights import WeightSettings, weight_maps
 
-    settings = WeightSettings(
-        labels=args.labels, output=args.output, axes=args.axes, w0=args.w0, sigma=args.sigma,
-        binary=args.binary, block_size=args.block_size, workers=args.workers,
-        scheduler=args.scheduler, overwrite=args.overwrite,
-    )
+    settings = _settings(WeightSettings, args)
     bar = BlockBar("weights", args.quiet)
 
-    def on_plan(job: Any, todo: int, skipped: int) -> None:
-        bg, fg = job.class_weights
-        print(f"overtile: {'×'.join(map(str, job.spatial_shape))} px in {todo + skipped} blocks, halo {job.halo} px; "
-              f"class weights background {bg:.3f}, foreground {fg:.3f}")
-        bar.start(todo, skipped)
+    def on_plan(job: Any, pending: Any) -> None:
+        print(f"overtile: {'×'.join(map(str, job.spatial_shape))} px in {pending.total} blocks, halo {job.halo} px")
+        bar.start(pending)
 
-    job, summary = weight_maps(settings, on_result=bar, on_plan=on_plan)
-    bar.close()
+    with bar:
+        job, summary = weight_maps(settings, on_result=bar, on_plan=on_plan)
+    bg, fg = job.class_weights or (float("nan"), float("nan"))
     print(f"overtile: done: {summary.done} blocks computed, {summary.skipped} skipped (already done), "
-          f"{summary.pixels / 1e6:.1f} MP in {summary.seconds:.1f} s\n"
-          f"overtile: weight map written to {job.settings.output} (array '0', float32)")
+          f"{summary.pixels / 1e6:.1f} MP in {summary.seconds:.1f} s; class weights background {bg:.3f}, cells {fg:.3f}\n"
+          f"overtile: weight map written to {job.output} (array '0', float32)")
     if args.preview:
         from pipeline.preview import weights_png
 
-        print(f"overtile: preview written to {weights_png(job.labels_url, job.output_array.rsplit('/', 1)[0], args.preview, job.labels_axes)}")
+        print(f"overtile: preview written to {weights_png(job.labels_url, job.output, args.preview, job.labels_axes)}")
 
 
 def _train(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from pipeline.train import TrainSettings, train
-    from pipeline.unet import num_parameters
+    from pipeline.jobs.train import TrainSettings, train
+    from pipeline.numerics.unet import num_parameters
 
-    val_slices: list[int] = []
-    for text in args.val_slices or []:  # "20 21 22", "20-24" or "20,21"
-        for part in text.replace(",", " ").split():
-            first, _, last = part.partition("-")
-            try:
-                val_slices.extend(range(int(first), int(last or first) + 1))
-            except ValueError:
-                raise InputError(f"--val-slices: {part!r}; expected slice numbers like 20 21 or a range 20-24") from None
-    settings = TrainSettings(
-        images=args.images, labels=args.labels, weights=args.weights, out=args.out, axes=args.axes,
-        labels_axes=args.labels_axes, val_slices=tuple(val_slices), steps=args.steps, batch_size=args.batch_size,
-        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, lr_schedule=args.lr_schedule,
-        dims=args.dims, depth=args.depth, base_channels=args.base_channels, padding=args.padding,
-        batch_norm=args.batch_norm, dropout=args.dropout, tile_size=args.tile_size, normalize=args.normalize,
-        w0=args.w0, sigma=args.sigma, class_balance=not args.no_class_balance, foreground_bias=args.foreground_bias,
-        elastic=not args.no_elastic, flips=not args.no_flips, rotations=not args.no_rotations, gray=not args.no_gray,
-        val_every=args.val_every, checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
-        amp=args.amp, num_workers=args.workers, threads=args.threads, time_limit=args.time_limit,
-        resume=args.resume, overwrite=args.overwrite,
-    )
+    settings = _settings(TrainSettings, args)
     bar: list[Any] = []
     running: list[float] = []
 
@@ -173,34 +162,31 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _ingest(args: argparse.Namespace) -> None:
-    from pipeline.slides import IngestSettings, ingest
+    from pipeline.jobs.ingest import IngestSettings, ingest
 
-    settings = IngestSettings(
-        slide=args.slide, output=args.output, block_size=args.block_size, levels=args.levels, axes=args.axes,
-        workers=args.workers, scheduler=args.scheduler, overwrite=args.overwrite,
-    )
+    settings = _settings(IngestSettings, args)
     bar = BlockBar("ingest", args.quiet)
 
-    def on_plan(job: Any, todo: int, skipped: int) -> None:
+    def on_plan(job: Any, pending: Any) -> None:
         shapes = ", ".join("×".join(map(str, lv.shape[1:])) for lv in job.levels)
         size = ", ".join(f"{a} {s:g} {job.units[a]}" for a, s in zip(job.axes[1:], job.levels[0].scale[1:]) if a in job.units)
-        print(f"overtile: {job.kind} slide, {job.levels[0].shape[0]} channel(s) {job.dtype}, {len(job.levels)} level(s) "
-              f"({shapes} px), pixel size {size or 'unknown'}; {todo + skipped} blocks of "
+        print(f"overtile: {job.format} slide, {job.levels[0].shape[0]} channel(s) {job.dtype}, {len(job.levels)} level(s) "
+              f"({shapes} px), pixel size {size or 'unknown'}; {pending.total} blocks of "
               f"{'×'.join(map(str, job.levels[0].chunks[1:]))}")
-        bar.start(todo, skipped)
+        bar.start(pending)
 
-    job, summary = ingest(settings, on_result=bar, on_plan=on_plan)
-    bar.close()
+    with bar:
+        job, summary = ingest(settings, on_result=bar, on_plan=on_plan)
     print(f"overtile: done: {summary.done} blocks copied, {summary.skipped} skipped (already done), "
           f"{summary.pixels / 1e6:.1f} MP in {summary.seconds:.1f} s\n"
-          f"overtile: OME-Zarr written to {job.settings.output} (arrays {', '.join(map(str, range(len(job.levels))))}, "
+          f"overtile: OME-Zarr written to {job.output} (arrays {', '.join(map(str, range(len(job.levels))))}, "
           f"axes {job.axes}, {job.dtype})")
 
 
 def _model_init(args: argparse.Namespace) -> None:
     import torch
 
-    from pipeline.unet import UNet, num_parameters, save_model
+    from pipeline.numerics.unet import UNet, num_parameters, save_model
 
     torch.manual_seed(args.seed)
     model = UNet(
@@ -213,7 +199,7 @@ def _model_init(args: argparse.Namespace) -> None:
 
 
 def _model_info(args: argparse.Namespace) -> None:
-    from pipeline.unet import load_model, num_parameters
+    from pipeline.numerics.unet import load_model, num_parameters
 
     model = load_model(args.checkpoint)
     c = model.config
@@ -226,7 +212,83 @@ def _model_info(args: argparse.Namespace) -> None:
     print(f"  normalisation: {model.normalization}")
 
 
+# --- options from the settings models --------------------------------------------------------
+
+# Flags whose name is not the field's: predict's output is positional, so its kind is --output.
+FLAG_NAMES = {"output_kind": "--output"}
+
+
+class _IntRanges(argparse.Action):
+    """Slice numbers as ``20 21``, ``20,21`` or ``20-24``, flattened into one tuple."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option: str | None = None) -> None:
+        numbers: list[int] = []
+        for text in values:
+            for part in str(text).replace(",", " ").split():
+                first, _, last = part.partition("-")
+                try:
+                    numbers.extend(range(int(first), int(last or first) + 1))
+                except ValueError:
+                    raise InputError(f"{option}: {part!r}; expected numbers like 20 21 or a range 20-24") from None
+        setattr(namespace, self.dest, tuple(numbers))
+
+
+def _plain(annotation: Any) -> tuple[Any, bool]:
+    """The annotation without ``None``, and whether ``None`` was allowed."""
+    if get_origin(annotation) in (Union, UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return (args[0] if len(args) == 1 else Union[tuple(args)]), len(args) < len(get_args(annotation))
+    return annotation, False
+
+
+def _default_text(info: FieldInfo) -> str:
+    if info.is_required() or info.default is None:
+        return ""
+    value = info.default
+    if isinstance(value, bool):
+        return ""  # --x / --no-x shows it
+    if isinstance(value, tuple):
+        return "" if not value else f" (default {' '.join(map(str, value))})"
+    return f" (default {value})"
+
+
+def add_settings(parser: argparse.ArgumentParser, model: type[BaseModel], positional: Sequence[str] = ()) -> None:
+    """One argument per field of a settings model: ``input`` / ``output``-like fields named in
+    ``positional`` as positionals, the others as ``--kebab-case`` options. Types, choices,
+    help and defaults come from the model (its field descriptions and defaults), and only what
+    the user gives is passed on, so the command line cannot drift from the Python API and the
+    Prefect form. Booleans get ``--x`` / ``--no-x``."""
+    for name, info in model.model_fields.items():
+        help_text = (info.description or name.replace("_", " ")) + _default_text(info)
+        help_text = help_text.replace("%", "%%")
+        if name in positional:
+            parser.add_argument(name, help=help_text)
+            continue
+        kind, optional = _plain(info.annotation)
+        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        options: dict[str, Any] = {"dest": name, "help": help_text, "default": argparse.SUPPRESS}
+        if info.is_required():
+            options["required"] = True
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif get_origin(kind) is Literal:
+            choices = list(get_args(kind))
+            options.update(choices=choices, type=type(choices[0]))
+        elif get_origin(kind) is tuple and get_args(kind)[:1] == (int,):
+            options.update(nargs="+", action=_IntRanges, metavar="N")
+        elif kind in (int, float, str):
+            options["type"] = kind
+        # anything else (e.g. "all" or a count) goes to the model as text, which validates it
+        parser.add_argument(flag, **options)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline.jobs.ingest import IngestSettings
+    from pipeline.jobs.predict import PredictSettings
+    from pipeline.jobs.train import TrainSettings
+    from pipeline.jobs.weights import WeightSettings
+
     parser = argparse.ArgumentParser(
         prog="overtile",
         description="Overlap-tile U-Net inference over huge Zarr images on Dask.",
@@ -234,37 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("predict", help="run a U-Net over a Zarr image, blockwise on Dask",
-                       description="Run a U-Net over a Zarr / OME-Zarr image with the overlap-tile strategy, "
-                                   "one Dask task per output block, and write an OME-Zarr image. "
-                                   "A rerun resumes where the last one stopped.")
-    p.add_argument("input", help="input Zarr array or OME-Zarr image (path or URL)")
-    p.add_argument("output", help="output OME-Zarr image (path or URL)")
-    p.add_argument("--model", required=True, help="checkpoint file (see 'overtile model init')")
-    p.add_argument("--axes", help="axes of a plain Zarr array: yx, cyx, zyx, czyx or yxc (default yx for 2-D)")
-    p.add_argument("--block-size", type=int, help="block edge in px: unit of work and output chunk (default 2048 in 2-D, 256 in 3-D)")
-    p.add_argument("--tile-size", type=int, help="largest tile input edge in px (default 1212 in 2-D); snapped to a valid size")
-    p.add_argument("--overlap", type=float, default=0.5,
-                   help="same-padding models only: fraction of a tile shared with its neighbour, blended (default 0.5)")
-    p.add_argument("--batch-size", type=int, default=1, help="tiles per forward pass (default 1)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--workers", type=int, help="worker processes of the local Dask cluster (default: one per core or GPU)")
-    p.add_argument("--scheduler", help="address of an existing Dask scheduler (default: start a local cluster)")
-    p.add_argument("--output", dest="output_kind", choices=["probabilities", "labels"], default="probabilities",
-                   help="softmax probabilities (classes, [Z,] Y, X) or argmax labels as uint8 (default probabilities)")
-    p.add_argument("--dtype", choices=["float32", "float16", "uint8"], default="float32",
-                   help="dtype of probabilities; uint8 stores round(255·p) (default float32)")
-    p.add_argument("--mirror", choices=["reflect", "symmetric"], default="reflect",
-                   help="mirroring at the image border, in numpy's words (default reflect)")
-    p.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
-                   help="mixed precision; faster on GPUs, slightly different numbers (default none)")
-    p.add_argument("--tissue", choices=["all", "auto", "saturation", "bright", "dark"], default="all",
-                   help="compute only blocks with tissue in a low-resolution mask: saturation (Otsu on HSV saturation, "
-                        "brightfield H&E), bright / dark (Otsu on intensity), auto (saturation for RGB, else bright); "
-                        "default all")
-    p.add_argument("--tissue-threshold", type=float, help="fixed threshold on that feature instead of Otsu's")
-    p.add_argument("--tissue-mask", help="a mask image (any resolution, nonzero = tissue) choosing the blocks to compute")
-    p.add_argument("--no-pyramid", action="store_true", help="write only the full resolution (no downsampled levels)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming it")
+                       description="Run a U-Net over a Zarr / OME-Zarr image (or a slide read in place) with the "
+                                   "overlap-tile strategy, one Dask task per output block, and write an OME-Zarr "
+                                   "image. A rerun resumes where the last one stopped.")
+    add_settings(p, PredictSettings, positional=("input", "output"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_predict)
 
@@ -272,16 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Weight map w = w_c + w0·exp(−(d1+d2)²/2σ²) of an instance label image "
                                    "(0 = background), blockwise with a halo; class weights from a global pass. "
                                    "A rerun resumes.")
-    w.add_argument("labels", help="instance labels (integers, 0 = background) or, with --binary, a 0/1 mask")
-    w.add_argument("output", help="output OME-Zarr image of float32 weights")
-    w.add_argument("--axes", help="axes of a plain Zarr array: yx or zyx (default yx for 2-D)")
-    w.add_argument("--w0", type=float, default=10.0, help="height of the border term (default 10, as in the paper)")
-    w.add_argument("--sigma", type=float, default=5.0, help="width of the border term in px or physical units (default 5)")
-    w.add_argument("--binary", action="store_true", help="labels are a 0/1 mask: make cells by connected components")
-    w.add_argument("--block-size", type=int, help="block edge in px (default 2048 in 2-D, 256 in 3-D)")
-    w.add_argument("--workers", type=int, help="worker processes of the local Dask cluster")
-    w.add_argument("--scheduler", help="address of an existing Dask scheduler")
-    w.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming it")
+    add_settings(w, WeightSettings, positional=("labels", "output"))
     w.add_argument("--preview", help="also write a PNG of the labels beside the weight map")
     w.add_argument("--quiet", action="store_true", help="no progress bar")
     w.set_defaults(func=_weights)
@@ -291,46 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "weighted cross-entropy with the weight map, SGD with momentum 0.99 (or Adam). "
                                    "Writes OUT/last.pt (resumable), OUT/best.pt (by validation Rand error), "
                                    "OUT/log.csv and OUT/curves.png; best.pt is a model for 'overtile predict'.")
-    t.add_argument("--images", required=True, help="training image: Zarr array or OME-Zarr image")
-    t.add_argument("--labels", required=True, help="labels: a mask (255 or 1 = cell, 0 = membrane/background) or instance labels")
-    t.add_argument("--weights", help="precomputed weight maps (see 'overtile weights'); default: computed per patch")
-    t.add_argument("--out", required=True, help="directory for checkpoints, log and curves")
-    t.add_argument("--axes", help="axes of a plain image array: yx, cyx, zyx, czyx or yxc (default yx for 2-D)")
-    t.add_argument("--labels-axes", help="axes of a plain labels array (default: the image's without c)")
-    t.add_argument("--val-slices", nargs="+", metavar="Z", help="z-slices of a stack held out for validation, e.g. 20-24")
-    t.add_argument("--steps", type=int, default=1000, help="optimiser steps (default 1000)")
-    t.add_argument("--batch-size", type=int, default=1, help="patches per step (default 1, as in the paper)")
-    t.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="SGD with momentum (the paper's) or Adam")
-    t.add_argument("--lr", type=float, help="learning rate (default 0.01 for SGD, 0.001 for Adam)")
-    t.add_argument("--momentum", type=float, default=0.99, help="SGD momentum (default 0.99, as in the paper)")
-    t.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
-    t.add_argument("--dims", type=int, choices=[2, 3], help="2-D or 3-D U-Net (default: the image's spatial axes)")
-    t.add_argument("--depth", type=int, default=5, help="resolution levels (5 in the paper: 4 poolings)")
-    t.add_argument("--base-channels", type=int, default=64, help="channels at the first level (64 in the paper)")
-    t.add_argument("--padding", choices=["valid", "same"], default="valid")
-    t.add_argument("--batch-norm", action="store_true")
-    t.add_argument("--dropout", type=float, default=0.0, help="dropout at the end of the contracting path")
-    t.add_argument("--tile-size", type=int, default=572, help="patch edge = model input, snapped to a valid size (default 572)")
-    t.add_argument("--normalize", choices=["scale", "standardize"], default="scale",
-                   help="scale: integers divided by their dtype's max; standardize: then the training data's mean/std")
-    t.add_argument("--w0", type=float, default=10.0, help="weight map border term height (default 10)")
-    t.add_argument("--sigma", type=float, default=5.0, help="weight map border term width in px (default 5)")
-    t.add_argument("--no-class-balance", action="store_true", help="do not balance background and cell frequencies")
-    t.add_argument("--foreground-bias", type=float, default=0.0, help="probability of centring a patch on cells (default 0)")
-    t.add_argument("--no-elastic", action="store_true", help="no elastic deformation")
-    t.add_argument("--no-flips", action="store_true", help="no random flips")
-    t.add_argument("--no-rotations", action="store_true", help="no random 90° rotations")
-    t.add_argument("--no-gray", action="store_true", help="no gray-value variation")
-    t.add_argument("--val-every", type=int, default=100, help="validate every N steps (default 100)")
-    t.add_argument("--checkpoint-every", type=int, default=100, help="write last.pt every N steps (default 100)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    t.add_argument("--amp", choices=["none", "bf16", "fp16"], default="fp16", help="mixed precision on CUDA (default fp16)")
-    t.add_argument("--workers", type=int, default=0, help="data-loader worker processes (default 0)")
-    t.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    t.add_argument("--time-limit", type=float, help="stop after this many seconds (validate and checkpoint first)")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    t.add_argument("--overwrite", action="store_true", help="start over even if OUT holds a run")
+    add_settings(t, TrainSettings)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
@@ -338,14 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Convert a whole-slide image or picture to an OME-Zarr 0.5 image with every "
                                    "pyramid level the file has, block by block (memory bounded by the block size). "
                                    "'overtile predict' also reads TIFF-based slides directly. A rerun resumes.")
-    g.add_argument("slide", help="SVS, NDPI, OME-TIFF, SCN, BIF or other (pyramidal) TIFF; PNG or JPEG (read whole)")
-    g.add_argument("output", help="output OME-Zarr image (path or URL)")
-    g.add_argument("--block-size", type=int, help="block edge in px: unit of work and output chunk (default 2048 in 2-D, 256 in 3-D)")
-    g.add_argument("--levels", default="all", help="pyramid levels to write: all (default) or the first N")
-    g.add_argument("--axes", help="axes of a TIFF stack whose axes the file does not name, e.g. zyx")
-    g.add_argument("--workers", type=int, help="copy blocks on a local Dask cluster of N processes (default: in this process)")
-    g.add_argument("--scheduler", help="address of an existing Dask scheduler to copy blocks on")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming it")
+    add_settings(g, IngestSettings, positional=("slide", "output"))
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_ingest)
 
@@ -370,9 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
     except InputError as exc:
         print(f"overtile: error: {exc}", file=sys.stderr)

@@ -38,7 +38,7 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline import storage
-from pipeline.geometry import Box, iter_blocks
+from pipeline.numerics.geometry import Box, iter_blocks
 
 SEED = 0
 CELL_SPACING = 64  # px between neighbouring cell centres: cells of ~60 px, many touching
@@ -251,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     from flows.segment import segment
     from flows.train import train_flow
     from flows.weight_maps import weight_maps_flow
-    from pipeline.predict import PredictSettings
-    from pipeline.train import TrainSettings
-    from pipeline.weightmaps import WeightSettings
+    from pipeline.jobs.predict import PredictSettings
+    from pipeline.jobs.train import TrainSettings
+    from pipeline.jobs.weights import WeightSettings
 
     print(f"demo: Prefect {'ephemeral mode, database in ' + os.environ['PREFECT_HOME'] if ephemeral else 'server ' + os.environ['PREFECT_API_URL']}",
           flush=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import zarr
 
-from pipeline.unet import UNet, save_model
+from pipeline.numerics.unet import UNet, save_model
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import clusters
+from flows import clusters
 from pipeline.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]

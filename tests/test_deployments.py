@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.predict import PredictSettings, predict
+from pipeline.jobs.predict import PredictSettings, predict
 
 from conftest import cells, make_model, write_zarr
 from servers import BIN, ROOT

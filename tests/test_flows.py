@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.predict import PredictSettings, predict
-from pipeline.train import TrainSettings
-from pipeline.weightmaps import WeightSettings
-from pipeline.weights import weight_map
+from pipeline.jobs.predict import PredictSettings, predict
+from pipeline.jobs.train import TrainSettings
+from pipeline.jobs.weights import WeightSettings
+from pipeline.numerics.weightmap import weight_map
 
 from conftest import cells, write_zarr
 

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.geometry import Box, block_grid, iter_blocks, mirror_indices
+from pipeline.numerics.geometry import Box, block_grid, iter_blocks, mirror_indices
 
 
 def test_box_grow_shift_intersect_union():

@@ -18,8 +18,9 @@ import zarr
 
 from pipeline.cli import main
 from pipeline.errors import InputError
-from pipeline.geometry import Box
-from pipeline.slides import IngestSettings, ingest, open_slide
+from pipeline.numerics.geometry import Box
+from pipeline.jobs.ingest import IngestSettings, ingest
+from pipeline.storage.slides import open_slide
 from pipeline.storage import open_image
 
 from conftest import SHARED_DATA, cells, make_model
@@ -134,7 +135,7 @@ def test_png_is_ingested(tmp_path):
     iio.imwrite(tmp_path / "pic.png", data)
     job, _ = ingest(IngestSettings(slide=str(tmp_path / "pic.png"), output=str(tmp_path / "out.zarr"), block_size=32))
     arrays, scales, _ = ome_levels(tmp_path / "out.zarr")
-    assert job.kind == "png" and len(arrays) == 1 and np.array_equal(arrays[0], channel_first(data))
+    assert job.format == "png" and len(arrays) == 1 and np.array_equal(arrays[0], channel_first(data))
 
 
 def test_stack_of_unnamed_pages_needs_axes(tmp_path):
@@ -233,7 +234,7 @@ def test_ingest_on_dask_equals_ingest_in_process(tmp_path, client):
 
 
 def test_predict_on_a_slide_equals_predict_on_its_ingested_copy(tmp_path, client):
-    from pipeline.predict import PredictSettings, predict
+    from pipeline.jobs.predict import PredictSettings, predict
 
     slide = tmp_path / "slide.tif"
     write_pyramid(slide, rgb_image((150, 170)), resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
@@ -252,7 +253,7 @@ def test_predict_on_a_slide_equals_predict_on_its_ingested_copy(tmp_path, client
 
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys, tracemalloc
-    from pipeline.slides import IngestSettings, ingest
+    from pipeline.jobs.ingest import IngestSettings, ingest
 
     warm_up, slide, output, block = sys.argv[1:]
     tracemalloc.start()

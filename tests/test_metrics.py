@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.metrics import cells_from_probability, iou, pixel_error, rand_error, score_segmentation
+from pipeline.numerics.metrics import cells_from_probability, iou, pixel_error, rand_error, score_segmentation
 
 
 def two_cells():

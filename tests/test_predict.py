@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.execute import Ledger, run_blocks
-from pipeline.geometry import iter_blocks
-from pipeline.predict import PredictSettings, plan_prediction, predict
-from pipeline.tiling import overlap_tile, predict_whole, softmax
-from pipeline.unet import load_model
+from pipeline.jobs.blockwise import run_blocks
+from pipeline.jobs.predict import PredictSettings, plan_prediction, predict
+from pipeline.numerics.geometry import iter_blocks
+from pipeline.storage import Ledger
+from pipeline.numerics.tiling import overlap_tile, predict_whole, softmax
+from pipeline.numerics.unet import load_model
 
 from conftest import cells, make_model, write_zarr
 
@@ -155,7 +156,7 @@ def test_block_tasks_request_the_gpu_resource(tmp_path):
     """Tasks that ask for ``GPU`` go only to workers that offer it (as CUDA blocks do)."""
     from distributed import Client, LocalCluster
 
-    from pipeline.geometry import Block, Box
+    from pipeline.numerics.geometry import Block, Box
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster:
         cluster.scale(0)
@@ -166,24 +167,29 @@ def test_block_tasks_request_the_gpu_resource(tmp_path):
             cpu = c.sync(Worker, cluster.scheduler_address, nthreads=1)
             try:
                 blocks = [Block((i,), Box((i,), (1,))) for i in range(6)]
-                records = run_blocks(c, _where, blocks, resources={"GPU": 1})
+                records = run_blocks(c, _OnTheGpu(), blocks)
                 assert {r["worker"] for r in records} == {gpu.address}
             finally:
                 c.sync(cpu.close)
                 c.sync(gpu.close)
 
 
-def _where(block):
-    from distributed import get_worker
+class _OnTheGpu:
+    """A blockwise job whose blocks need the GPU and say which worker ran them."""
 
-    return {"worker": get_worker().address, "pixels": 1}
+    name, gpu, prefetch = "where", True, False
+
+    def run_block(self, block):
+        from distributed import get_worker
+
+        return {"worker": get_worker().address, "pixels": 1}
 
 
 def test_plan_reports_what_is_left(image_2d, model_2d, tmp_path):
     url, _ = image_2d
     settings = PredictSettings(input=url, output=str(tmp_path / "p.zarr"), model=str(model_2d), block_size=100)
-    job, blocks, skipped = plan_prediction(settings)
-    assert len(blocks) == 12 and skipped == 0
+    job, pending = plan_prediction(settings)
+    assert len(pending.blocks) == 12 and pending.skipped == 0
     assert job.tile_size == 1212 and job.block_shape == (100, 100)
 
 
@@ -238,7 +244,7 @@ def test_cuda_is_planned_on_trust_for_a_remote_cluster(image_2d, model_2d, tmp_p
 def test_ledger_lists_finished_blocks_without_reading_the_others(tmp_path, monkeypatch):
     """A terabyte slide's ledger has hundreds of thousands of blocks: done() must list the
     few stored chunks, not read every one."""
-    from pipeline.geometry import block_at
+    from pipeline.numerics.geometry import block_at
 
     zarr.open_group(str(tmp_path / "o.zarr"), mode="w")
     ledger = Ledger.prepare(str(tmp_path / "o.zarr"), (586, 586), "fingerprint", overwrite=False)

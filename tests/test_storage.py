@@ -3,7 +3,7 @@ import pytest
 import zarr
 
 from pipeline.errors import InputError
-from pipeline.geometry import Box
+from pipeline.numerics.geometry import Box
 from pipeline.storage import check_output, create_image, open_image
 
 from conftest import write_zarr

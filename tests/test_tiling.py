@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.geometry import Box
-from pipeline.tiling import gaussian_window, overlap_tile, plan_tiles, predict_whole
-from pipeline.unet import UNet
+from pipeline.numerics.geometry import Box
+from pipeline.numerics.tiling import gaussian_window, overlap_tile, plan_tiles, predict_whole
+from pipeline.numerics.unet import UNet
 
 from conftest import cells
 

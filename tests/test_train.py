@@ -15,18 +15,10 @@ from torch.utils.data import DataLoader
 
 from pipeline.cli import main
 from pipeline.errors import InputError
-from pipeline.train import (
-    PatchDataset,
-    TrainSettings,
-    data_stats,
-    deform,
-    elastic_field,
-    plan_training,
-    split_regions,
-    train,
-    weighted_cross_entropy,
-)
-from pipeline.unet import load_model
+from pipeline.jobs.patches import PatchDataset, data_stats, split_regions
+from pipeline.jobs.train import TrainSettings, plan_training, train, weighted_cross_entropy
+from pipeline.numerics.augment import deform, elastic_field
+from pipeline.numerics.unet import load_model
 
 from conftest import write_zarr
 

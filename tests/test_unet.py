@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline.errors import InputError
-from pipeline.unet import Normalization, UNet, load_model, num_parameters, read_checkpoint, save_model
+from pipeline.numerics.unet import Normalization, UNet, load_model, num_parameters, read_checkpoint, save_model
 
 
 def test_paper_geometry_572_to_388():

@@ -5,8 +5,8 @@ import pytest
 import zarr
 
 from pipeline.cli import main
-from pipeline.weightmaps import WeightSettings, weight_maps
-from pipeline.weights import weight_map
+from pipeline.jobs.weights import WeightSettings, weight_maps
+from pipeline.numerics.weightmap import weight_map
 
 from conftest import write_zarr
 
@@ -95,7 +95,7 @@ def test_mask_labelling_across_blocks_matches_whole_image_labelling(cluster_clie
     from scipy import ndimage
 
     from pipeline.storage import create_image, open_image
-    from pipeline.weightmaps import label_mask
+    from pipeline.jobs.weights import label_mask
 
     mask = np.zeros((90, 100), np.uint8)
     mask[5:85, 5:9] = mask[5:85, 90:94] = mask[80:85, 5:94] = 1  # a U crossing many blocks, joined late

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from pipeline.errors import InputError
-from pipeline.weights import balanced_class_weights, class_frequencies, weight_map, weight_map_naive
+from pipeline.numerics.weightmap import balanced_class_weights, class_frequencies, weight_map, weight_map_naive
 
 NUCLEI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nuclei"
 EXACT = 1e-4  # the promise: fast within this of naive

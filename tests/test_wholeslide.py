@@ -13,9 +13,10 @@ import zarr
 
 from pipeline import storage
 from pipeline.cli import main
-from pipeline.predict import PredictSettings, predict
-from pipeline.pyramid import downsample
-from pipeline.tissue import blocks_touching, compute_mask
+from pipeline.jobs.predict import PredictSettings, predict
+from pipeline.numerics.downsample import downsample
+from pipeline.jobs.tissue import compute_mask
+from pipeline.numerics.threshold import blocks_touching
 
 from conftest import cells, make_model, write_zarr
 
@@ -103,7 +104,7 @@ def test_tissue_mask_computes_only_blocks_near_tissue(client, tmp_path, rgb_mode
 
 
 def load_margin(path) -> int:
-    from pipeline.unet import load_model
+    from pipeline.numerics.unet import load_model
 
     return load_model(path).margin
 
@@ -179,20 +180,20 @@ def test_read_tasks_need_no_gpu(tmp_path, rgb_model):
     model's geometry on the CPU, never CUDA (planned here on trust, as for a remote cluster)."""
     import dask
 
-    from pipeline.predict import plan_prediction, read_block
+    from pipeline.jobs.predict import plan_prediction
 
     url, _ = rgb_slide(tmp_path / "slide.zarr", shape=(300, 260))
     settings = PredictSettings(input=url, output=str(tmp_path / "o.zarr"), model=str(rgb_model), device="cuda",
                                block_size=128)
     with dask.config.set({"scheduler-address": "tcp://10.0.0.5:8786"}):  # e.g. DASK_SCHEDULER_ADDRESS in a pod
-        job, blocks, _ = plan_prediction(settings)
+        job, pending = plan_prediction(settings)
     assert job.device == "cuda"
-    image = read_block(blocks[0], job)
+    image = job.read_block(pending.blocks[0])
     assert image.dtype == np.float32 and image.shape[0] == 3
 
 
 def test_an_interrupted_pyramid_rebuild_is_redone_by_the_next_run(client, tmp_path, rgb_model, monkeypatch):
-    from pipeline import pyramid
+    from pipeline.jobs import pyramid
 
     url, _ = rgb_slide(tmp_path / "slide.zarr")
     settings = PredictSettings(input=url, output=str(tmp_path / "o.zarr"), model=str(rgb_model), block_size=128)
@@ -204,7 +205,7 @@ def test_an_interrupted_pyramid_rebuild_is_redone_by_the_next_run(client, tmp_pa
     def interrupted(*args, **kwargs):
         raise RuntimeError("worker lost")
 
-    monkeypatch.setattr(pyramid.execute, "run_blocks", interrupted)
+    monkeypatch.setattr(pyramid, "run_blocks", interrupted)
     with pytest.raises(RuntimeError):
         pyramid.build_pyramid(client, str(tmp_path / "o.zarr"), "mean")
     group = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")
@@ -255,6 +256,6 @@ def test_tiff_slides_are_closed_with_their_source(tmp_path):
 
 
 def source_box(source):
-    from pipeline.geometry import Box
+    from pipeline.numerics.geometry import Box
 
     return Box.from_shape(source.spatial_shape)

@@ -18,7 +18,7 @@ from prefect_dask import DaskTaskRunner
 
 from flows.segment import segment
 from flows.weight_maps import weight_maps_flow
-from pipeline.clusters import slurm_cluster_kwargs
+from flows.clusters import slurm_cluster_kwargs
 
 SPEC = Path(__file__).with_name("cluster.yaml")
 

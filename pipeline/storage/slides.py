@@ -1,4 +1,4 @@
-"""Whole-slide images and pictures at the edge: read them in place by region, or ingest them.
+"""Whole-slide images and pictures: read them in place, by region.
 
 Slides (Aperio SVS, Hamamatsu NDPI, OME-TIFF, Leica SCN, Ventana BIF and other tiled or
 pyramidal TIFFs) are opened with tifffile: ``TiffFile(...).series[0].aszarr()`` exposes every
@@ -8,9 +8,8 @@ region; they are read whole (with imageio) and are meant for small images.
 
 :func:`open_slide` gives a :class:`Slide` (levels, axes, physical pixel size);
 :func:`open_source` is what :func:`pipeline.storage.open_image` calls for a TIFF, so that
-``overtile predict`` reads a slide without converting it. :func:`ingest` converts a slide to
-an OME-Zarr 0.5 image with every pyramid level as a multiscales dataset, block by block:
-memory is bounded by the block size, not by the slide, and a ledger makes reruns resume.
+``overtile predict`` reads a slide without converting it; :mod:`pipeline.jobs.ingest`
+converts one to OME-Zarr.
 
 A truncated or damaged file gives one :class:`InputError` naming the file and what is wrong,
 when it is opened where the file's structure shows it (tifffile reports a broken IFD chain,
@@ -20,27 +19,22 @@ tag values or tiles past the end of the file), else when the damaged tile is dec
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
-import math
 import os
 import re
 import threading
-import time
 import weakref
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Literal
+from typing import Any, Iterator
 
 import numpy as np
 import zarr
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline import execute, storage
+from pipeline.storage import images
 from pipeline.errors import InputError
-from pipeline.geometry import Box, block_grid, iter_blocks
+from pipeline.numerics.geometry import Box
 
 TIFF_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".scn", ".bif", ".qptiff", ".btf", ".tf2", ".tf8")  # .ome.tif(f) too
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -67,11 +61,11 @@ def is_tiff(url: str) -> bool:
     """Whether ``url`` names a TIFF-based file: by its suffix, or, for a local file with
     another name, by the TIFF magic bytes at its start. Zarr stores (folders) are not."""
     url = str(url)
-    if not storage.is_url(url) and os.path.isdir(url):
+    if not images.is_url(url) and os.path.isdir(url):
         return False  # a Zarr store, whatever its name
     if url.lower().rstrip("/").endswith(TIFF_SUFFIXES):
         return True
-    if storage.is_url(url) or not os.path.isfile(url):
+    if images.is_url(url) or not os.path.isfile(url):
         return False
     with open(url, "rb") as f:
         return f.read(4) in TIFF_MAGIC
@@ -79,6 +73,23 @@ def is_tiff(url: str) -> bool:
 
 def is_picture(url: str) -> bool:
     return str(url).lower().endswith(PICTURE_SUFFIXES)
+
+
+@dataclass
+class SlideSource(images.ImageSource):
+    """One level of a slide as an image source whose reads name what cannot be decoded: a
+    damaged tile is the input's fault (an :class:`InputError` naming the file and the
+    region), not a worker's to retry. A file that cannot be reached (``OSError``) still is."""
+
+    level: int = 0
+
+    def read(self, box: Box) -> np.ndarray:
+        try:
+            return super().read(box)
+        except (InputError, OSError, MemoryError):
+            raise
+        except Exception as exc:
+            raise InputError(f"{self.url}: level {self.level}, {box}: cannot be decoded ({_describe(exc)})") from None
 
 
 @dataclass
@@ -99,7 +110,7 @@ class Slide:
     pixel_size: dict[str, float] = field(default_factory=dict)
     units: dict[str, str] = field(default_factory=dict)
     _files: tuple[Any, ...] = field(default=(), repr=False)  # closed by close()
-    _sources: dict[int, storage.ImageSource] = field(default_factory=dict, repr=False)
+    _sources: dict[int, SlideSource] = field(default_factory=dict, repr=False)
 
     @property
     def spatial_axes(self) -> str:
@@ -133,22 +144,17 @@ class Slide:
         """Physical pixel size of a level per spatial axis (level-0 pixels where unknown)."""
         return {a: self.pixel_size.get(a, 1.0) * f for a, f in zip(self.spatial_axes, self.downsample(level))}
 
-    def source(self, level: int = 0) -> storage.ImageSource:
+    def source(self, level: int = 0) -> images.ImageSource:
         """One level as an :class:`~pipeline.storage.ImageSource` (reads come back ``(C, *box)``)."""
         if level not in self._sources:
-            self._sources[level] = storage.ImageSource(self.url, self.levels[level], self.axes, self.scale(level),
-                                                       dict(self.units))
+            self._sources[level] = SlideSource(self.url, self.levels[level], self.axes, self.scale(level),
+                                               dict(self.units), level=level)
         return self._sources[level]
 
     def read(self, box: Box, level: int = 0) -> np.ndarray:
         """The pixels of ``box`` (spatial, inside the level), channel first ``(C, *box.shape)``;
         only the tiles that ``box`` touches are read and decoded."""
-        try:
-            return self.source(level).read(box)
-        except InputError:
-            raise
-        except Exception as exc:  # a damaged tile: name the file and where
-            raise InputError(f"{self.url}: level {level}, {box}: cannot be decoded ({_describe(exc)})") from None
+        return self.source(level).read(box)
 
     def close(self) -> None:
         for f in self._files:
@@ -179,23 +185,24 @@ def open_slide(url: str, axes: str | None = None) -> Slide:
         Missing file, not a TIFF / picture, truncated or damaged, axes that do not fit.
     """
     url = str(url)
-    if not storage.is_url(url) and not os.path.exists(url):
+    if not images.is_url(url) and not os.path.exists(url):
         raise InputError(f"{url}: no such file or directory")
-    if not storage.is_url(url) and os.path.isdir(url):
+    if not images.is_url(url) and os.path.isdir(url):
         raise InputError(f"{url}: a folder, not a slide file")
     if is_picture(url):
         return _open_picture(url, axes)
     return _open_tiff(url, axes)
 
 
-def open_source(url: str, axes: str | None = None) -> storage.ImageSource:
+def open_source(url: str, axes: str | None = None) -> images.ImageSource:
     """Level 0 of a slide as a checked :class:`~pipeline.storage.ImageSource` (what
     :func:`pipeline.storage.open_image` returns for a TIFF): ``read(box)`` reads only the
     tiles the box touches; the file stays open as long as the source lives."""
     slide = open_slide(url, axes)
     try:
-        source = storage.checked_source(url, slide.levels[0], slide.axes, slide.pixel_size, slide.units)
-        source.levels = list(slide.levels[1:])
+        checked = images.checked_source(url, slide.levels[0], slide.axes, slide.pixel_size, slide.units)
+        source = SlideSource(checked.url, checked.array, checked.axes, checked.scale, checked.units,
+                             levels=list(slide.levels[1:]))
     except BaseException:
         slide.close()
         raise
@@ -242,7 +249,7 @@ def _tifffile_problems() -> Iterator[_Problems]:
 def _open_tiff(url: str, axes: str | None) -> Slide:
     import tifffile
 
-    if storage.is_url(url):
+    if images.is_url(url):
         import fsspec
 
         try:
@@ -372,7 +379,7 @@ def _open_picture(url: str, axes: str | None) -> Slide:
     import imageio.v3 as iio
 
     try:
-        if storage.is_url(url):
+        if images.is_url(url):
             import fsspec
 
             with fsspec.open(url, "rb") as f:
@@ -388,238 +395,3 @@ def _open_picture(url: str, axes: str | None) -> Slide:
     if axes is not None and axes.lower() != stored:
         raise InputError(f"{url}: axes {axes!r} given, but a picture's are {stored!r}")
     return Slide(url, Path(url).suffix.lower().lstrip(".").replace("jpg", "jpeg"), [data], stored)
-
-
-# --- ingest ----------------------------------------------------------------------------
-
-
-class IngestSettings(BaseModel):
-    """What a conversion of a slide to OME-Zarr needs; shared by the CLI, the API and the flow."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    slide: str = Field(description="Slide or picture to convert: SVS, NDPI, OME-TIFF or another (pyramidal) TIFF, PNG or JPEG")
-    output: str = Field(description="OME-Zarr image to write (path or URL)")
-    block_size: int | None = Field(None, ge=16, description="Block edge in pixels: the unit of work and the output chunk (default 2048 in 2D, 256 in 3D)")
-    levels: Literal["all"] | Annotated[int, Field(ge=1)] = Field("all", description="Pyramid levels to write: all the file has, or the first N")
-    axes: str | None = Field(None, description="Axes of a TIFF stack whose axes tifffile cannot name, e.g. zyx")
-    workers: int | None = Field(None, ge=1, description="Copy blocks on a local Dask cluster of this many processes (default: in this process, one block at a time)")
-    scheduler: str | None = Field(None, description="Address of an existing Dask scheduler to copy blocks on, e.g. tcp://10.0.0.5:8786")
-    overwrite: bool = Field(False, description="Replace an existing output instead of resuming it")
-
-    @field_validator("axes")
-    @classmethod
-    def _lower(cls, v: str | None) -> str | None:
-        return v.lower() if v else v
-
-    @field_validator("levels", mode="before")
-    @classmethod
-    def _all_or_count(cls, v: Any) -> Any:
-        if v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            return v
-        if isinstance(v, str) and v.isdigit() and int(v) >= 1:
-            return int(v)
-        raise ValueError(f"{v!r}: expected 'all' or a number of levels from 1 up")
-
-
-@dataclass(frozen=True)
-class IngestLevel:
-    """One output level: array ``str(level)`` of the OME-Zarr group, axes ``c`` + spatial."""
-
-    shape: tuple[int, ...]
-    chunks: tuple[int, ...]
-    scale: tuple[float, ...]
-
-
-@dataclass(frozen=True)
-class LevelBlock:
-    """One chunk-aligned block of one pyramid level; ``index`` is its place in the ledger
-    (one flat ledger over the blocks of all levels, level 0's first)."""
-
-    level: int
-    write: Box
-    index: tuple[int]
-    grid_key: str
-
-    @property
-    def key(self) -> str:
-        return f"{self.level}-{self.grid_key}"
-
-
-@dataclass(frozen=True)
-class IngestJob:
-    """A planned conversion: what every block task needs, small enough to send with each."""
-
-    settings: IngestSettings
-    kind: str
-    axes: str
-    dtype: str
-    levels: tuple[IngestLevel, ...]
-    units: dict[str, str]
-    ledger: execute.Ledger
-    fingerprint: str
-
-    @property
-    def name(self) -> str:
-        return f"ingest-{self.fingerprint[:10]}"
-
-    def blocks(self) -> Iterator[LevelBlock]:
-        number = 0
-        for i, level in enumerate(self.levels):
-            for b in iter_blocks(level.shape[1:], level.chunks[1:]):
-                yield LevelBlock(i, b.write, (number,), b.key)
-                number += 1
-
-    def pending(self) -> tuple[list[LevelBlock], int]:
-        """The blocks the ledger does not mark finished, and how many it does."""
-        done = self.ledger.done()
-        return [b for b in self.blocks() if not done[b.index]], int(done.sum())
-
-
-def _stamp(url: str) -> list[Any]:
-    """What identifies the slide's contents cheaply: size and modification time."""
-    if storage.is_url(url):
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(url)
-        info = fs.info(path)
-        return [info.get("size"), str(info.get("mtime") or info.get("LastModified") or "")]
-    st = os.stat(url)
-    return [st.st_size, st.st_mtime_ns]
-
-
-def plan_ingest(settings: IngestSettings) -> tuple[IngestJob, list[LevelBlock], int]:
-    """Check the slide and the output, create or reopen the output, read the ledger.
-
-    Returns the job, the blocks still to do and the number already finished. Every check
-    that can fail on user input happens before the output is touched.
-    """
-    settings = settings.model_copy(update={k: storage.absolute(getattr(settings, k)) for k in ("slide", "output")})
-    with open_slide(settings.slide, settings.axes) as slide:
-        storage.checked_source(settings.slide, slide.levels[0], slide.axes, slide.pixel_size, slide.units)
-        n = len(slide.levels) if settings.levels == "all" else settings.levels
-        if n > len(slide.levels):
-            raise InputError(f"--levels {n}: {settings.slide} has {len(slide.levels)} pyramid level(s)")
-        spatial = slide.spatial_axes
-        block = settings.block_size or (2048 if len(spatial) == 2 else 256)
-        levels = []
-        for i in range(n):
-            shape = (slide.channels, *slide.spatial_shape(i))
-            chunks = (slide.channels, *(min(block, s) for s in shape[1:]))
-            scale = slide.scale(i)
-            levels.append(IngestLevel(shape, chunks, (1.0, *(scale[a] for a in spatial))))
-        kind, units, stored_axes = slide.kind, dict(slide.units), slide.axes
-        dtype = slide.dtype.newbyteorder("=").name  # stored native, whatever the TIFF's byte order
-    axes = "c" + spatial
-    existed = storage.check_output(settings.output, levels[0].shape, dtype, settings.overwrite)
-    fingerprint = hashlib.sha256(json.dumps({
-        "slide": settings.slide, "stamp": _stamp(settings.slide), "axes": stored_axes,
-        "levels": [(lv.shape, lv.chunks) for lv in levels], "dtype": dtype,
-    }, sort_keys=True).encode()).hexdigest()
-    name = Path(settings.slide.rstrip("/")).name
-    storage.create_image(
-        settings.output, levels[0].shape, levels[0].chunks, dtype, axes, name=name, scale=levels[0].scale,
-        units=units, overwrite=settings.overwrite,
-        attrs={"overtile": {"slide": settings.slide, "format": kind, "levels": n}},
-    )
-    total = sum(math.prod(block_grid(lv.shape[1:], lv.chunks[1:])) for lv in levels)
-    ledger = execute.Ledger.prepare(settings.output, (total,), fingerprint, overwrite=settings.overwrite or not existed)
-    group = zarr.open_group(store=settings.output, mode="r+")
-    fill = group["0"].fill_value  # as create_image chose for level 0
-    for i, lv in enumerate(levels[1:], start=1):
-        if str(i) not in group:
-            group.create_array(str(i), shape=lv.shape, chunks=lv.chunks, dtype=dtype, fill_value=fill,
-                               dimension_names=list(axes), compressors=[storage.OUTPUT_CODEC])
-    group.attrs["ome"] = {"version": storage.OME_VERSION,
-                          "multiscales": [storage.multiscales(axes, [lv.scale for lv in levels], name, units)]}
-    job = IngestJob(settings, kind, axes, dtype, tuple(levels), units, ledger, fingerprint)
-    blocks, skipped = job.pending()
-    return job, blocks, skipped
-
-
-_OUTPUTS: dict[tuple[str, str], zarr.Array] = {}
-
-
-def _output(url: str, fingerprint: str) -> zarr.Array:
-    """An output array opened once per process and run. Keyed by the run's fingerprint as
-    well as the URL: an array object keeps the metadata it was opened with, so after an
-    ``overwrite`` with other blocks in the same process it would write the old chunk grid."""
-    key = (url, fingerprint)
-    if key not in _OUTPUTS:
-        _OUTPUTS[key] = zarr.open_array(store=url, mode="r+")
-    return _OUTPUTS[key]
-
-
-def copy_block(slide: Slide, block: LevelBlock, job: IngestJob) -> dict[str, Any]:
-    """Read one block of one level from the slide, write it to the output, mark it done."""
-    watch = execute.Stopwatch()
-    with watch("read"):
-        data = slide.read(block.write, block.level)
-    with watch("write"):
-        _output(f"{job.settings.output.rstrip('/')}/{block.level}", job.fingerprint)[
-            (slice(None), *block.write.slices())] = data
-        _output(job.ledger.url, job.fingerprint)[block.index] = 1  # Ledger.mark, minus its per-URL cache
-    return {"block": block.key, "level": block.level, "pixels": block.write.size, "worker_pid": os.getpid(),
-            **{f"{k}_s": v for k, v in watch.seconds.items()}}
-
-
-_SLIDES: dict[tuple[Any, ...], Slide] = {}
-_SLIDES_LOCK = threading.Lock()
-
-
-def cached_slide(url: str, axes: str | None) -> Slide:
-    """The slide, opened once per worker process and kept (one at a time); the task slots of
-    a worker share it (tifffile locks its file handle around reads)."""
-    key = (url, axes, *_stamp(url))
-    with _SLIDES_LOCK:
-        slide = _SLIDES.get(key)
-        if slide is None:
-            slide = open_slide(url, axes)
-            for old in _SLIDES.values():
-                old.close()
-            _SLIDES.clear()
-            _SLIDES[key] = slide
-        return slide
-
-
-def ingest_block(block: LevelBlock, job: IngestJob) -> dict[str, Any]:
-    """The Dask task: :func:`copy_block` with the slide opened once per worker process."""
-    return copy_block(cached_slide(job.settings.slide, job.settings.axes), block, job)
-
-
-def ingest(
-    settings: IngestSettings,
-    client: Any | None = None,
-    on_result: Callable[[dict[str, Any]], None] | None = None,
-    on_plan: Callable[[IngestJob, int, int], None] | None = None,
-) -> tuple[IngestJob, execute.RunSummary]:
-    """Convert a slide to an OME-Zarr image with all its pyramid levels; the Python entry
-    point behind ``overtile ingest``.
-
-    Blocks are copied in this process one at a time (memory: one block plus the tiles it
-    touches), or as Dask tasks when a ``client``, ``settings.scheduler`` or
-    ``settings.workers`` is given. A rerun resumes from the ledger.
-
-    Examples
-    --------
-    >>> job, summary = ingest(IngestSettings(slide="CMU-1.svs", output="CMU-1.zarr"))  # doctest: +SKIP
-    >>> [lv.shape for lv in job.levels]  # doctest: +SKIP
-    [(3, 32914, 46000), (3, 8228, 11500), (3, 2057, 2875)]
-    """
-    start = time.perf_counter()
-    job, blocks, skipped = plan_ingest(settings)
-    if on_plan is not None:
-        on_plan(job, len(blocks), skipped)
-    records: list[dict[str, Any]] = []
-    if blocks and client is None and settings.scheduler is None and settings.workers is None:
-        with open_slide(job.settings.slide, job.settings.axes) as slide:
-            for block in blocks:
-                records.append(copy_block(slide, block, job))
-                if on_result is not None:
-                    on_result(records[-1])
-    elif blocks:
-        with execute.client_or_cluster(client, settings.scheduler, settings.workers) as client:
-            records = execute.run_blocks(client, ingest_block, blocks, job, name=job.name, on_result=on_result)
-    summary = execute.RunSummary(total=len(blocks) + skipped, skipped=skipped, records=records,
-                                 seconds=time.perf_counter() - start)
-    return job, summary

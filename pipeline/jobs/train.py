@@ -4,7 +4,7 @@ Read top to bottom, :func:`train` is the whole job: plan (check the inputs, buil
 one pass over the labels for the class balance), then the loop: data → forward → loss → step
 → eval → checkpoint → log. The pieces it calls are defined before it, in that order:
 
-- **data**: :class:`PatchDataset` cuts random patches out of the Zarr arrays, lazily (one
+- **data**: :class:`~pipeline.jobs.patches.PatchDataset` cuts random patches out of the Zarr arrays, lazily (one
   patch's region per read, never the whole volume). A patch is the model's valid *input*
   (``tile_size``); its labels and weights are cropped to the model's *output*. Where a patch's
   context runs outside the image (or into held-out slices) it is mirrored, as overlap-tile
@@ -15,14 +15,14 @@ one pass over the labels for the class balance), then the loop: data → forward
   interpolated cubically, labels and weights by nearest neighbour), flips, 90° rotations and
   gray-value variation, each switchable.
 - **loss**: pixel-wise softmax and cross-entropy weighted by the weight map of eq. 2
-  (:func:`pipeline.weights.weight_map`, computed per patch from the instance labels unless a
+  (:func:`pipeline.numerics.weightmap.weight_map`, computed per patch from the instance labels unless a
   weight array is given), with class weights from one pass over all training labels.
 - **checkpoints**: ``OUT/last.pt`` every ``checkpoint_every`` steps (model, optimiser, step,
   random states, settings; ``torch.load(weights_only=True)`` reads it) and ``OUT/best.pt``,
   the model with the lowest validation Rand error; both are ordinary model checkpoints that
   ``overtile predict --model`` takes.
 - **validation**: the held-out slices predicted with the overlap-tile path
-  (:func:`pipeline.tiling.overlap_tile`) and scored by :func:`pipeline.metrics.score_segmentation`;
+  (:func:`pipeline.numerics.tiling.overlap_tile`) and scored by :func:`pipeline.numerics.metrics.score_segmentation`;
   ``OUT/log.csv`` holds one row per step, ``OUT/curves.png`` the loss and validation curves.
 
 Labels: ISBI-style masks (255 = cell, 0 = membrane), 0/1 masks, or instance labels
@@ -45,16 +45,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from scipy import ndimage
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from pipeline import storage
 from pipeline.errors import InputError
-from pipeline.geometry import Box, iter_blocks
-from pipeline.metrics import score_segmentation
-from pipeline.predict import resolve_device
-from pipeline.tiling import overlap_tile, read_mirrored, softmax
-from pipeline.unet import (
+from pipeline.jobs.inference import AUTOCAST, resolve_device
+from pipeline.jobs.patches import DataStats, PatchDataset, PatchSpec, Region, data_stats, seed_loader_worker, split_regions
+from pipeline.numerics.geometry import Box
+from pipeline.numerics.metrics import score_segmentation
+from pipeline.numerics.tiling import overlap_tile, softmax
+from pipeline.numerics.unet import (
     Normalization,
     UNet,
     atomic_save,
@@ -62,10 +62,9 @@ from pipeline.unet import (
     model_from_payload,
     read_checkpoint,
 )
-from pipeline.weights import balanced_class_weights, weight_map
+from pipeline.numerics.weightmap import balanced_class_weights
 
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
-AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOG_FIELDS = ("step", "loss", "lr", "seconds", "pixel_error", "rand_error", "rand_error_raw", "iou", "threshold")
 
 
@@ -93,26 +92,26 @@ class TrainSettings(BaseModel):
     optimizer: Literal["sgd", "adam"] = Field("sgd", description="SGD with momentum (the paper's) or Adam")
     lr: float | None = Field(None, gt=0, description="Learning rate (default 0.01 for SGD, 0.001 for Adam)")
     momentum: float = Field(0.99, ge=0.0, lt=1.0, description="SGD momentum (0.99 in the paper)")
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0, description="L2 penalty on the weights (AdamW-style for Adam)")
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="constant, or cosine decay to 0 at the last step")
     # model
     dims: Literal[2, 3] | None = Field(None, description="2-D or 3-D U-Net (default: the image's spatial axes)")
     depth: int = Field(5, ge=1, description="Resolution levels (5 in the paper: 4 poolings)")
     base_channels: int = Field(64, ge=1, description="Channels at the first level (64 in the paper)")
-    padding: Literal["valid", "same"] = "valid"
-    batch_norm: bool = False
+    padding: Literal["valid", "same"] = Field("valid", description="valid (the paper's: unpadded convolutions, exact overlap-tile) or same")
+    batch_norm: bool = Field(False, description="Batch normalisation after each convolution")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout at the end of the contracting path")
     tile_size: int = Field(572, ge=4, description="Patch edge = the model's input, snapped down to a valid size; labels are cropped to its output")
     normalize: Literal["scale", "standardize"] = Field("scale", description="scale: integers divided by their dtype's max; standardize: then mean/std of the training data")
     # loss
     w0: float = Field(10.0, ge=0.0, description="Height of the weight map's border term (10 in the paper)")
-    sigma: float = Field(5.0, gt=0.0, description="Width of the border term in px (about 5 in the paper)")
+    sigma: float = Field(5.0, gt=0.0, description="Width of the border term, in the labels' physical units (pixels if they have none; about 5 px in the paper), as in 'overtile weights'")
     class_balance: bool = Field(True, description="Balance background and cell by their frequency in the training labels")
     # augmentation
     elastic: bool = Field(True, description="Random elastic deformation (the paper's most important augmentation)")
     elastic_sigma: float = Field(10.0, ge=0.0, description="Std of the coarse-grid displacements in px")
     elastic_grid: int = Field(3, ge=2, description="Control points per axis of the displacement grid")
-    flips: bool = True
+    flips: bool = Field(True, description="Random flips of each spatial axis")
     rotations: bool = Field(True, description="Random 90° rotations in the y-x plane")
     gray: bool = Field(True, description="Random contrast, brightness and gamma")
     mirror: Literal["reflect", "symmetric"] = Field("reflect", description="Mirroring at the image border, in numpy's words")
@@ -121,11 +120,11 @@ class TrainSettings(BaseModel):
     val_tile_size: int | None = Field(None, ge=4, description="Tile input edge for validation (default: tile_size)")
     checkpoint_every: int = Field(100, ge=1, description="Write OUT/last.pt every this many steps (and at the end)")
     # execution
-    seed: int = Field(0, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["none", "bf16", "fp16"] = Field("fp16", description="Mixed precision on CUDA (ignored on CPU)")
+    seed: int = Field(0, ge=0, description="Seed of the model's initialisation and of every patch")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model trains")
+    autocast: Literal["none", "bf16", "fp16"] = Field("fp16", description="Mixed precision on CUDA (ignored on CPU)")
     channels_last: bool = Field(True, description="channels_last memory format (about 2× faster on CPU)")
-    num_workers: int = Field(0, ge=0, description="Data-loader worker processes")
+    loader_workers: int = Field(0, ge=0, description="Data-loader worker processes that cut patches (0: in the training process)")
     threads: int | None = Field(None, ge=1, description="torch threads (default: torch's choice)")
     time_limit: float | None = Field(None, gt=0, description="Stop (validate, checkpoint) after this many seconds")
     resume: bool = Field(False, description="Continue from OUT/last.pt")
@@ -142,343 +141,6 @@ class TrainSettings(BaseModel):
         if any(z < 0 for z in v):
             raise ValueError("slice indices must be >= 0")
         return tuple(sorted(set(v)))
-
-
-# --- regions: where patches come from -----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Region:
-    """A part of the image that the model sees as a whole image: the full image, one z-slice
-    of a stack (2-D model) or a run of consecutive slices (3-D model).
-
-    ``box`` is in the image's spatial coordinates; the model sees its last ``dims`` axes, of
-    ``shape``. Reads are in region coordinates, so mirroring stops at the region's edge and
-    training never sees a held-out slice.
-    """
-
-    box: Box
-    dims: int
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.box.shape[-self.dims :]
-
-    def read(self, source: storage.ImageSource, inner: Box) -> np.ndarray:
-        """``(C, *inner.shape)`` for a box inside ``[0, shape)``."""
-        lead = self.box.ndim - self.dims
-        full = Box(
-            self.box.offset[:lead] + tuple(o + a for o, a in zip(inner.offset, self.box.offset[lead:])),
-            self.box.shape[:lead] + inner.shape,
-        )
-        data = source.read(full)
-        return data.reshape(data.shape[0], *inner.shape)
-
-    def read_mirrored(self, source: storage.ImageSource, box: Box, mode: str) -> np.ndarray:
-        return read_mirrored(lambda inner: self.read(source, inner), box, self.shape, mode)
-
-
-def split_regions(spatial_shape: Sequence[int], dims: int, val_slices: Sequence[int]) -> tuple[list[Region], list[Region]]:
-    """Training and validation regions of an image; ``val_slices`` index its first (z) axis.
-
-    Examples
-    --------
-    >>> train, val = split_regions((5, 64, 64), 3, [3])
-    >>> [r.box.shape for r in train], [r.box.shape for r in val]
-    ([(3, 64, 64), (1, 64, 64)], [(1, 64, 64)])
-    """
-    spatial_shape = tuple(spatial_shape)
-    if len(spatial_shape) == 2:
-        return [Region(Box.from_shape(spatial_shape), 2)], []
-    depth, plane = spatial_shape[0], spatial_shape[1:]
-    held = set(val_slices)
-    if dims == 2:
-        def slab(z0: int, z1: int) -> list[Region]:
-            return [Region(Box((z, 0, 0), (1, *plane)), 2) for z in range(z0, z1)]
-    else:
-        def slab(z0: int, z1: int) -> list[Region]:
-            return [Region(Box((z0, 0, 0), (z1 - z0, *plane)), 3)]
-    train: list[Region] = []
-    val: list[Region] = []
-    start = 0
-    for z in range(depth + 1):  # runs of consecutive slices of the same kind
-        if z == depth or (z in held) != (start in held):
-            (val if start in held else train).extend(slab(start, z))
-            start = z
-    return train, val
-
-
-# --- data statistics: one pass over the training labels ------------------------------------
-
-
-@dataclass(frozen=True)
-class DataStats:
-    """What one pass over the training regions learns, kept in the checkpoint.
-
-    ``counts``: (background, cell) pixels; ``mask``: the labels hold at most two values (a
-    mask, cells made by connected components) rather than instances; ``foreground``: the
-    cells of a ``cell``-pixel grid that hold labelled pixels, one row ``(region, *offset)``
-    each, for foreground-biased sampling; ``mean`` and ``std`` of the scaled image (only
-    with ``normalize="standardize"``).
-    """
-
-    counts: tuple[int, int]
-    mask: bool
-    cell: int
-    foreground: np.ndarray = field(compare=False, repr=False)
-    mean: float = 0.0
-    std: float = 1.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"counts": list(self.counts), "mask": self.mask, "cell": self.cell,
-                "foreground": torch.from_numpy(self.foreground), "mean": self.mean, "std": self.std}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DataStats:
-        return cls((int(d["counts"][0]), int(d["counts"][1])), bool(d["mask"]), int(d["cell"]),
-                   np.asarray(d["foreground"], np.int64), float(d["mean"]), float(d["std"]))
-
-
-def data_stats(images: storage.ImageSource, labels: storage.ImageSource, regions: Sequence[Region],
-               cell: int, standardize: bool = False, labels_kind: str = "auto") -> DataStats:
-    """Read the training regions once, block by block: class counts, label kind, the grid
-    cells (``cell`` px) that hold labelled pixels, and the image's mean and std if asked."""
-    scale = Normalization()
-    counts = np.zeros(2, np.int64)
-    values: set[int] = set()
-    foreground = []
-    total, total_sq, n = 0.0, 0.0, 0
-    for r, region in enumerate(regions):
-        block = cell * max(1, (1024 if region.dims == 2 else 128) // cell)  # a whole number of cells
-        for b in iter_blocks(region.shape, (block,) * region.dims):
-            lab = region.read(labels, b.write)[0]
-            fg = lab != 0
-            count = int(np.count_nonzero(fg))
-            counts += (lab.size - count, count)
-            if count:
-                for axis, size in enumerate(fg.shape):  # any() per grid cell
-                    fg = np.logical_or.reduceat(fg, np.arange(0, size, cell), axis=axis)
-                cells = np.argwhere(fg) * cell + np.array(b.write.offset)
-                foreground.append(np.column_stack([np.full(len(cells), r), cells]))
-            if len(values) <= 2:
-                values |= set(np.unique(lab).tolist())
-            if standardize:
-                img = scale(region.read(images, b.write)).astype(np.float64)
-                total, total_sq, n = total + img.sum(), total_sq + (img * img).sum(), n + img.size
-    mask = len(values) <= 2 if labels_kind == "auto" else labels_kind == "mask"
-    mean, std = 0.0, 1.0
-    if standardize and n:
-        mean = float(total / n)  # plain floats: numpy scalars would not load with weights_only
-        std = float(math.sqrt(max(total_sq / n - mean * mean, 0.0))) or 1.0
-    dims = regions[0].dims if regions else 2
-    rows = np.concatenate(foreground) if foreground else np.zeros((0, 1 + dims), np.int64)
-    return DataStats((int(counts[0]), int(counts[1])), mask, cell, rows.astype(np.int64), mean, std)
-
-
-# --- augmentation (pure functions of an array and a random generator) ----------------------
-
-
-def elastic_field(shape: Sequence[int], rng: np.random.Generator, sigma: float = 10.0, grid: int = 3,
-                  limit: float | None = None) -> np.ndarray:
-    """Per-pixel displacements ``(ndim, *shape)``, float64, of the paper's elastic deformation.
-
-    Displacement vectors are drawn on a coarse ``grid``×``grid`` (×``grid``) lattice spanning
-    the patch, each component from N(0, ``sigma``) px, and upsampled to every pixel by cubic
-    spline interpolation (bicubic in 2-D). ``limit`` clips them, so a caller that reads
-    ``limit`` extra pixels per side always has data under the displaced pixels.
-    """
-    shape = tuple(int(n) for n in shape)
-    coarse = rng.normal(0.0, sigma, size=(len(shape),) + (grid,) * len(shape))
-    field = np.stack([ndimage.zoom(c, [n / grid for n in shape], order=3, mode="mirror") for c in coarse])
-    if limit is not None:
-        np.clip(field, -limit, limit, out=field)
-    return field
-
-
-def deform(array: np.ndarray, field: np.ndarray, order: int, offset: Sequence[int] | int = 0) -> np.ndarray:
-    """Sample ``array`` at ``x + offset + field(x)`` for every pixel ``x`` of the field.
-
-    The result has the field's shape and ``array``'s dtype. ``order`` 3 (cubic) or 1 for
-    images, 0 (nearest neighbour) for labels and weights, so labels stay labels. ``offset``
-    places the field inside a larger ``array`` (the margin read for the displacement).
-    """
-    ndim = field.shape[0]
-    offset = (offset,) * ndim if isinstance(offset, (int, np.integer)) else tuple(offset)
-    grid = np.meshgrid(*(np.arange(n, dtype=np.float64) + o for n, o in zip(field.shape[1:], offset)), indexing="ij")
-    coords = np.stack(grid) + field
-    return ndimage.map_coordinates(array, coords, order=order, mode="mirror", output=array.dtype, prefilter=order > 1)
-
-
-def flip_rotate(arrays: Sequence[np.ndarray], rng: np.random.Generator, dims: int, flips: bool,
-                rotations: bool) -> list[np.ndarray]:
-    """The same random flips (each spatial axis, p = ½) and 90° rotation (y-x plane) of every
-    array; arrays share their last ``dims`` axes (an image may lead with channels)."""
-    turns = int(rng.integers(4)) if rotations else 0
-    flipped = [a for a in range(dims) if rng.random() < 0.5] if flips else []
-    out = []
-    for array in arrays:
-        lead = array.ndim - dims
-        if flipped:
-            array = np.flip(array, [lead + a for a in flipped])
-        if turns:
-            array = np.rot90(array, turns, axes=(array.ndim - 2, array.ndim - 1))
-        out.append(np.ascontiguousarray(array))
-    return out
-
-
-def gray_values(image: np.ndarray, rng: np.random.Generator, gamma: bool = True) -> np.ndarray:
-    """Random gray-value variation: gamma in [0.7, 1.43] (only for an image scaled to [0, 1]),
-    contrast in [0.8, 1.25] about the patch mean, brightness ±0.1 of the patch's spread."""
-    g = math.exp(rng.uniform(math.log(0.7), -math.log(0.7)))
-    contrast = rng.uniform(0.8, 1.25)
-    brightness = rng.uniform(-0.1, 0.1)
-    if gamma:
-        image = np.clip(image, 0.0, 1.0) ** np.float32(g)
-        spread = 1.0
-    else:
-        spread = float(image.std()) or 1.0
-    mean = float(image.mean())
-    return ((image - mean) * contrast + mean + brightness * spread).astype(np.float32)
-
-
-# --- the patch dataset ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PatchSpec:
-    """Everything a data-loader worker needs to make any patch; small and picklable."""
-
-    images: str
-    images_axes: str
-    labels: str
-    labels_axes: str
-    weights: str | None
-    weights_axes: str | None
-    regions: tuple[Region, ...]
-    dims: int
-    input_size: int  # the model's valid input (the patch)
-    margin: int  # context per side: labels and weights are cropped by it
-    seed: int
-    length: int  # samples in all (steps × batch size)
-    stats: DataStats
-    normalization: Normalization
-    class_weights: tuple[float, float]
-    w0: float = 10.0
-    sigma: float = 5.0
-    foreground_bias: float = 0.0
-    elastic: bool = True
-    elastic_sigma: float = 10.0
-    elastic_grid: int = 3
-    flips: bool = True
-    rotations: bool = True
-    gray: bool = True
-    mirror: str = "reflect"
-
-    @property
-    def output_size(self) -> int:
-        return self.input_size - 2 * self.margin
-
-    @property
-    def pad(self) -> int:
-        """Extra pixels read per side so that the displaced patch still lies on real data."""
-        return math.ceil(3 * self.elastic_sigma) if self.elastic and self.elastic_sigma > 0 else 0
-
-
-class PatchDataset(Dataset):
-    """Training patches read lazily from Zarr; sample ``i`` depends only on ``(seed, i)``.
-
-    Each item is ``(image (C, *input), classes (*output) int64, weights (*output) float32)``.
-    Sources are opened on first use in each process, so the dataset can go to loader workers.
-    """
-
-    def __init__(self, spec: PatchSpec):
-        self.spec = spec
-        self._sources: tuple[Any, Any, Any] | None = None
-        sizes = np.array([math.prod(r.shape) for r in spec.regions], np.float64)
-        self._region_p = sizes / sizes.sum()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_sources": None}
-
-    def __len__(self) -> int:
-        return self.spec.length
-
-    def sources(self) -> tuple[Any, Any, Any]:
-        if self._sources is None:
-            s = self.spec
-            self._sources = (storage.open_image(s.images, s.images_axes), storage.open_image(s.labels, s.labels_axes),
-                             storage.open_image(s.weights, s.weights_axes) if s.weights else None)
-        return self._sources
-
-    def sample_box(self, rng: np.random.Generator) -> tuple[Region, Box]:
-        """Where a patch's output lies: uniform over the training regions or, with probability
-        ``foreground_bias``, around a grid cell that holds labels (the cell is half the
-        output's size, so the output holds the whole cell)."""
-        s = self.spec
-        out = s.output_size
-        fg = s.stats.foreground
-        if rng.random() < s.foreground_bias and len(fg):
-            r, *offset = (int(v) for v in fg[int(rng.integers(len(fg)))])
-            region = s.regions[r]
-            centre = [int(rng.integers(o, min(o + s.stats.cell, n))) for o, n in zip(offset, region.shape)]
-            start = [min(max(c - out // 2, 0), n - out) if n >= out else (n - out) // 2
-                     for c, n in zip(centre, region.shape)]
-        else:
-            region = s.regions[int(rng.choice(len(s.regions), p=self._region_p))]
-            # a region smaller than the output is centred, its labels mirrored like its image
-            start = [int(rng.integers(0, n - out + 1)) if n >= out else (n - out) // 2 for n in region.shape]
-        return region, Box(tuple(start), (out,) * s.dims)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        s = self.spec
-        rng = np.random.default_rng([s.seed, int(index)])
-        images, labels, weights = self.sources()
-        region, out_box = self.sample_box(rng)
-        in_box = out_box.grow(s.margin)
-        read_box = in_box.grow(s.pad)
-
-        image = Normalization(scale_integers=s.normalization.scale_integers)(
-            region.read_mirrored(images, read_box, s.mirror))
-        label = region.read_mirrored(labels, read_box, s.mirror)[0]
-        weight = region.read_mirrored(weights, read_box, s.mirror)[0].astype(np.float32) if weights else None
-
-        if s.elastic:  # one field for all, over the input patch; labels are later cropped from it
-            field = elastic_field(in_box.shape, rng, s.elastic_sigma, s.elastic_grid, limit=s.pad)
-            image = np.stack([deform(c, field, 3, s.pad) for c in image])
-            label = deform(label, field, 0, s.pad)
-            weight = deform(weight, field, 0, s.pad) if weight is not None else None
-        parts = flip_rotate([image, label] + ([weight] if weight is not None else []), rng, s.dims, s.flips, s.rotations)
-        image, label = parts[0], parts[1]
-        weight = parts[2] if weight is not None else None
-        if s.gray:
-            image = gray_values(image, rng, gamma=s.normalization.scale_integers and np.issubdtype(images.dtype, np.integer))
-        image = _standardize(image, s.normalization)
-
-        cells = label > 0
-        if weight is None:  # eq. 2 on the whole input patch, so distances see the context
-            instances = ndimage.label(cells)[0] if s.stats.mask else label
-            weight = weight_map(instances, s.w0, s.sigma, class_weights=s.class_weights)
-        crop = (slice(s.margin, s.margin + s.output_size),) * s.dims
-        return (torch.from_numpy(np.ascontiguousarray(image, np.float32)),
-                torch.from_numpy(cells[crop].astype(np.int64)),
-                torch.from_numpy(np.ascontiguousarray(weight[crop], np.float32)))
-
-
-def _standardize(image: np.ndarray, norm: Normalization) -> np.ndarray:
-    """The mean/std part of :class:`Normalization`, in the same float32 arithmetic."""
-    if norm.mean != 0.0:
-        image = image - np.float32(norm.mean)
-    if norm.std != 1.0:
-        image = image * np.float32(1.0 / norm.std)
-    return image.astype(np.float32, copy=False)
-
-
-def _worker_init(worker_id: int) -> None:
-    """Loader workers: one torch thread each, and their own seeded global generators."""
-    torch.set_num_threads(1)
-    seed = torch.utils.data.get_worker_info().seed
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 # --- loss ----------------------------------------------------------------------------------
@@ -735,6 +397,7 @@ def plan_training(settings: TrainSettings) -> TrainJob:
         regions=tuple(train_regions), dims=dims, input_size=tile, margin=model.margin, seed=s.seed,
         length=s.steps * s.batch_size, stats=stats, normalization=model.normalization,
         class_weights=class_weights, w0=s.w0, sigma=s.sigma, foreground_bias=s.foreground_bias,
+        spacing=tuple(labels.scale.get(a, 1.0) for a in labels.spatial_axes)[-dims:],
         elastic=s.elastic and s.elastic_sigma > 0, elastic_sigma=s.elastic_sigma, elastic_grid=s.elastic_grid,
         flips=s.flips, rotations=s.rotations, gray=s.gray, mirror=s.mirror,
     )
@@ -760,6 +423,7 @@ def train(
     settings: TrainSettings,
     on_start: Callable[[TrainJob], None] | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    job: TrainJob | None = None,
 ) -> TrainSummary:
     """Train a U-Net; the Python entry point behind ``overtile train``.
 
@@ -771,9 +435,12 @@ def train(
     on_step : callable, optional
         Called after every step with its log row (``step``, ``loss``, ``lr``, ``seconds`` and,
         on validation steps, the scores).
+    job : TrainJob, optional
+        The job :func:`plan_training` made of ``settings`` (a flow plans in a stage of its
+        own); planned here otherwise. Its model is trained in place: plan anew to train again.
     """
     s = settings
-    job = plan_training(s)  # every check before anything is written
+    job = job or plan_training(s)  # every check before anything is written
     if s.threads:
         torch.set_num_threads(s.threads)
     device = torch.device(job.device)
@@ -786,7 +453,7 @@ def train(
         optimizer = torch.optim.SGD(model.parameters(), lr=job.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=job.lr, weight_decay=s.weight_decay)
-    amp = AMP[s.amp] if device.type == "cuda" else None
+    amp = AUTOCAST[s.autocast] if device.type == "cuda" else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
 
     # resume: model, optimiser, scaler and generators exactly as they were after step `start`
@@ -812,7 +479,7 @@ def train(
     # data: the samples of steps start+1 .. steps, in order; each a function of (seed, index)
     loader = DataLoader(
         PatchDataset(job.spec), batch_size=s.batch_size, sampler=range(start * s.batch_size, s.steps * s.batch_size),
-        num_workers=s.num_workers, worker_init_fn=_worker_init, pin_memory=device.type == "cuda",
+        num_workers=s.loader_workers, worker_init_fn=seed_loader_worker, pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(s.seed),  # the loader never draws from the global generator
         persistent_workers=False,
     )
@@ -866,22 +533,3 @@ def train(
         log.close()
     return TrainSummary(start, step, time.perf_counter() - clock, loss_value, best.get("step"),
                         {k: v for k, v in best.items() if k != "step"}, job.out)
-
-
-__all__ = [
-    "TrainSettings",
-    "TrainJob",
-    "TrainSummary",
-    "PatchDataset",
-    "PatchSpec",
-    "Region",
-    "split_regions",
-    "data_stats",
-    "elastic_field",
-    "deform",
-    "flip_rotate",
-    "gray_values",
-    "weighted_cross_entropy",
-    "plan_training",
-    "train",
-]

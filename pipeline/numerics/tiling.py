@@ -1,6 +1,6 @@
 """Overlap-tile inference on in-memory arrays: plan tiles, mirror, run in batches, stitch.
 
-This is the exact reference path that the blockwise Zarr path (:mod:`pipeline.predict`) calls
+This is the exact reference path that the blockwise Zarr path (:mod:`pipeline.jobs.predict`) calls
 for each block. Arrays are channel first: images ``(C, *spatial)``, logits ``(K, *spatial)``.
 
 Exactness (valid nets). A valid U-Net with ``depth`` levels pools ``depth - 1`` times, so it
@@ -24,10 +24,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from pipeline.geometry import Box, mirror_indices
-from pipeline.unet import UNet
+from pipeline.numerics.geometry import Box, mirror_indices
+from pipeline.numerics.unet import UNet
 
 Reader = Callable[[Box], np.ndarray]
+Runner = Callable[[torch.nn.Module, Sequence[np.ndarray], 'torch.dtype | None'], list[np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ def gaussian_window(shape: Sequence[int], sigma_scale: float = 0.125) -> np.ndar
     return np.maximum(window, 1e-6).astype(np.float32)
 
 
-def _model_device(model: torch.nn.Module) -> tuple[torch.device, torch.memory_format]:
+def model_device(model: torch.nn.Module) -> tuple[torch.device, torch.memory_format]:
     weight = next(model.parameters())
     fmt = torch.contiguous_format
     if weight.ndim == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
@@ -164,10 +165,12 @@ def run_tiles(
     batches: Sequence[np.ndarray],
     autocast: torch.dtype | None = None,
 ) -> list[np.ndarray]:
-    """Forward each batch ``(N, C, *tile)`` through ``model``; float32 logits back on the host."""
-    device, fmt = _model_device(model)
-    if device.type == "cuda" and batches:
-        return _run_tiles_cuda(model, batches, device, fmt, autocast)
+    """Forward each batch ``(N, C, *tile)`` through ``model``; float32 logits back on the host.
+
+    The plain path, for a model on the CPU; :func:`pipeline.jobs.inference.run_tiles` adds
+    the GPU's streams and pinned buffers and falls back to this one.
+    """
+    device, fmt = model_device(model)
     out = []
     with torch.inference_mode():
         for batch in batches:
@@ -178,52 +181,18 @@ def run_tiles(
     return out
 
 
-def _run_tiles_cuda(
-    model: torch.nn.Module,
-    batches: Sequence[np.ndarray],
-    device: torch.device,
-    fmt: torch.memory_format,
-    autocast: torch.dtype | None,
-) -> list[np.ndarray]:
-    """The GPU path: each batch is uploaded from pinned host memory on a side stream one batch
-    ahead of the compute stream (the next upload overlaps this forward pass); results come
-    back into pinned buffers without blocking; one synchronisation at the end."""
-    copy, compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
-
-    def upload(batch: np.ndarray) -> tuple[torch.Tensor, torch.cuda.Event]:
-        host = torch.from_numpy(np.ascontiguousarray(batch)).pin_memory()
-        with torch.cuda.stream(copy):
-            x = host.to(device, non_blocking=True)  # the caching host allocator keeps `host` until done
-            ready = torch.cuda.Event()
-            ready.record(copy)
-        return x, ready
-
-    results = []
-    with torch.inference_mode():
-        pending = upload(batches[0])
-        for i in range(len(batches)):
-            x, ready = pending
-            if i + 1 < len(batches):
-                pending = upload(batches[i + 1])
-            compute.wait_event(ready)
-            x.record_stream(compute)
-            with torch.autocast("cuda", dtype=autocast, enabled=autocast is not None):
-                y = model(x.contiguous(memory_format=fmt))
-            host_out = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
-            host_out.copy_(y.float(), non_blocking=True)
-            results.append(host_out)
-    compute.synchronize()
-    return [r.numpy() for r in results]
-
-
 def predict_region(
     model: UNet,
     plan: TilePlan,
     image: np.ndarray,
     batch_size: int = 1,
     autocast: torch.dtype | None = None,
+    runner: Runner | None = None,
 ) -> np.ndarray:
     """Logits ``(K, *plan.region.shape)`` from a normalised ``image`` that covers ``plan.read``.
+
+    ``runner`` forwards the batches (default :func:`run_tiles`); the device code of the jobs
+    passes its own.
 
     Valid nets: tile outputs are cropped and placed (overlaps agree exactly). Same-padding
     nets: tile outputs are blended with :func:`gaussian_window`.
@@ -231,7 +200,7 @@ def predict_region(
     region = plan.region
     crops = [image[(slice(None), *t.input.relative_to(plan.read))] for t in plan.tiles]
     batches = [np.stack(crops[i : i + batch_size]) for i in range(0, len(crops), batch_size)]
-    logits = [y for batch in run_tiles(model, batches, autocast) for y in batch]
+    logits = [y for batch in (runner or run_tiles)(model, batches, autocast) for y in batch]
     k = logits[0].shape[0]
     out = np.zeros((k, *region.shape), dtype=np.float32)
     if not plan.blend:

@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.errors import InputError
-from pipeline.geometry import Box
+from pipeline.numerics.geometry import Box
 
 # The border term is dropped only where it is below this; far below the 1e-4 that the fast
 # map promises against the naive one.
@@ -156,7 +156,7 @@ def weight_map(
     cells, w0, sigma, class_weights, spacing = _normalise(labels, w0, sigma, class_weights, spacing, binary)
     weights = _class_term(cells, class_weights)
     if w0 > 0:
-        d1, d2 = _nearest_two_in_reach(cells, spacing, _reach(w0, sigma))
+        d1, d2 = _nearest_two_in_reach(cells, spacing, reach(w0, sigma))
         _add_border_term(weights, cells, d1, d2, w0, sigma)
     return weights
 
@@ -187,7 +187,7 @@ def weight_map_naive(
 # --- internals ---------------------------------------------------------------------------
 
 
-def _reach(w0: float, sigma: float) -> float:
+def reach(w0: float, sigma: float) -> float:
     """The distance ``R`` beyond which ``w0 * exp(-R**2 / (2 sigma**2))`` < the tolerance."""
     return sigma * math.sqrt(2.0 * max(math.log(w0 / BORDER_TOLERANCE), 0.0))
 

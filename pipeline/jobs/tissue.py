@@ -18,7 +18,6 @@ Features, as pathologists' tools threshold them:
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
@@ -27,6 +26,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.errors import InputError
+from pipeline.numerics.threshold import blocks_touching, feature, otsu
 
 TissueMethod = Literal["all", "auto", "saturation", "bright", "dark"]
 MAX_MASK_PIXELS = 4096 * 4096
@@ -51,54 +51,6 @@ class TissueMask:
         """Boolean over the block grid: True where a block, grown by ``margin`` full-resolution
         pixels (the model's context), overlaps tissue."""
         return blocks_touching(self.mask, self.factor, shape, block_shape, margin)
-
-
-def blocks_touching(mask: np.ndarray, factor: Sequence[float], shape: Sequence[int], block_shape: Sequence[int],
-                    margin: int = 0) -> np.ndarray:
-    """For each block of ``shape`` in ``block_shape`` blocks: does it, grown by ``margin``,
-    overlap a True pixel of the low-resolution ``mask``? One summed-area table, no loop over
-    blocks (a terabyte slide has hundreds of thousands)."""
-    nd = len(shape)
-    table = np.zeros(tuple(n + 1 for n in mask.shape), dtype=np.int64)
-    table[tuple(slice(1, None) for _ in range(nd))] = mask
-    for axis in range(nd):
-        table = np.cumsum(table, axis=axis)
-    starts, stops = [], []
-    for axis in range(nd):
-        edges = np.arange(0, shape[axis], block_shape[axis])
-        lo = np.maximum(edges - margin, 0) / factor[axis]
-        hi = np.minimum(edges + block_shape[axis] + margin, shape[axis]) / factor[axis]
-        lo = np.clip(np.floor(lo).astype(np.int64), 0, mask.shape[axis] - 1)
-        hi = np.clip(np.ceil(hi).astype(np.int64), lo + 1, mask.shape[axis])
-        starts.append(lo)
-        stops.append(hi)
-    total = np.zeros(tuple(len(s) for s in starts), dtype=np.int64)
-    for corner in itertools.product((0, 1), repeat=nd):  # inclusion-exclusion over the box corners
-        index = np.ix_(*[stops[a] if c else starts[a] for a, c in enumerate(corner)])
-        total += (-1) ** (nd - sum(corner)) * table[index]
-    return total > 0
-
-
-def otsu(values: np.ndarray) -> float:
-    """Otsu's threshold of ``values`` (scikit-image's), or +inf when they are all equal."""
-    from skimage.filters import threshold_otsu
-
-    values = values[np.isfinite(values)]
-    if values.size == 0 or values.min() == values.max():
-        return math.inf
-    return float(threshold_otsu(values))
-
-
-def feature(image: np.ndarray, method: str) -> np.ndarray:
-    """The per-pixel feature a method thresholds, from a channel-first low-resolution image."""
-    image = image.astype(np.float32)
-    if method == "saturation":
-        if image.shape[0] != 3:
-            raise InputError(f"tissue 'saturation' needs an RGB image (3 channels); this one has {image.shape[0]}")
-        high, low = image.max(axis=0), image.min(axis=0)
-        return np.where(high > 0, (high - low) / np.maximum(high, 1e-12), 0.0)
-    intensity = image.mean(axis=0)
-    return -intensity if method == "dark" else intensity
 
 
 def _low_resolution(source: storage.ImageSource) -> tuple[np.ndarray, tuple[float, ...], str]:

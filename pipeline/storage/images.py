@@ -22,7 +22,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from pipeline.errors import InputError
-from pipeline.geometry import Box
+from pipeline.numerics.geometry import Box
 
 AXES_CHOICES = ("yx", "cyx", "zyx", "czyx", "yxc", "zyxc")
 AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
@@ -66,7 +66,7 @@ def _axes_from_ome(ms: dict[str, Any]) -> str:
     return "".join(str(n).lower() for n in names)
 
 
-def _scale_from_ome(ms: dict[str, Any], level: int = 0) -> list[float] | None:
+def scale_from_ome(ms: dict[str, Any], level: int = 0) -> list[float] | None:
     for t in ms["datasets"][level].get("coordinateTransformations", []):
         if t.get("type") == "scale":
             return [float(s) for s in t["scale"]]
@@ -150,14 +150,13 @@ def _check_axes(url: str, axes: str, ndim: int) -> str:
     return axes
 
 
-def open_image(url: str, axes: str | None = None, allow_bool: bool = False) -> ImageSource:
-    """Open an input image for reading, checking everything that can be checked up front.
+def open_zarr_image(url: str, axes: str | None = None, allow_bool: bool = False) -> ImageSource:
+    """Open a Zarr input image for reading, checking everything that can be checked up front.
 
     Parameters
     ----------
     url : str
-        A Zarr array, or an OME-Zarr image group (its full-resolution level is used), or a
-        TIFF-based slide (SVS, NDPI, OME-TIFF, ...), read in place by :mod:`pipeline.slides`.
+        A Zarr array, or an OME-Zarr image group (its full-resolution level is used).
     axes : str, optional
         The stored axes of a plain array (``"yx"``, ``"cyx"``, ``"zyx"``, ``"czyx"``,
         ``"yxc"``); 2-D arrays default to ``"yx"``. Ignored when it agrees with OME-Zarr
@@ -171,10 +170,6 @@ def open_image(url: str, axes: str | None = None, allow_bool: bool = False) -> I
         Missing path, not Zarr, axes that do not fit, unsupported dtype, empty array.
     """
     url = str(url)
-    from pipeline import slides  # here, not at the top: slides imports this module
-
-    if slides.is_tiff(url):  # SVS, NDPI, OME-TIFF, ...: read in place, tile by tile (pipeline.slides)
-        return slides.open_source(url, axes)
     node = _open_node(url)
     scale: dict[str, float] = {}
     units: dict[str, str] = {}
@@ -196,7 +191,7 @@ def open_image(url: str, axes: str | None = None, allow_bool: bool = False) -> I
             raise InputError(f"{url}: OME-Zarr metadata names dataset {path!r}, which is missing") from None
         axes = ome_axes
         levels = [node[d["path"]] for d in ms["datasets"][1:] if d["path"] in node]
-        values = _scale_from_ome(ms)
+        values = scale_from_ome(ms)
         if values and len(values) == len(ome_axes):
             scale = dict(zip(ome_axes, values))
         for a in ms.get("axes", []):

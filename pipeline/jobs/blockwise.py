@@ -1,0 +1,450 @@
+"""The one shape of every blockwise job: plan -> run the pending blocks on Dask -> summary
+-> pyramid.
+
+- **plan** (``plan_*`` of each job, no cluster): normalise the settings, validate every input
+  and the output, create or reopen the output with its :class:`~pipeline.storage.Ledger`
+  (keyed by the run's :func:`fingerprint`), and return a :class:`BlockwiseJob`: small,
+  frozen, sent with every block task.
+- **prepare** (:meth:`BlockwiseJob.prepare`, on the cluster, optional): global passes the
+  blocks need (the weight map's class counts and instance labelling). Idempotent: what it
+  finds it writes into the output, so a retry or rerun does not redo it.
+- **run** (:func:`run_blocks`): every block the ledger does not mark finished, one Dask task
+  each. A task reads its own input, writes its own (chunk-aligned) output and marks its
+  block, then returns a small record: only block descriptions and records cross the
+  scheduler, never pixels. A killed worker's blocks are redone by Dask; a killed client
+  loses only the blocks in flight. A block whose input is at fault (a tile that does not
+  decode) is not retried: its :class:`InputError` comes back as one line naming the block.
+- **finish** (:meth:`BlockwiseJob.finish`): the output pyramid under the finished blocks.
+
+:func:`execute` strings these together for the CLI and the Python API; ``flows/`` calls the
+same stages as Prefect tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Callable, ClassVar, Iterable, Iterator, Sequence, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline import storage
+from pipeline.errors import InputError
+
+DEFAULT_BLOCK = {2: 2048, 3: 256}  # px per edge: a terabyte is tens of thousands of blocks
+
+# What a worker process's allocator should keep: without this, Dask's Nanny starts workers
+# with MALLOC_TRIM_THRESHOLD_=65536 and glibc hands every forward pass's freed activations
+# back to the kernel, to fault them in again on the next pass (see bench/allocator.py).
+WORKER_ENVIRONMENT: dict[str, str] = {
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+    "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
+    "MALLOC_TOP_PAD_": str(1 << 26),
+}
+
+
+# The settings every blockwise job has, declared once: each job's settings model uses these
+# (so the CLI, the Python API and the flows name, default and describe them alike).
+BlockSize = Annotated[int | None, Field(ge=16, description="Block edge in pixels: the unit of distributed work and "
+                                        "the output chunk (default 2048 in 2-D, 256 in 3-D)")]
+Workers = Annotated[int | None, Field(ge=1, description="Worker processes of the local Dask cluster (default: one per "
+                                      "core, or one per GPU)")]
+Scheduler = Annotated[str | None, Field(description="Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 "
+                                        "(default: start a local cluster)")]
+Overwrite = Annotated[bool, Field(description="Replace an existing output instead of resuming it")]
+
+
+class BlockwiseSettings(BaseModel):
+    """Base of every blockwise job's settings: frozen, no unknown fields. Each job declares
+    ``block_size``, ``workers``, ``scheduler`` and ``overwrite`` with the types above, where
+    they fit its form (a base class's fields would come first in every form; a test checks
+    that each job has them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def block_shape(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
+        """The block edge (given or the default for 2-D / 3-D), clipped to the image."""
+        edge = getattr(self, "block_size", None) or DEFAULT_BLOCK[len(spatial_shape)]
+        return tuple(min(edge, int(n)) for n in spatial_shape)
+
+
+def absolute_paths(settings: BlockwiseSettings, *fields: str) -> Any:
+    """``settings`` with the named path fields made absolute (workers may run elsewhere)."""
+    return settings.model_copy(update={f: storage.absolute(getattr(settings, f)) for f in fields
+                                       if getattr(settings, f) is not None})
+
+
+def fingerprint(**parts: Any) -> str:
+    """What determines an output's values, as a hash: a rerun with another fingerprint must
+    not resume into the output (its ledger refuses it)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Pending:
+    """What is left of a job: the blocks to compute, how many the ledger marks finished, and
+    how many are not wanted (no tissue)."""
+
+    blocks: list[Any]
+    skipped: int
+    background: int = 0
+
+    @property
+    def total(self) -> int:
+        return len(self.blocks) + self.skipped + self.background
+
+    def remaining(self, ledger: storage.Ledger) -> "Pending":
+        """These blocks less those the ledger now marks finished (a retried stage sees what
+        the failed attempt finished)."""
+        done = ledger.done()
+        return Pending([b for b in self.blocks if not done[b.index]], int(done.sum()), self.background)
+
+
+@dataclass(frozen=True)
+class BlockwiseJob:
+    """A planned job: what every block task needs, small enough to send with each task.
+
+    Subclasses (one per job) add their fields and implement :meth:`blocks` and
+    :meth:`run_block`; the rest has defaults.
+    """
+
+    kind: ClassVar[str] = "blocks"
+
+    output: str
+    ledger: storage.Ledger
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        """Prefix of the run's Dask keys: one per fingerprint *and* output, so two runs of the
+        same settings into different outputs on a shared scheduler never share a task."""
+        return f"{self.kind}-{hashlib.sha256((self.fingerprint + self.output).encode()).hexdigest()[:12]}"
+
+    @property
+    def gpu(self) -> bool:
+        """Whether the blocks need a GPU worker (they then ask for the ``GPU`` resource)."""
+        return False
+
+    def blocks(self) -> Iterable[Any]:
+        """Every block of the job, in order."""
+        raise NotImplementedError
+
+    def pending(self, wanted: np.ndarray | None = None) -> Pending:
+        """The blocks the ledger does not mark finished; with ``wanted`` (boolean over the
+        ledger's grid), only those it marks True, the others counted as background."""
+        done = self.ledger.done()
+        todo, background = [], 0
+        for block in self.blocks():
+            if done[block.index]:
+                continue
+            if wanted is None or wanted[block.index]:
+                todo.append(block)
+            else:
+                background += 1
+        return Pending(todo, int(done.sum()), background)
+
+    def read_block(self, block: Any) -> Any:
+        """With read-ahead (:attr:`prefetch`), the block's input, read in a task of its own."""
+        raise NotImplementedError
+
+    @property
+    def prefetch(self) -> bool:
+        """Read each block in a task of its own (no GPU needed), so a worker reads the next
+        block while it computes this one."""
+        return False
+
+    def run_block(self, block: Any, *prefetched: Any) -> dict[str, Any]:
+        """The block's work, in a worker: read, compute, write, mark the ledger; a record back."""
+        raise NotImplementedError
+
+    def prepare(self, client: Any) -> "BlockwiseJob":
+        """Global passes the blocks need, on the cluster, before them; returns the job the
+        blocks run with (this one, or one that holds what the passes found)."""
+        return self
+
+    def wants_prepare(self) -> bool:
+        """Whether :meth:`prepare` has work left (so a cluster must start for it)."""
+        return False
+
+    def wants_finish(self, computing: int) -> bool:
+        """Whether :meth:`finish` has work (e.g. a pyramid to build) after ``computing`` blocks."""
+        return False
+
+    def finish(self, client: Any) -> int:
+        """After the blocks (the pyramid under the finished ones); returns levels written."""
+        return 0
+
+
+J = TypeVar("J", bound=BlockwiseJob)
+
+
+@dataclass
+class RunSummary:
+    """What a blockwise run did; ``records`` are the block tasks' return values."""
+
+    total: int
+    skipped: int
+    records: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    failed: list[str] = field(default_factory=list)  # "block key: error" of blocks that failed
+    background: int = 0  # blocks without tissue, not computed (left at the fill value)
+
+    @property
+    def done(self) -> int:
+        return len(self.records)
+
+    @property
+    def pixels(self) -> int:
+        return sum(r.get("pixels", 0) for r in self.records)
+
+    @property
+    def megapixels_per_second(self) -> float:
+        return self.pixels / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+# --- Dask ------------------------------------------------------------------------------------
+
+
+def default_workers() -> int:
+    """The cores this process may use, as Dask counts them: affinity, and cgroup CPU quotas
+    (a Kubernetes pod's limit, a SLURM job's cgroup), not the host's core count."""
+    from dask.system import CPU_COUNT
+
+    return max(1, int(CPU_COUNT))
+
+
+@contextlib.contextmanager
+def dask_client(scheduler: str | None = None, workers: int | None = None, gpu: bool = False) -> Iterator[Any]:
+    """A Dask client: of an existing cluster at ``scheduler`` (or Dask's ``scheduler-address``
+    setting, e.g. the ``DASK_SCHEDULER_ADDRESS`` environment variable), else of a LocalCluster.
+
+    On CPU the LocalCluster has one task slot per core, spread over ``workers`` processes
+    (default: one per core); each task computes on one thread. With ``gpu`` it has one
+    worker per GPU (or ``workers``), each offering the Dask resource ``GPU=1``. Workers start
+    with :data:`WORKER_ENVIRONMENT` (an allocator that keeps freed memory). The dashboard is
+    served on 127.0.0.1 only.
+    """
+    import dask
+    from distributed import Client, LocalCluster
+
+    scheduler = scheduler or dask.config.get("scheduler-address", None)  # e.g. DASK_SCHEDULER_ADDRESS in a pod
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="20s")
+        except OSError as exc:
+            raise InputError(f"{scheduler}: cannot reach a Dask scheduler ({exc})") from None
+        with client:
+            yield client
+        return
+    if gpu:
+        import torch
+
+        n = workers or max(1, torch.cuda.device_count())
+        slots, resources = 2, {"GPU": 1}  # GPU=1: one block computes; the other slot reads the next
+    else:
+        n = workers or default_workers()
+        slots, resources = max(1, default_workers() // n), None
+    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_ENVIRONMENT}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=slots,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            resources=resources,
+            silence_logs=logging.ERROR,
+        )
+    with cluster, Client(cluster) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def client_or_cluster(client: Any | None, scheduler: str | None, workers: int | None, gpu: bool = False) -> Iterator[Any]:
+    """``client`` if one is given, else one of :func:`dask_client`, closed on exit."""
+    if client is not None:
+        yield client
+        return
+    with dask_client(scheduler, workers, gpu=gpu) as own:
+        yield own
+
+
+def _block_task(block: Any, job: BlockwiseJob, *prefetched: Any) -> dict[str, Any]:
+    """The Dask task: the job's block work. A bad input is the input's fault, not the
+    worker's: it comes back as a record (no retries, no traceback in the worker's log)."""
+    try:
+        return job.run_block(block, *prefetched)
+    except InputError as exc:
+        return {"block": block.key, "input_error": str(exc)}
+
+
+def _read_task(block: Any, job: BlockwiseJob) -> Any:
+    try:
+        return job.read_block(block)
+    except InputError as exc:
+        return InputError(str(exc))  # handed to the block task, which raises it there
+
+
+def _unwrap(block: Any, job: BlockwiseJob, image: Any) -> dict[str, Any]:
+    if isinstance(image, InputError):
+        return {"block": block.key, "input_error": str(image)}
+    return _block_task(block, job, image)
+
+
+def run_blocks(
+    client: Any,
+    job: BlockwiseJob,
+    blocks: Sequence[Any],
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+    failures: list[str] | None = None,
+    retries: int = 2,
+) -> list[dict[str, Any]]:
+    """Run ``job.run_block`` for every block as one Dask task each (in this process, one after
+    another, when ``client`` is None); return their records.
+
+    ``on_result`` is called in this process for every finished block (progress bars, Prefect
+    artifacts). By default the first failure cancels the remaining tasks and is raised here
+    (an :class:`InputError` naming the block when the input is at fault); with a ``failures``
+    list every block is tried and each failure is appended as ``"key: error"``. Either way
+    finished blocks stay in the ledger. CUDA jobs' blocks ask for the ``GPU`` resource; with
+    ``job.prefetch`` each block's read is a task of its own that needs no GPU, its result
+    staying on the worker.
+    """
+    if not blocks:
+        return []
+    if client is None:
+        return _run_here(job, blocks, on_result, failures)
+    from distributed import as_completed
+
+    resources = {"GPU": 1} if job.gpu else None
+    keys = [f"{job.name}-{b.key}" for b in blocks]
+    reads: list[Any] = []
+    if job.prefetch:
+        reads = client.map(_read_task, blocks, [job] * len(blocks), key=[f"read-{k}" for k in keys],
+                           retries=retries, pure=False)
+        futures = client.map(_unwrap, blocks, [job] * len(blocks), reads, key=keys, resources=resources,
+                             retries=retries, pure=False)
+    else:
+        futures = client.map(_block_task, blocks, [job] * len(blocks), key=keys, resources=resources,
+                             retries=retries, pure=False)
+    records = []
+    try:
+        for future in as_completed(futures):
+            if future.status == "error":
+                if failures is None:
+                    raise future.exception()
+                failures.append(f"{str(future.key).removeprefix(job.name + '-')}: {future.exception()!r}")
+                continue
+            record = future.result()
+            if "input_error" in record:
+                if failures is None:
+                    raise InputError(f"{record['input_error']} (block {record['block']})")
+                failures.append(f"{record['block']}: {record['input_error']}")
+                continue
+            records.append(record)
+            if on_result is not None:
+                on_result(record)
+    except BaseException:
+        client.cancel(futures + reads)
+        raise
+    return records
+
+
+def _run_here(job: Any, blocks: Sequence[Any], on_result: Callable[[dict[str, Any]], None] | None,
+              failures: list[str] | None) -> list[dict[str, Any]]:
+    """The blocks one after another in this process (no cluster): small jobs, and ingest by default."""
+    records = []
+    for block in blocks:
+        try:
+            record = job.run_block(block)
+        except InputError as exc:
+            if failures is None:
+                raise InputError(f"{exc} (block {block.key})") from None
+            failures.append(f"{block.key}: {exc}")
+            continue
+        except Exception as exc:
+            if failures is None:
+                raise
+            failures.append(f"{block.key}: {exc!r}")
+            continue
+        records.append(record)
+        if on_result is not None:
+            on_result(record)
+    return records
+
+
+def run_pending(
+    job: J,
+    planned: Pending,
+    client: Any,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+    failures: list[str] | None = None,
+    on_start: Callable[[J, Pending], None] | None = None,
+) -> tuple[J, RunSummary]:
+    """The run stage: global passes (:meth:`~BlockwiseJob.prepare`), then the planned
+    blocks the ledger still lacks (read afresh, so a retried stage does only what is missing).
+    ``on_start`` sees what is left just before the blocks start."""
+    start = time.perf_counter()
+    job = job.prepare(client)
+    pending = planned.remaining(job.ledger)
+    if on_start is not None:
+        on_start(job, pending)
+    records = run_blocks(client, job, pending.blocks, on_result, failures)
+    return job, RunSummary(pending.total, pending.skipped, records, time.perf_counter() - start,
+                           list(failures or []), pending.background)
+
+
+def execute(
+    plan: Callable[[Any], tuple[J, Pending]],
+    settings: BlockwiseSettings,
+    client: Any | None = None,
+    on_plan: Callable[[J, Pending], None] | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+    failures: list[str] | None = None,
+    in_process: bool = False,
+) -> tuple[J, RunSummary]:
+    """A blockwise job end to end, the shape behind every job's Python entry point:
+    ``plan(settings)`` (every check, before any cluster starts), then a cluster (``client``,
+    or one of ``settings``) only when there is something to compute, the pending blocks and
+    :meth:`~BlockwiseJob.finish`.
+
+    ``on_plan(job, pending)`` is called once before the blocks; ``on_result`` with each
+    finished block's record; ``failures``: see :func:`run_blocks`. ``in_process``: no
+    cluster; the blocks run one after another in this process.
+    """
+    start = time.perf_counter()
+    job, planned = plan(settings)
+    if on_plan is not None:
+        on_plan(job, planned)
+    summary = RunSummary(planned.total, planned.skipped, [], 0.0, [], planned.background)
+    if in_process:
+        job, summary = run_pending(job, planned, None, on_result, failures)
+        if not summary.failed and job.wants_finish(summary.done):
+            job.finish(None)
+    elif planned.blocks or job.wants_prepare() or job.wants_finish(len(planned.blocks)):
+        with client_or_cluster(client, settings.scheduler, settings.workers, job.gpu) as client:
+            job, summary = run_pending(job, planned, client, on_result, failures)
+            if not summary.failed and job.wants_finish(summary.done):
+                job.finish(client)
+    summary.seconds = time.perf_counter() - start
+    return job, summary
+
+
+class Stopwatch:
+    """Accumulates named durations: ``with watch("read"): ...``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start

@@ -1,0 +1,129 @@
+"""The model on a worker: the device it runs on, loaded once per process, and its forward
+passes, on the GPU with streams and pinned memory.
+
+What the block tasks of :mod:`pipeline.jobs.predict` call; the numerics they feed
+(:mod:`pipeline.numerics.tiling`) stay free of device code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.errors import InputError
+from pipeline.numerics import tiling
+from pipeline.numerics.unet import UNet, model_from_payload, read_checkpoint
+
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str, remote: bool = False) -> str:
+    """``auto`` becomes ``cuda`` where this process sees a GPU. With ``remote`` (the blocks run
+    on another cluster, whose workers may have GPUs this planning machine lacks) ``cuda`` is
+    taken on trust: the blocks then wait for workers offering the ``GPU`` resource."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not remote and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available here (and no --scheduler of a GPU cluster given)")
+    return device
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_MODELS: dict[tuple[Any, ...], UNet] = {}
+
+
+def cached_model(path: str, device: str, channels_last: bool) -> UNet:
+    """The model, loaded once per worker process and kept (keyed by file, device, format).
+
+    On CPU every forward pass runs on one thread: convolution results depend (in the last
+    bit) on torch's thread count, so parallelism comes from Dask task slots instead, which
+    keeps the output bit-identical whatever the cluster layout. Two one-thread streams are
+    also faster than one two-thread stream on these CPUs.
+    """
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size, device, channels_last)
+    model = _MODELS.get(key)
+    if model is None:
+        if device == "cpu":
+            torch.set_num_threads(1)
+        model = model_from_payload(read_checkpoint(path), path).eval().to(device)
+        if channels_last:
+            fmt = torch.channels_last if model.dims == 2 else torch.channels_last_3d
+            model = model.to(memory_format=fmt)
+        _MODELS.clear()  # one model per process: a new checkpoint replaces the old one
+        _MODELS[key] = model
+    return model
+
+
+_GEOMETRY: dict[tuple[Any, ...], UNet] = {}
+
+
+def model_geometry(path: str) -> UNet:
+    """The model on the CPU, for its size arithmetic and normalisation only: what a read task
+    needs, which may run on a worker without a GPU (its weights are never used there)."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _GEOMETRY:
+        _GEOMETRY.clear()
+        _GEOMETRY[key] = model_from_payload(read_checkpoint(path), path)
+    return _GEOMETRY[key]
+
+
+def run_tiles(model: torch.nn.Module, batches: Sequence[np.ndarray], autocast: torch.dtype | None = None) -> list[np.ndarray]:
+    """Forward each batch ``(N, C, *tile)``; float32 logits back on the host. On CUDA the
+    uploads and downloads overlap the compute (:func:`_run_tiles_cuda`), elsewhere this is
+    :func:`pipeline.numerics.tiling.run_tiles`."""
+    device, fmt = tiling.model_device(model)
+    if device.type == "cuda" and batches:
+        return _run_tiles_cuda(model, batches, device, fmt, autocast)
+    return tiling.run_tiles(model, batches, autocast)
+
+
+def _run_tiles_cuda(
+    model: torch.nn.Module,
+    batches: Sequence[np.ndarray],
+    device: torch.device,
+    fmt: torch.memory_format,
+    autocast: torch.dtype | None,
+) -> list[np.ndarray]:
+    """The GPU path: each batch is uploaded from pinned host memory on a side stream one batch
+    ahead of the compute stream (the next upload overlaps this forward pass); results come
+    back into pinned buffers without blocking; one synchronisation at the end."""
+    copy, compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+
+    def upload(batch: np.ndarray) -> tuple[torch.Tensor, torch.cuda.Event]:
+        host = torch.from_numpy(np.ascontiguousarray(batch)).pin_memory()
+        with torch.cuda.stream(copy):
+            x = host.to(device, non_blocking=True)  # the caching host allocator keeps `host` until done
+            ready = torch.cuda.Event()
+            ready.record(copy)
+        return x, ready
+
+    results = []
+    with torch.inference_mode():
+        pending = upload(batches[0])
+        for i in range(len(batches)):
+            x, ready = pending
+            if i + 1 < len(batches):
+                pending = upload(batches[i + 1])
+            compute.wait_event(ready)
+            x.record_stream(compute)
+            with torch.autocast("cuda", dtype=autocast, enabled=autocast is not None):
+                y = model(x.contiguous(memory_format=fmt))
+            host_out = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
+            host_out.copy_(y.float(), non_blocking=True)
+            results.append(host_out)
+    compute.synchronize()
+    return [r.numpy() for r in results]

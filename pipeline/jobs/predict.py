@@ -1,0 +1,279 @@
+"""Blockwise overlap-tile inference from Zarr (or a slide read in place) to OME-Zarr.
+
+:func:`plan_prediction` checks every input once and turns :class:`PredictSettings` into a
+:class:`PredictJob` (geometry resolved, output created, ledger read, tissue mask applied);
+:meth:`PredictJob.run_block` is the Dask task, run once per block in a worker process;
+:func:`predict` runs the whole thing (the shape of :mod:`pipeline.jobs.blockwise`). The
+settings model is the one the CLI and the Prefect flows use.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Literal
+
+import numpy as np
+import zarr
+from pydantic import Field, field_validator
+
+from pipeline import storage
+from pipeline.errors import InputError
+from pipeline.jobs.blockwise import (
+    BlockSize,
+    BlockwiseJob,
+    BlockwiseSettings,
+    Overwrite,
+    Pending,
+    RunSummary,
+    Scheduler,
+    Stopwatch,
+    Workers,
+    absolute_paths,
+    execute,
+    fingerprint,
+)
+from pipeline.jobs.inference import AUTOCAST, cached_model, file_digest, model_geometry, resolve_device, run_tiles
+from pipeline.jobs.pyramid import build_pyramid
+from pipeline.jobs.tissue import TissueMethod, tissue_mask
+from pipeline.numerics.downsample import level_shapes
+from pipeline.numerics.geometry import Block, Box, block_at, block_grid
+from pipeline.numerics.tiling import plan_tiles, predict_region, read_mirrored, softmax
+from pipeline.numerics.unet import model_from_payload, read_checkpoint
+
+OutputKind = Literal["probabilities", "labels"]
+
+
+class PredictSettings(BlockwiseSettings):
+    """Everything a prediction run needs; shared by the CLI, the Python API and the flows."""
+
+    input: str = Field(description="Input image: a Zarr array, an OME-Zarr image, or a TIFF-based slide (SVS, NDPI, OME-TIFF) read in place (path or URL)")
+    output: str = Field(description="Output OME-Zarr image to write (path or URL); IMAGE/labels/NAME makes labels an NGFF label image of the input")
+    model: str = Field(description="U-Net checkpoint file written by overtile")
+    axes: str | None = Field(None, description="Axes of a plain Zarr array, e.g. yx, cyx, zyx, czyx, yxc")
+    block_size: BlockSize = None
+    tile_size: int | None = Field(None, ge=8, description="Largest tile input edge for one forward pass (default 1212 in 2D)")
+    overlap: float = Field(0.5, ge=0.0, lt=1.0, description="Same-padding models only: fraction of a tile shared with its neighbour (blended)")
+    batch_size: int = Field(1, ge=1, description="Tiles per forward pass")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs")
+    workers: Workers = None
+    scheduler: Scheduler = None
+    output_kind: OutputKind = Field("probabilities", description="Softmax probabilities per class, or the argmax labels (uint8)")
+    dtype: Literal["float32", "float16", "uint8"] = Field("float32", description="Probability dtype; uint8 stores round(255·p)")
+    mirror: Literal["reflect", "symmetric"] = Field("reflect", description="Mirroring at the image border, in numpy's words")
+    autocast: Literal["none", "bf16", "fp16"] = Field("none", description="Mixed precision (changes the numbers slightly)")
+    channels_last: bool = Field(True, description="channels_last memory format (same numbers, about 2× faster on CPU)")
+    tissue: TissueMethod = Field("all", description="Which blocks to compute: all, or those with tissue in a low-resolution mask: "
+                                 "saturation (Otsu on HSV saturation; brightfield H&E), bright / dark (Otsu on intensity; "
+                                 "fluorescence / brightfield), auto (saturation for RGB, else bright)")
+    tissue_threshold: float | None = Field(None, description="A fixed threshold on the tissue feature instead of Otsu's "
+                                           "(saturation 0-1; intensity in the image's units)")
+    tissue_mask: str | None = Field(None, description="A mask image (any resolution, nonzero = tissue) choosing the blocks to compute")
+    prefetch: bool | None = Field(None, description="Read each block in a Dask task of its own, so that the next block is "
+                                  "read while this one computes (default: on CUDA)")
+    pyramid: bool = Field(True, description="Also write downsampled levels (mean of probabilities, nearest labels) to the multiscales")
+    overwrite: Overwrite = False
+
+    @field_validator("axes")
+    @classmethod
+    def _lower(cls, v: str | None) -> str | None:
+        return v.lower() if v else v
+
+
+@dataclass(frozen=True)
+class PredictJob(BlockwiseJob):
+    """A planned prediction: what every block task needs, small enough to send with each."""
+
+    kind: ClassVar[str] = "predict"
+
+    settings: PredictSettings
+    device: str
+    spatial_shape: tuple[int, ...]
+    block_shape: tuple[int, ...]
+    tile_size: int
+    output_shape: tuple[int, ...]
+    output_dtype: str
+    tissue: str = ""  # how the tissue mask was made, for the summary ("" without one)
+
+    @property
+    def output_array(self) -> str:
+        return f"{self.output.rstrip('/')}/0"
+
+    @property
+    def gpu(self) -> bool:
+        return self.device == "cuda"
+
+    @property
+    def prefetch(self) -> bool:
+        """Read-ahead: by default on CUDA, where the GPU must not wait for the next block."""
+        return self.settings.prefetch if self.settings.prefetch is not None else self.gpu
+
+    def blocks(self) -> list[Block]:
+        grid = block_grid(self.spatial_shape, self.block_shape)
+        return [block_at(i, self.spatial_shape, self.block_shape) for i in np.ndindex(*grid)]
+
+    def read_block(self, block: Block) -> np.ndarray:
+        """The block's input with its context (mirrored at the image border), normalised: what
+        the tiles of :meth:`run_block` cut from. With read-ahead, a Dask task of its own,
+        which may run on any worker (it needs no GPU)."""
+        s = self.settings
+        source = storage.cached_image(s.input, s.axes, self.fingerprint)
+        model = model_geometry(s.model)
+        plan = plan_tiles(model, block.write, self.tile_size, s.overlap)
+        raw = read_mirrored(source.read, plan.read, self.spatial_shape, s.mirror)
+        if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+            raise InputError(f"{s.input}: NaN or Inf values near block {block.write}")
+        return model.normalization(raw)
+
+    def run_block(self, block: Block, image: np.ndarray | None = None) -> dict[str, Any]:
+        """Read the block and its context (unless read-ahead passed ``image``), run its tiles,
+        write it, mark it done."""
+        s = self.settings
+        watch = Stopwatch()
+        with watch("load"):
+            model = cached_model(s.model, self.device, s.channels_last)
+        plan = plan_tiles(model, block.write, self.tile_size, s.overlap)
+        if image is None:
+            with watch("read"):
+                image = self.read_block(block)
+        with watch("compute"):
+            logits = predict_region(model, plan, image, s.batch_size, AUTOCAST[s.autocast], runner=run_tiles)
+            result = encode_output(logits, s.output_kind, self.output_dtype)
+        with watch("write"):
+            array = storage.open_array(self.output_array)
+            array[(Ellipsis, *block.write.slices())] = result if array.ndim == result.ndim else result[0]
+            self.ledger.mark(block)
+        return {"block": block.key, "pixels": block.write.size, "tiles": len(plan.tiles),
+                "worker_pid": os.getpid(), **{f"{k}_s": v for k, v in watch.seconds.items()}}
+
+    def wants_finish(self, computing: int) -> bool:
+        """Build the pyramid when blocks are computed now, or when an earlier run left none."""
+        if not self.settings.pyramid or not level_shapes(self.output_shape, len(self.spatial_shape)):
+            return False
+        if computing:
+            return True
+        group = zarr.open_group(store=self.output, mode="r")
+        return len(storage.ome_metadata(dict(group.attrs))["datasets"]) == 1
+
+    def finish(self, client: Any) -> int:
+        """Levels 1, 2, ... of the output (mean of probabilities, nearest labels), below the
+        blocks that are finished; returns how many levels."""
+        kind = "nearest" if self.settings.output_kind == "labels" else "mean"
+        return build_pyramid(client, self.output, kind, present=self.ledger.done())
+
+
+def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[PredictJob, Pending]:
+    """Check the inputs, create or reopen the output, read the ledger, apply the tissue mask.
+
+    Returns the job and what is pending. Every check that can fail on user input happens
+    before the output is touched. ``remote``: the blocks run on a cluster elsewhere (also
+    implied by ``scheduler`` or Dask's ``scheduler-address``), so ``device="cuda"`` is not
+    checked against this machine.
+    """
+    settings = absolute_paths(settings, "input", "output", "model", "tissue_mask")
+    source = storage.open_image(settings.input, settings.axes)
+    model = model_from_payload(read_checkpoint(settings.model), settings.model)
+    cfg = model.config
+    nd = len(source.spatial_shape)
+    if cfg.dims != nd:
+        raise InputError(f"{settings.model}: a {cfg.dims}-D model; {settings.input} has {nd} spatial axes ({source.spatial_axes})")
+    if cfg.in_channels != source.channels:
+        raise InputError(f"{settings.model}: the model expects {cfg.in_channels} input channel(s); {settings.input} has {source.channels}")
+    import dask
+
+    remote = remote or bool(settings.scheduler or dask.config.get("scheduler-address", None))
+    device = resolve_device(settings.device, remote=remote)
+    block_shape = settings.block_shape(source.spatial_shape)
+    tile = settings.tile_size or (1212 if nd == 2 else model.min_input_size(4 * model.factor))
+    try:
+        plan_tiles(model, Box.from_shape((max(block_shape),) * nd), tile, settings.overlap)  # validates the tile size
+        tile = model.max_input_size(tile)
+    except ValueError as exc:
+        raise InputError(f"--tile-size {settings.tile_size or tile}: {exc}") from None
+    into_image = storage.label_parent(settings.input, settings.output)
+    if into_image and settings.output_kind != "labels":
+        raise InputError(f"{settings.output}: only labels go under an image's labels/ group (use --output labels)")
+    channel_axis = not (into_image and "c" not in source.axes)  # an NGFF label image has its image's axes
+    if settings.output_kind == "labels":
+        out_shape, out_dtype = ((1,) if channel_axis else ()) + tuple(source.spatial_shape), "uint8"
+    else:
+        out_shape, out_dtype = (cfg.num_classes, *source.spatial_shape), settings.dtype
+    if settings.output_kind == "labels" and cfg.num_classes > 255:
+        raise InputError(f"{settings.model}: {cfg.num_classes} classes do not fit uint8 labels")
+    if source.dtype.kind == "f":
+        check_finite(source)
+    existed = storage.check_output(settings.output, out_shape, out_dtype, settings.overwrite)
+    mask = tissue_mask(source, settings.tissue, settings.tissue_threshold, settings.tissue_mask)
+    run = fingerprint(
+        input=settings.input, stamp=storage.stamp(source), model=file_digest(settings.model),
+        block=block_shape, tile=tile, kind=settings.output_kind, dtype=out_dtype,
+        overlap=settings.overlap if cfg.padding == "same" else None,  # valid nets ignore it
+        mirror=settings.mirror, autocast=settings.autocast,
+    )
+    scale = ([1.0] if channel_axis else []) + [source.scale.get(a, 1.0) for a in source.spatial_axes]
+    storage.create_image(
+        settings.output, out_shape, ((out_shape[0],) if channel_axis else ()) + tuple(block_shape), out_dtype,
+        ("c" if channel_axis else "") + source.spatial_axes,
+        name=settings.output_kind, scale=scale, units=source.units, overwrite=settings.overwrite,
+        attrs={"overtile": {"input": settings.input, "model": str(settings.model), "output_kind": settings.output_kind}},
+    )
+    if into_image:
+        storage.register_label(into_image, settings.output, cfg.num_classes)
+    grid = block_grid(source.spatial_shape, block_shape)
+    ledger = storage.Ledger.prepare(settings.output, grid, run, overwrite=settings.overwrite or not existed)
+    done = ledger.done()
+    wanted = np.ones(grid, bool) if mask is None else mask.blocks(source.spatial_shape, block_shape, model.margin + 1)
+    blocks = [block_at(index, source.spatial_shape, block_shape) for index in np.argwhere(wanted & ~done)]
+    tissue = "" if mask is None else (
+        f"{mask.method}{'' if mask.threshold is None else f' > {mask.threshold:.3g}'} on {mask.source}: "
+        f"{100 * mask.fraction:.2g}% tissue")
+    job = PredictJob(
+        output=settings.output, ledger=ledger, fingerprint=run, settings=settings, device=device,
+        spatial_shape=source.spatial_shape, block_shape=block_shape, tile_size=tile, output_shape=out_shape,
+        output_dtype=out_dtype, tissue=tissue,
+    )
+    return job, Pending(blocks, int(done.sum()), int((~wanted & ~done).sum()))
+
+
+def check_finite(source: storage.ImageSource) -> None:
+    """Raise if a float image holds NaN or Inf anywhere (read chunk by chunk, not at once)."""
+    import dask.array as da
+
+    array = da.from_zarr(source.array)
+    if bool((~da.isfinite(array)).any().compute(scheduler="threads")):
+        raise InputError(f"{source.url}: NaN or Inf values in the image; clean them before prediction")
+
+
+def encode_output(logits: np.ndarray, kind: str, dtype: str) -> np.ndarray:
+    """Logits ``(K, ...)`` to what is stored: probabilities in ``dtype`` or uint8 argmax labels."""
+    if kind == "labels":
+        return logits.argmax(axis=0).astype(np.uint8)[None]
+    p = softmax(logits)
+    if dtype == "uint8":
+        return np.rint(p * 255).astype(np.uint8)
+    return p.astype(dtype)
+
+
+def predict(
+    settings: PredictSettings,
+    client: Any | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+    on_plan: Callable[[PredictJob, Pending], None] | None = None,
+    failures: list[str] | None = None,
+) -> tuple[PredictJob, RunSummary]:
+    """Run overlap-tile prediction blockwise on Dask; the Python entry point behind the CLI.
+
+    Parameters
+    ----------
+    settings : PredictSettings
+    client : distributed.Client, optional
+        Use this client; otherwise connect to ``settings.scheduler`` or start a LocalCluster.
+    on_result : callable, optional
+        Called with each finished block's record (progress).
+    on_plan : callable, optional
+        Called once with ``(job, pending)`` before the blocks start.
+    failures : list, optional
+        Try every block and collect the failed ones here (``"key: error"``) instead of
+        stopping at the first.
+    """
+    return execute(plan_prediction, settings, client, on_plan, on_result, failures)

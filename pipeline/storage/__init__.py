@@ -1,0 +1,34 @@
+"""Storage: images in and out (Zarr, OME-Zarr, slides read in place) and the ledger of a run.
+
+The names most callers need are here; each lives in the module that owns it:
+:mod:`~pipeline.storage.images` (Zarr and OME-Zarr images, outputs and label images),
+:mod:`~pipeline.storage.slides` (TIFF-based slides and pictures),
+:mod:`~pipeline.storage.sources` (the one door for inputs, and their stamps),
+:mod:`~pipeline.storage.ledger` (finished blocks).
+"""
+
+from pipeline.storage.images import (
+    AXES_CHOICES,
+    OME_VERSION,
+    OUTPUT_CODEC,
+    ImageSource,
+    absolute,
+    check_output,
+    checked_source,
+    create_image,
+    is_url,
+    label_parent,
+    multiscales,
+    ome_metadata,
+    open_output,
+    register_label,
+    scale_from_ome,
+)
+from pipeline.storage.ledger import Ledger, open_array
+from pipeline.storage.sources import cached_image, open_image, stamp
+
+__all__ = [
+    "AXES_CHOICES", "OME_VERSION", "OUTPUT_CODEC", "ImageSource", "Ledger", "absolute", "cached_image",
+    "check_output", "checked_source", "create_image", "is_url", "label_parent", "multiscales", "ome_metadata",
+    "open_array", "open_image", "open_output", "register_label", "scale_from_ome", "stamp",
+]
