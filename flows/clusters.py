@@ -2,7 +2,7 @@
 Kubernetes pods through the dask-kubernetes operator.
 
 The specs are data (YAML) and this module only reads them and hands them on, so one file
-serves a standalone scheduler (``python -m pipeline.clusters``), a Prefect
+serves a standalone scheduler (``python -m flows.clusters``), a Prefect
 ``DaskTaskRunner`` (its ``cluster_kwargs``) and, for Kubernetes, ``kubectl apply``. Neither
 cluster library is a dependency of overtile: install the ``cluster`` extra
 (``pip install 'overtile[cluster]'``).
@@ -12,7 +12,7 @@ Examples
 A scheduler on a login node, whose address ``overtile predict --scheduler`` (or a flow's
 ``scheduler`` setting) takes; GPU worker jobs are submitted while blocks wait:
 
-    $ python -m pipeline.clusters slurm --profile overtile-gpu --jobs 8 --port 8786
+    $ python -m flows.clusters slurm --profile overtile-gpu --jobs 8 --port 8786
 
 The same spec as a Prefect task runner (one cluster per flow run, see deploy/slurm/on_slurm.py):
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import secrets
 import sys
 import time
@@ -36,10 +37,11 @@ import yaml
 
 from pipeline.errors import InputError
 
-# Relative to the directory the cluster is started in: the repository root, where
-# `prefect deploy` ran and where flow runs start (or /opt/overtile in the container image).
-SLURM_SPEC = "deploy/slurm/cluster.yaml"
-KUBERNETES_MANIFEST = "deploy/kubernetes/daskcluster.yaml"
+# The deploy/ folder beside this package (the repository's, or /opt/overtile/deploy in the
+# container image), wherever the process was started; OVERTILE_DEPLOY names another.
+DEPLOY = Path(os.environ.get("OVERTILE_DEPLOY") or Path(__file__).resolve().parents[1] / "deploy")
+SLURM_SPEC = DEPLOY / "slurm" / "cluster.yaml"
+KUBERNETES_MANIFEST = DEPLOY / "kubernetes" / "daskcluster.yaml"
 
 # dask-jobqueue's configuration keys whose keyword argument is not the key with '_' for '-'.
 _JOBQUEUE_KWARG = {"name": "job_name"}
@@ -133,7 +135,7 @@ def kubernetes_cluster(manifest: str | Path = KUBERNETES_MANIFEST, name: str | N
     workers). Deleted again when the cluster is closed.
 
     ``name`` defaults to the manifest's name plus a random suffix, so concurrent flow runs
-    (``DaskTaskRunner(cluster_class="pipeline.clusters.kubernetes_cluster")``) each get their
+    (``DaskTaskRunner(cluster_class="flows.clusters.kubernetes_cluster")``) each get their
     own. Needs the dask-kubernetes operator in the cluster and RBAC to create its resources
     (``deploy/kubernetes/rbac.yaml``). ``kwargs`` go to ``KubeCluster`` (``namespace``, ...).
     """
@@ -149,9 +151,9 @@ def kubernetes_cluster(manifest: str | Path = KUBERNETES_MANIFEST, name: str | N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipeline.clusters slurm ...``: a standalone scheduler that submits SLURM
+    """``python -m flows.clusters slurm ...``: a standalone scheduler that submits SLURM
     worker jobs on demand, printing the address to give ``overtile predict --scheduler``."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.clusters", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m flows.clusters", description=main.__doc__)
     sub = parser.add_subparsers(dest="kind", required=True)
     slurm = sub.add_parser("slurm", help="a scheduler here, Dask workers as SLURM jobs (dask-jobqueue)")
     slurm.add_argument("--spec", default=SLURM_SPEC, help=f"the spec file (default {SLURM_SPEC})")

@@ -21,10 +21,83 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("command", [[], ["predict"], ["weights"], ["train"], ["model"], ["model", "init"], ["model", "info"]])
+@pytest.mark.parametrize("command", [[], ["predict"], ["weights"], ["train"], ["ingest"], ["model"], ["model", "init"],
+                                     ["model", "info"]])
 def test_help_on_every_command(command):
     result = run_cli(*command, "--help")
     assert result.returncode == 0 and "usage: overtile" in result.stdout
+
+
+SETTINGS = {  # command -> (settings model, positional fields)
+    "predict": ("pipeline.jobs.predict:PredictSettings", ("input", "output")),
+    "weights": ("pipeline.jobs.weights:WeightSettings", ("labels", "output")),
+    "ingest": ("pipeline.jobs.ingest:IngestSettings", ("slide", "output")),
+    "train": ("pipeline.jobs.train:TrainSettings", ()),
+}
+
+
+def _model(path: str):
+    import importlib
+
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _subparser(command: str):
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    return next(a for a in parser._actions if a.dest == "command").choices[command]
+
+
+@pytest.mark.parametrize("command", sorted(SETTINGS))
+def test_every_settings_field_has_its_option_with_the_models_help(command):
+    """The command line is made from the settings model: every field has its option (or
+    positional), with the field's description as help, and nothing the model lacks."""
+    model, positional = SETTINGS[command]
+    model = _model(model)
+    actions = {a.dest: a for a in _subparser(command)._actions if a.dest not in ("help", "quiet", "preview")}
+    assert set(actions) == set(model.model_fields)
+    for name, info in model.model_fields.items():
+        action = actions[name]
+        assert action.help.replace("%%", "%").startswith(info.description), name
+        assert (not action.option_strings) == (name in positional), name
+
+
+@pytest.mark.parametrize("command", sorted(SETTINGS))
+def test_the_command_line_defaults_are_the_models(command):
+    """Only what the user gives is passed on: parsing the required arguments alone gives
+    exactly the model's defaults, so the two can never disagree."""
+    from pipeline.cli import _settings
+
+    model, positional = SETTINGS[command]
+    model = _model(model)
+    required = [n for n, f in model.model_fields.items() if f.is_required()]
+    argv = [command] + [f"/x/{n}" for n in positional]
+    for name in required:
+        if name not in positional:
+            argv += ["--" + name.replace("_", "-"), f"/x/{name}"]
+    from pipeline.cli import build_parser
+
+    parsed = _settings(model, build_parser().parse_args(argv))
+    assert parsed == model(**{n: f"/x/{n}" for n in required})
+
+
+def test_options_that_were_missing_are_there(tmp_path):
+    """Flags the hand-written parser had forgotten, now generated from the models."""
+    from pipeline.cli import _settings, build_parser
+
+    predict = build_parser().parse_args(["predict", "i", "o", "--model", "m", "--prefetch", "--no-channels-last"])
+    s = _settings(_model(SETTINGS["predict"][0]), predict)
+    assert s.prefetch is True and s.channels_last is False
+    train = build_parser().parse_args(["train", "--images", "i", "--labels", "l", "--out", "o", "--weight-decay", "0.01",
+                                       "--elastic-sigma", "4", "--elastic-grid", "5", "--mirror", "symmetric",
+                                       "--val-tile-size", "300", "--labels-kind", "instances", "--val-slices", "2-4", "7",
+                                       "--loader-workers", "2", "--autocast", "bf16"])
+    s = _settings(_model(SETTINGS["train"][0]), train)
+    assert (s.weight_decay, s.elastic_sigma, s.elastic_grid, s.mirror, s.val_tile_size, s.labels_kind) == \
+        (0.01, 4.0, 5, "symmetric", 300, "instances")
+    assert s.val_slices == (2, 3, 4, 7) and s.loader_workers == 2 and s.autocast == "bf16"
 
 
 def test_model_init_then_predict_end_to_end(tmp_path):

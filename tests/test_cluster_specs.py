@@ -359,3 +359,12 @@ def test_slurm_flows_carry_a_slurmcluster_task_runner(monkeypatch, entrypoint, n
     assert ("--gres=gpu:1" in runner.cluster_kwargs.get("job_extra_directives", [])) == gpu
     assert ("GPU=1" in runner.cluster_kwargs["worker_extra_args"]) == gpu
     assert runner.adapt_kwargs == {"minimum_jobs": 0, "maximum_jobs": jobs}
+
+
+def test_specs_are_found_from_any_working_directory(monkeypatch, tmp_path):
+    """The default spec paths are the deploy/ folder beside the package, not the process's
+    working directory (a Prefect worker may start flow runs anywhere)."""
+    monkeypatch.chdir(tmp_path)
+    assert clusters.SLURM_SPEC.is_file() and clusters.KUBERNETES_MANIFEST.is_file()
+    assert clusters.slurm_cluster_kwargs("overtile-cpu")["cores"] >= 1
+    assert clusters.kubernetes_specs()[0]["kind"] == "DaskCluster"
