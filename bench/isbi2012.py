@@ -38,10 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.metrics import score_segmentation
-from pipeline.tiling import overlap_tile, softmax
-from pipeline.train import TrainSettings, train
-from pipeline.unet import load_model, num_parameters
+from pipeline.numerics.metrics import score_segmentation
+from pipeline.numerics.tiling import overlap_tile, softmax
+from pipeline.jobs.train import TrainSettings, train
+from pipeline.numerics.unet import load_model, num_parameters
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isbi2012"
 PAPER = {"pixel_error": 0.0611, "rand_error": 0.0382}  # test set, hidden labels; warping error 0.000353

@@ -138,7 +138,7 @@ def child(args: argparse.Namespace) -> None:
     """One slide, in its own process: plan, segment, measure."""
     from distributed import Client, LocalCluster, get_task_stream
 
-    from pipeline.predict import PredictSettings, plan_prediction, predict
+    from pipeline.jobs.predict import PredictSettings, plan_prediction, predict
 
     slide = json.loads(args.slide)
     settings = PredictSettings(input=slide["url"], output=str(Path(args.workdir) / f"pred-{slide['edge']}.zarr"),
@@ -189,7 +189,7 @@ def main() -> int:
 
     import torch
 
-    from pipeline.unet import UNet, num_parameters, save_model
+    from pipeline.numerics.unet import UNet, num_parameters, save_model
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="overtile-terabyte-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
-"""Benchmark the U-Net weight map (:func:`pipeline.weights.weight_map`) against its naive
-definition (:func:`pipeline.weights.weight_map_naive`, one distance transform per cell over
+"""Benchmark the U-Net weight map (:func:`pipeline.numerics.weightmap.weight_map`) against its naive
+definition (:func:`pipeline.numerics.weightmap.weight_map_naive`, one distance transform per cell over
 the whole image), on CPU.
 
 One run measures:
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from pipeline.weights import weight_map, weight_map_naive
+from pipeline.numerics.weightmap import weight_map, weight_map_naive
 
 NUCLEI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nuclei"
 

@@ -193,6 +193,7 @@ class RunSummary:
     seconds: float = 0.0
     failed: list[str] = field(default_factory=list)  # "block key: error" of blocks that failed
     background: int = 0  # blocks without tissue, not computed (left at the fill value)
+    stages: dict[str, float] = field(default_factory=dict)  # seconds: plan, cluster, prepare, blocks, finish
 
     @property
     def done(self) -> int:
@@ -385,18 +386,23 @@ def run_pending(
     on_result: Callable[[dict[str, Any]], None] | None = None,
     failures: list[str] | None = None,
     on_start: Callable[[J, Pending], None] | None = None,
+    watch: "Stopwatch | None" = None,
 ) -> tuple[J, RunSummary]:
     """The run stage: global passes (:meth:`~BlockwiseJob.prepare`), then the planned
     blocks the ledger still lacks (read afresh, so a retried stage does only what is missing).
     ``on_start`` sees what is left just before the blocks start."""
+    watch = watch or Stopwatch()
     start = time.perf_counter()
-    job = job.prepare(client)
-    pending = planned.remaining(job.ledger)
+    with watch("prepare"):
+        job = job.prepare(client)
+        pending = planned.remaining(job.ledger)
     if on_start is not None:
         on_start(job, pending)
-    records = run_blocks(client, job, pending.blocks, on_result, failures)
+    with watch("blocks"):
+        records = run_blocks(client, job, pending.blocks, on_result, failures)
     return job, RunSummary(pending.total, pending.skipped, records, time.perf_counter() - start,
-                           list(failures or []), pending.background)
+                           list(failures or []), pending.background,
+                           {k: watch.seconds[k] for k in ("prepare", "blocks")})
 
 
 def execute(
@@ -417,21 +423,31 @@ def execute(
     finished block's record; ``failures``: see :func:`run_blocks`. ``in_process``: no
     cluster; the blocks run one after another in this process.
     """
-    start = time.perf_counter()
-    job, planned = plan(settings)
+    watch = Stopwatch()
+    with watch("plan"):
+        job, planned = plan(settings)
     if on_plan is not None:
         on_plan(job, planned)
     summary = RunSummary(planned.total, planned.skipped, [], 0.0, [], planned.background)
     if in_process:
-        job, summary = run_pending(job, planned, None, on_result, failures)
+        job, summary = run_pending(job, planned, None, on_result, failures, watch=watch)
         if not summary.failed and job.wants_finish(summary.done):
-            job.finish(None)
+            with watch("finish"):
+                job.finish(None)
     elif planned.blocks or job.wants_prepare() or job.wants_finish(len(planned.blocks)):
-        with client_or_cluster(client, settings.scheduler, settings.workers, job.gpu) as client:
-            job, summary = run_pending(job, planned, client, on_result, failures)
+        with watch("cluster"):  # its start here, its close below
+            stack = contextlib.ExitStack()
+            client = stack.enter_context(client_or_cluster(client, settings.scheduler, settings.workers, job.gpu))
+        try:
+            job, summary = run_pending(job, planned, client, on_result, failures, watch=watch)
             if not summary.failed and job.wants_finish(summary.done):
-                job.finish(client)
-    summary.seconds = time.perf_counter() - start
+                with watch("finish"):
+                    job.finish(client)
+        finally:
+            with watch("cluster"):
+                stack.close()
+    summary.stages = dict(watch.seconds)
+    summary.seconds = sum(watch.seconds.values())
     return job, summary
 
 

@@ -10,6 +10,7 @@ settings model is the one the CLI and the Prefect flows use.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal
 
@@ -129,6 +130,7 @@ class PredictJob(BlockwiseJob):
         """Read the block and its context (unless read-ahead passed ``image``), run its tiles,
         write it, mark it done."""
         s = self.settings
+        started = time.time()
         watch = Stopwatch()
         with watch("load"):
             model = cached_model(s.model, self.device, s.channels_last)
@@ -143,8 +145,8 @@ class PredictJob(BlockwiseJob):
             array = storage.open_array(self.output_array)
             array[(Ellipsis, *block.write.slices())] = result if array.ndim == result.ndim else result[0]
             self.ledger.mark(block)
-        return {"block": block.key, "pixels": block.write.size, "tiles": len(plan.tiles),
-                "worker_pid": os.getpid(), **{f"{k}_s": v for k, v in watch.seconds.items()}}
+        return {"block": block.key, "pixels": block.write.size, "tiles": len(plan.tiles), "worker_pid": os.getpid(),
+                "started": started, "finished": time.time(), **{f"{k}_s": v for k, v in watch.seconds.items()}}
 
     def wants_finish(self, computing: int) -> bool:
         """Build the pyramid when blocks are computed now, or when an earlier run left none."""
