@@ -368,3 +368,19 @@ def test_specs_are_found_from_any_working_directory(monkeypatch, tmp_path):
     assert clusters.SLURM_SPEC.is_file() and clusters.KUBERNETES_MANIFEST.is_file()
     assert clusters.slurm_cluster_kwargs("overtile-cpu")["cores"] >= 1
     assert clusters.kubernetes_specs()[0]["kind"] == "DaskCluster"
+
+
+def test_every_worker_spec_starts_workers_with_the_allocator_that_keeps_memory():
+    """The SLURM job scripts and the Kubernetes worker pods put the allocator setting of the
+    LocalCluster into the workers' environment before they start (glibc reads it then)."""
+    from pipeline.jobs.blockwise import WORKER_ENVIRONMENT
+
+    for profile in ("overtile-gpu", "overtile-cpu"):
+        prologue = " ".join(clusters.slurm_cluster_kwargs(profile)["job_script_prologue"])
+        for name, value in WORKER_ENVIRONMENT.items():
+            assert f"{name}={value}" in prologue, (profile, name)
+    cluster, groups = clusters.kubernetes_specs()
+    pods = [cluster["spec"]["worker"]["spec"]] + [g["spec"] for g in groups.values()]
+    for pod in pods:
+        env = {e["name"]: e["value"] for e in pod["containers"][0].get("env", [])}
+        assert env == {**env, **WORKER_ENVIRONMENT}

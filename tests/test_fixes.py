@@ -251,3 +251,43 @@ def test_resumed_binary_mask_run_does_not_relabel(client, tmp_path):
     assert instance_files() == labelled  # OUTPUT/instances untouched: no labelling pass
     np.testing.assert_array_equal(zarr.open_array(str(output / "0"), mode="r")[...], clean)
 
+
+
+def _faults_per_allocation(megabytes: int = 64, rounds: int = 4) -> dict:
+    """In a worker's task thread: page faults of allocating and freeing a block's worth of
+    activation-sized buffers (256 KiB each, as a forward pass does), after a first round, and
+    what glibc read at the process's start."""
+    import resource
+
+    def once() -> None:
+        buffers = [np.ones(256 << 10, np.uint8) for _ in range(megabytes * 4)]
+        del buffers
+
+    once()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(rounds):
+        once()
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / rounds
+    environ = dict(v.split("=", 1) for v in open("/proc/self/environ").read().split("\0") if "=" in v)
+    return {"faults": faults, "environ": {k: v for k, v in environ.items() if k.startswith("MALLOC_")}}
+
+
+def test_workers_keep_freed_memory_instead_of_faulting_it_back(monkeypatch):
+    """Dask's Nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536: every freed block-sized
+    buffer goes back to the kernel and is faulted in again. overtile's workers start with an
+    allocator setting that keeps it, even when this process already carries Dask's (as it
+    does after a first LocalCluster)."""
+    from distributed import Client, LocalCluster
+
+    from pipeline.jobs.blockwise import WORKER_ENVIRONMENT, dask_client
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    with dask_client(workers=1) as client:
+        ours = client.submit(_faults_per_allocation, pure=False).result()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+        dasks = client.submit(_faults_per_allocation, pure=False).result()
+    assert ours["environ"] == {**ours["environ"], **WORKER_ENVIRONMENT}
+    pages = (64 << 20) // 4096
+    assert dasks["faults"] > pages / 2  # every round faults the buffer in again
+    assert ours["faults"] < pages / 20  # the memory is kept
