@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import log_plan, on_task_runner_cluster, preview_path, report, run_job
 from pipeline.jobs.blockwise import Pending, RunSummary
-from pipeline.jobs.predict import PredictJob, PredictSettings, plan_prediction
+from pipeline.jobs.predict import PredictJob, PredictSettings, compile_report, plan_prediction
 from pipeline.preview import preview_png
 
 
@@ -39,6 +39,8 @@ def summarise(job: PredictJob, summary: RunSummary) -> dict:
         get_run_logger().info("segment: preview written to %s", png)
     return report("segment", summary, {"input": s.input, "output": s.output, "model": s.model,
                                        "output kind": s.output_kind, "device": job.device,
+                                       "compiled model": compile_report(summary.records) if job.compile and summary.records
+                                       else "no (eager)",
                                        "tissue mask": job.tissue or "none (every block computed)",
                                        "failed blocks": "; ".join(summary.failed) or "none"}, png)
 

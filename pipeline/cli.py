@@ -57,7 +57,7 @@ def _settings(model: type[BaseModel], args: argparse.Namespace) -> Any:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from pipeline.jobs.predict import PredictSettings, predict
+    from pipeline.jobs.predict import PredictSettings, compile_report, predict
 
     settings = _settings(PredictSettings, args)
     bar = BlockBar("predict", args.quiet)
@@ -78,6 +78,8 @@ def _predict(args: argparse.Namespace) -> None:
         f"{summary.pixels / 1e6:.1f} MP in {summary.seconds:.1f} s = {summary.megapixels_per_second:.2f} MP/s\n"
         f"overtile: {settings.output_kind} written to {job.output} (array '0', shape {job.output_shape}, {job.output_dtype})"
     )
+    if job.compile and summary.records:
+        print(f"overtile: {compile_report(summary.records)}")
 
 
 def _weights(args: argparse.Namespace) -> None:

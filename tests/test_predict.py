@@ -276,3 +276,42 @@ def test_two_outputs_of_the_same_run_never_share_dask_tasks(client, image_2d, mo
         t.join()
     a, b = (zarr.open_array(str(tmp_path / f"{n}.zarr" / "0"), mode="r")[...] for n in ("a", "b"))
     assert not np.isnan(a).any() and np.array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_same_output_and_reports_its_compile_time(tmp_path):
+    """--compile: torch.compile once per worker process, reused across blocks (four blocks of
+    one tile shape: one compile); the output equals the eager run's within float rounding,
+    and the block that compiled says how long it took."""
+    from distributed import Client, LocalCluster
+
+    url = write_zarr(tmp_path / "in.zarr", cells((256, 256)))
+    model = make_model(tmp_path / "m.pt", depth=3, base_channels=4)
+    settings = PredictSettings(input=url, output=str(tmp_path / "eager.zarr"), model=str(model), block_size=128,
+                               tile_size=140, compile=False)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as c:
+        predict(settings, client=c)
+        job, summary = predict(settings.model_copy(update={"output": str(tmp_path / "compiled.zarr"), "compile": True}),
+                               client=c)
+    assert job.compile
+    compile_times = sorted((r["compile_s"] for r in summary.records), reverse=True)
+    notes = {r.get("compile_note", "") for r in summary.records}
+    if notes != {""}:
+        pytest.skip(f"torch.compile cannot run here: {notes}")
+    assert len(compile_times) == 4 and compile_times[0] > 0 and compile_times[1:] == [0.0, 0.0, 0.0]
+    eager = zarr.open_array(str(tmp_path / "eager.zarr" / "0"))[...]
+    compiled = zarr.open_array(str(tmp_path / "compiled.zarr" / "0"))[...]
+    np.testing.assert_allclose(compiled, eager, atol=1e-5)
+
+
+def test_compile_defaults_to_on_only_for_jobs_long_enough_to_pay_for_it(image_2d, model_2d, tmp_path):
+    from pipeline.jobs.inference import COMPILE_BREAK_EVEN_BLOCKS
+
+    url, _ = image_2d
+    small = PredictSettings(input=url, output=str(tmp_path / "a.zarr"), model=str(model_2d), block_size=128, workers=1)
+    assert not plan_prediction(small)[0].compile  # 9 blocks
+    many = small.model_copy(update={"output": str(tmp_path / "b.zarr"), "block_size": 16})
+    assert plan_prediction(many)[0].compile == (22 * 17 >= COMPILE_BREAK_EVEN_BLOCKS)
+    forced = small.model_copy(update={"output": str(tmp_path / "c.zarr"), "compile": True})
+    assert plan_prediction(forced)[0].compile

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -79,6 +80,49 @@ def model_geometry(path: str) -> UNet:
         _GEOMETRY.clear()
         _GEOMETRY[key] = model_from_payload(read_checkpoint(path), path)
     return _GEOMETRY[key]
+
+
+# A compiled forward pass pays for itself after this many blocks per task slot (2048² blocks
+# of 1212² tiles, 16-base net, 2 CPU cores: compile time / time saved per block; measured by
+# bench/predict.py, see bench/RESULTS.md). ``compile=None`` compiles above it.
+COMPILE_BREAK_EVEN_BLOCKS = 24
+
+_COMPILED: dict[int, tuple[torch.nn.Module, set[tuple[int, ...]]]] = {}
+_COMPILE_FAILED: list[str] = []
+
+
+def compiled_runner(model: UNet, shape: tuple[int, ...], autocast: torch.dtype | None = None) -> tuple[Any, float, str]:
+    """A runner (as :func:`run_tiles`) through ``torch.compile`` of the cached ``model``,
+    compiled once per worker process and reused across blocks, and the seconds spent now
+    compiling for this batch ``shape`` (0 once a shape is known; a new shape recompiles).
+
+    Where compiling fails (no C++ compiler on a CPU worker, an unsupported GPU), the eager
+    model runs instead and the third value says why.
+    """
+    if _COMPILE_FAILED:
+        return run_tiles, 0.0, _COMPILE_FAILED[0]
+    entry = _COMPILED.get(id(model))
+    if entry is None:
+        _COMPILED.clear()  # one model per process, as in cached_model
+        entry = _COMPILED[id(model)] = (torch.compile(model, dynamic=False), set())
+    module, shapes = entry
+    seconds = 0.0
+    if shape not in shapes:
+        device, fmt = tiling.model_device(model)
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                module(torch.zeros(shape, device=device).contiguous(memory_format=fmt))
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eager
+            _COMPILE_FAILED.append(f"torch.compile failed, eager instead ({type(exc).__name__}: {str(exc)[:200]})")
+            return run_tiles, 0.0, _COMPILE_FAILED[0]
+        seconds = time.perf_counter() - start
+        shapes.add(shape)
+
+    def runner(_: torch.nn.Module, batches: Sequence[np.ndarray], autocast: torch.dtype | None = None) -> list[np.ndarray]:
+        return run_tiles(module, batches, autocast)
+
+    return runner, seconds, ""
 
 
 def run_tiles(model: torch.nn.Module, batches: Sequence[np.ndarray], autocast: torch.dtype | None = None) -> list[np.ndarray]:

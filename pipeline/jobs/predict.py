@@ -31,10 +31,20 @@ from pipeline.jobs.blockwise import (
     Stopwatch,
     Workers,
     absolute_paths,
+    default_workers,
     execute,
     fingerprint,
 )
-from pipeline.jobs.inference import AUTOCAST, cached_model, file_digest, model_geometry, resolve_device, run_tiles
+from pipeline.jobs.inference import (
+    AUTOCAST,
+    COMPILE_BREAK_EVEN_BLOCKS,
+    cached_model,
+    compiled_runner,
+    file_digest,
+    model_geometry,
+    resolve_device,
+    run_tiles,
+)
 from pipeline.jobs.pyramid import build_pyramid
 from pipeline.jobs.tissue import TissueMethod, tissue_mask
 from pipeline.numerics.downsample import level_shapes
@@ -70,6 +80,10 @@ class PredictSettings(BlockwiseSettings):
     tissue_threshold: float | None = Field(None, description="A fixed threshold on the tissue feature instead of Otsu's "
                                            "(saturation 0-1; intensity in the image's units)")
     tissue_mask: str | None = Field(None, description="A mask image (any resolution, nonzero = tissue) choosing the blocks to compute")
+    compile: bool | None = Field(None, description="torch.compile the model, once per worker process and reused across "
+                                 "blocks (the compile time is in the summary; same numbers within float rounding). "
+                                 "Default: on when each task slot has enough blocks to pay for compiling "
+                                 f"({COMPILE_BREAK_EVEN_BLOCKS} or more)")
     prefetch: bool | None = Field(None, description="Read each block in a Dask task of its own, so that the next block is "
                                   "read while this one computes (default: on CUDA)")
     pyramid: bool = Field(True, description="Also write downsampled levels (mean of probabilities, nearest labels) to the multiscales")
@@ -95,6 +109,7 @@ class PredictJob(BlockwiseJob):
     output_shape: tuple[int, ...]
     output_dtype: str
     tissue: str = ""  # how the tissue mask was made, for the summary ("" without one)
+    compile: bool = False  # torch.compile, as the settings ask or the job's length decides
 
     @property
     def output_array(self) -> str:
@@ -138,15 +153,21 @@ class PredictJob(BlockwiseJob):
         if image is None:
             with watch("read"):
                 image = self.read_block(block)
+        runner, compiling, compile_note = run_tiles, 0.0, ""
+        if self.compile:
+            shape = (min(s.batch_size, len(plan.tiles)), image.shape[0], *plan.tiles[0].input.shape)
+            runner, compiling, compile_note = compiled_runner(model, shape, AUTOCAST[s.autocast])
         with watch("compute"):
-            logits = predict_region(model, plan, image, s.batch_size, AUTOCAST[s.autocast], runner=run_tiles)
+            logits = predict_region(model, plan, image, s.batch_size, AUTOCAST[s.autocast], runner=runner)
             result = encode_output(logits, s.output_kind, self.output_dtype)
         with watch("write"):
             array = storage.open_array(self.output_array)
             array[(Ellipsis, *block.write.slices())] = result if array.ndim == result.ndim else result[0]
             self.ledger.mark(block)
         return {"block": block.key, "pixels": block.write.size, "tiles": len(plan.tiles), "worker_pid": os.getpid(),
-                "started": started, "finished": time.time(), **{f"{k}_s": v for k, v in watch.seconds.items()}}
+                "started": started, "finished": time.time(), "compile_s": compiling,
+                **({"compile_note": compile_note} if compile_note else {}),
+                **{f"{k}_s": v for k, v in watch.seconds.items()}}
 
     def wants_finish(self, computing: int) -> bool:
         """Build the pyramid when blocks are computed now, or when an earlier run left none."""
@@ -229,10 +250,14 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
     tissue = "" if mask is None else (
         f"{mask.method}{'' if mask.threshold is None else f' > {mask.threshold:.3g}'} on {mask.source}: "
         f"{100 * mask.fraction:.2g}% tissue")
+    compile = settings.compile
+    if compile is None:  # on when every task slot has enough blocks to pay for compiling
+        slots = settings.workers or (1 if device == "cuda" else default_workers())
+        compile = int(wanted.sum()) >= COMPILE_BREAK_EVEN_BLOCKS * slots  # all wanted: a resumed run decides alike
     job = PredictJob(
         output=settings.output, ledger=ledger, fingerprint=run, settings=settings, device=device,
         spatial_shape=source.spatial_shape, block_shape=block_shape, tile_size=tile, output_shape=out_shape,
-        output_dtype=out_dtype, tissue=tissue,
+        output_dtype=out_dtype, tissue=tissue, compile=compile,
     )
     return job, Pending(blocks, int(done.sum()), int((~wanted & ~done).sum()))
 
@@ -244,6 +269,19 @@ def check_finite(source: storage.ImageSource) -> None:
     array = da.from_zarr(source.array)
     if bool((~da.isfinite(array)).any().compute(scheduler="threads")):
         raise InputError(f"{source.url}: NaN or Inf values in the image; clean them before prediction")
+
+
+def compile_report(records: list[dict[str, Any]]) -> str:
+    """What compiling cost, from the block records: per worker process, the first blocks pay."""
+    notes = {r["compile_note"] for r in records if r.get("compile_note")}
+    if notes:
+        return "; ".join(sorted(notes))
+    per_worker: dict[Any, float] = {}
+    for r in records:
+        per_worker[r.get("worker_pid")] = per_worker.get(r.get("worker_pid"), 0.0) + r.get("compile_s", 0.0)
+    seconds = sorted(per_worker.values())
+    return (f"torch.compile: {seconds[-1]:.1f} s in the slowest of {len(seconds)} worker process(es), "
+            f"paid once per process and tile shape")
 
 
 def encode_output(logits: np.ndarray, kind: str, dtype: str) -> np.ndarray:
