@@ -14,7 +14,12 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import log_plan, on_task_runner_cluster, preview_path, report, run_job
 from pipeline.jobs.blockwise import Pending, RunSummary
-from pipeline.jobs.predict import PredictJob, PredictSettings, compile_report, plan_prediction
+from pipeline.jobs.predict import (
+    PredictJob,
+    PredictSettings,
+    compile_report,
+    plan_prediction,
+)
 from pipeline.preview import preview_png
 
 

@@ -12,11 +12,22 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, runtime, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import png_markdown
-from pipeline.jobs.train import TrainJob, TrainSettings, TrainSummary, plan_training, train
+from pipeline.jobs.train import (
+    TrainJob,
+    TrainSettings,
+    TrainSummary,
+    plan_training,
+    train,
+)
 from pipeline.numerics.unet import num_parameters
 
 

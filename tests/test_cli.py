@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import make_model, write_zarr
 
 from pipeline.cli import main
 from pipeline.storage import create_image
-
-from conftest import make_model, write_zarr
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

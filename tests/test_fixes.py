@@ -13,7 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from conftest import cells, make_model, write_zarr
 from scipy import ndimage
+from test_ingest import rgb_image, write_pyramid
+from test_train import NO_AUGMENTATION, TINY, disks
+from test_weightmaps import touching_cells
 
 from pipeline import storage
 from pipeline.errors import InputError
@@ -27,11 +31,6 @@ from pipeline.numerics.geometry import Box
 from pipeline.numerics.tiling import predict_whole, softmax
 from pipeline.numerics.unet import load_model
 from pipeline.numerics.weightmap import weight_map
-
-from conftest import cells, make_model, write_zarr
-from test_ingest import rgb_image, write_pyramid
-from test_train import NO_AUGMENTATION, TINY, disks
-from test_weightmaps import touching_cells
 
 
 @pytest.fixture(scope="module")

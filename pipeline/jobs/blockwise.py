@@ -29,10 +29,19 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Callable, ClassVar, Iterable, Iterator, Sequence, TypeVar
+from typing import (
+    Annotated,
+    Any,
+    Callable,
+    ClassVar,
+    Iterable,
+    Iterator,
+    Sequence,
+    TypeVar,
+)
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pipeline import storage
 from pipeline.errors import InputError
@@ -63,6 +72,8 @@ Workers = Annotated[int | None, Field(ge=1, description="Worker processes of the
 Scheduler = Annotated[str | None, Field(description="Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 "
                                         "(default: start a local cluster)")]
 Overwrite = Annotated[bool, Field(description="Replace an existing output instead of resuming it")]
+# Axes letters as a user may type them (YX, Cyx): stored lower case, as overtile names axes.
+Axes = Annotated[str | None, AfterValidator(lambda v: v.lower() if v else v)]
 
 
 class BlockwiseSettings(BaseModel):

@@ -21,40 +21,24 @@ from pydantic import Field, field_validator
 
 from pipeline import storage
 from pipeline.errors import InputError
-from pipeline.jobs.blockwise import (
-    BlockSize,
-    BlockwiseJob,
-    BlockwiseSettings,
-    Overwrite,
-    Pending,
-    RunSummary,
-    Scheduler,
-    Stopwatch,
-    absolute_paths,
-    execute,
-    fingerprint,
-)
+from pipeline.jobs import blockwise
 from pipeline.numerics.geometry import Box, block_grid, iter_blocks
 from pipeline.storage.slides import Slide, open_slide
 from pipeline.storage.sources import file_stamp
 
 
-class IngestSettings(BlockwiseSettings):
+class IngestSettings(blockwise.BlockwiseSettings):
     """What a conversion of a slide to OME-Zarr needs; shared by the CLI, the API and the flow."""
 
     slide: str = Field(description="Slide or picture to convert: SVS, NDPI, OME-TIFF or another (pyramidal) TIFF, PNG or JPEG")
     output: str = Field(description="OME-Zarr image to write (path or URL)")
     levels: Literal["all"] | Annotated[int, Field(ge=1)] = Field("all", description="Pyramid levels to write: all the file has, or the first N")
-    axes: str | None = Field(None, description="Axes of a TIFF stack whose axes tifffile cannot name, e.g. zyx")
-    block_size: BlockSize = None
+    axes: blockwise.Axes = Field(None, description="blockwise.Axes of a TIFF stack whose axes tifffile cannot name, e.g. zyx")
+    block_size: blockwise.BlockSize = None
     workers: int | None = Field(None, ge=1, description="Copy blocks on a local Dask cluster of this many processes (default: in this process, one block at a time)")
-    scheduler: Scheduler = None
-    overwrite: Overwrite = False
+    scheduler: blockwise.Scheduler = None
+    overwrite: blockwise.Overwrite = False
 
-    @field_validator("axes")
-    @classmethod
-    def _lower(cls, v: str | None) -> str | None:
-        return v.lower() if v else v
 
     @field_validator("levels", mode="before")
     @classmethod
@@ -91,7 +75,7 @@ class LevelBlock:
 
 
 @dataclass(frozen=True)
-class IngestJob(BlockwiseJob):
+class IngestJob(blockwise.BlockwiseJob):
     """A planned conversion: what every block task needs, small enough to send with each."""
 
     kind: ClassVar[str] = "ingest"
@@ -115,13 +99,13 @@ class IngestJob(BlockwiseJob):
         return copy_block(cached_slide(self.settings.slide, self.settings.axes), block, self)
 
 
-def plan_ingest(settings: IngestSettings) -> tuple[IngestJob, Pending]:
+def plan_ingest(settings: IngestSettings) -> tuple[IngestJob, blockwise.Pending]:
     """Check the slide and the output, create or reopen the output, read the ledger.
 
     Returns the job and what is pending. Every check that can fail on user input happens
     before the output is touched.
     """
-    settings = absolute_paths(settings, "slide", "output")
+    settings = blockwise.absolute_paths(settings, "slide", "output")
     with open_slide(settings.slide, settings.axes) as slide:
         storage.checked_source(settings.slide, slide.levels[0], slide.axes, slide.pixel_size, slide.units)
         n = len(slide.levels) if settings.levels == "all" else settings.levels
@@ -139,7 +123,7 @@ def plan_ingest(settings: IngestSettings) -> tuple[IngestJob, Pending]:
         dtype = slide.dtype.newbyteorder("=").name  # stored native, whatever the TIFF's byte order
     axes = "c" + spatial
     existed = storage.check_output(settings.output, levels[0].shape, dtype, settings.overwrite)
-    run = fingerprint(slide=settings.slide, stamp=file_stamp(settings.slide), axes=stored_axes,
+    run = blockwise.fingerprint(slide=settings.slide, stamp=file_stamp(settings.slide), axes=stored_axes,
                       levels=[(lv.shape, lv.chunks) for lv in levels], dtype=dtype)
     name = Path(settings.slide.rstrip("/")).name
     storage.create_image(
@@ -177,7 +161,7 @@ def _output(url: str, fingerprint: str) -> zarr.Array:
 
 def copy_block(slide: Slide, block: LevelBlock, job: IngestJob) -> dict[str, Any]:
     """Read one block of one level from the slide, write it to the output, mark it done."""
-    watch = Stopwatch()
+    watch = blockwise.Stopwatch()
     with watch("read"):
         data = slide.read(block.write, block.level)
     with watch("write"):
@@ -211,8 +195,8 @@ def ingest(
     settings: IngestSettings,
     client: Any | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
-    on_plan: Callable[[IngestJob, Pending], None] | None = None,
-) -> tuple[IngestJob, RunSummary]:
+    on_plan: Callable[[IngestJob, blockwise.Pending], None] | None = None,
+) -> tuple[IngestJob, blockwise.RunSummary]:
     """Convert a slide to an OME-Zarr image with all its pyramid levels; the Python entry
     point behind ``overtile ingest``.
 
@@ -227,4 +211,4 @@ def ingest(
     [(3, 32914, 46000), (3, 8228, 11500), (3, 2057, 2875)]
     """
     in_process = client is None and settings.scheduler is None and settings.workers is None
-    return execute(plan_ingest, settings, client, on_plan, on_result, in_process=in_process)
+    return blockwise.execute(plan_ingest, settings, client, on_plan, on_result, in_process=in_process)

@@ -26,7 +26,6 @@ from pipeline.numerics.tiling import read_mirrored
 from pipeline.numerics.unet import Normalization
 from pipeline.numerics.weightmap import weight_map
 
-
 # --- regions: where patches come from -----------------------------------------------------
 
 

@@ -16,25 +16,11 @@ from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 import zarr
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from pipeline import storage
 from pipeline.errors import InputError
-from pipeline.jobs.blockwise import (
-    BlockSize,
-    BlockwiseJob,
-    BlockwiseSettings,
-    Overwrite,
-    Pending,
-    RunSummary,
-    Scheduler,
-    Stopwatch,
-    Workers,
-    absolute_paths,
-    default_workers,
-    execute,
-    fingerprint,
-)
+from pipeline.jobs import blockwise
 from pipeline.jobs.inference import (
     AUTOCAST,
     COMPILE_BREAK_EVEN_BLOCKS,
@@ -55,20 +41,20 @@ from pipeline.numerics.unet import model_from_payload, read_checkpoint
 OutputKind = Literal["probabilities", "labels"]
 
 
-class PredictSettings(BlockwiseSettings):
+class PredictSettings(blockwise.BlockwiseSettings):
     """Everything a prediction run needs; shared by the CLI, the Python API and the flows."""
 
     input: str = Field(description="Input image: a Zarr array, an OME-Zarr image, or a TIFF-based slide (SVS, NDPI, OME-TIFF) read in place (path or URL)")
     output: str = Field(description="Output OME-Zarr image to write (path or URL); IMAGE/labels/NAME makes labels an NGFF label image of the input")
     model: str = Field(description="U-Net checkpoint file written by overtile")
-    axes: str | None = Field(None, description="Axes of a plain Zarr array, e.g. yx, cyx, zyx, czyx, yxc")
-    block_size: BlockSize = None
+    axes: blockwise.Axes = Field(None, description="blockwise.Axes of a plain Zarr array, e.g. yx, cyx, zyx, czyx, yxc")
+    block_size: blockwise.BlockSize = None
     tile_size: int | None = Field(None, ge=8, description="Largest tile input edge for one forward pass (default 1212 in 2D)")
     overlap: float = Field(0.5, ge=0.0, lt=1.0, description="Same-padding models only: fraction of a tile shared with its neighbour (blended)")
     batch_size: int = Field(1, ge=1, description="Tiles per forward pass")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs")
-    workers: Workers = None
-    scheduler: Scheduler = None
+    workers: blockwise.Workers = None
+    scheduler: blockwise.Scheduler = None
     output_kind: OutputKind = Field("probabilities", description="Softmax probabilities per class, or the argmax labels (uint8)")
     dtype: Literal["float32", "float16", "uint8"] = Field("float32", description="Probability dtype; uint8 stores round(255·p)")
     mirror: Literal["reflect", "symmetric"] = Field("reflect", description="Mirroring at the image border, in numpy's words")
@@ -87,16 +73,12 @@ class PredictSettings(BlockwiseSettings):
     prefetch: bool | None = Field(None, description="Read each block in a Dask task of its own, so that the next block is "
                                   "read while this one computes (default: on CUDA)")
     pyramid: bool = Field(True, description="Also write downsampled levels (mean of probabilities, nearest labels) to the multiscales")
-    overwrite: Overwrite = False
+    overwrite: blockwise.Overwrite = False
 
-    @field_validator("axes")
-    @classmethod
-    def _lower(cls, v: str | None) -> str | None:
-        return v.lower() if v else v
 
 
 @dataclass(frozen=True)
-class PredictJob(BlockwiseJob):
+class PredictJob(blockwise.BlockwiseJob):
     """A planned prediction: what every block task needs, small enough to send with each."""
 
     kind: ClassVar[str] = "predict"
@@ -146,7 +128,7 @@ class PredictJob(BlockwiseJob):
         write it, mark it done."""
         s = self.settings
         started = time.time()
-        watch = Stopwatch()
+        watch = blockwise.Stopwatch()
         with watch("load"):
             model = cached_model(s.model, self.device, s.channels_last)
         plan = plan_tiles(model, block.write, self.tile_size, s.overlap)
@@ -185,7 +167,7 @@ class PredictJob(BlockwiseJob):
         return build_pyramid(client, self.output, kind, present=self.ledger.done())
 
 
-def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[PredictJob, Pending]:
+def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[PredictJob, blockwise.Pending]:
     """Check the inputs, create or reopen the output, read the ledger, apply the tissue mask.
 
     Returns the job and what is pending. Every check that can fail on user input happens
@@ -193,7 +175,7 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
     implied by ``scheduler`` or Dask's ``scheduler-address``), so ``device="cuda"`` is not
     checked against this machine.
     """
-    settings = absolute_paths(settings, "input", "output", "model", "tissue_mask")
+    settings = blockwise.absolute_paths(settings, "input", "output", "model", "tissue_mask")
     source = storage.open_image(settings.input, settings.axes)
     model = model_from_payload(read_checkpoint(settings.model), settings.model)
     cfg = model.config
@@ -227,7 +209,7 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
         check_finite(source)
     existed = storage.check_output(settings.output, out_shape, out_dtype, settings.overwrite)
     mask = tissue_mask(source, settings.tissue, settings.tissue_threshold, settings.tissue_mask)
-    run = fingerprint(
+    run = blockwise.fingerprint(
         input=settings.input, stamp=storage.stamp(source), model=file_digest(settings.model),
         block=block_shape, tile=tile, kind=settings.output_kind, dtype=out_dtype,
         overlap=settings.overlap if cfg.padding == "same" else None,  # valid nets ignore it
@@ -252,14 +234,14 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
         f"{100 * mask.fraction:.2g}% tissue")
     compile = settings.compile
     if compile is None:  # on when every task slot has enough blocks to pay for compiling
-        slots = settings.workers or (1 if device == "cuda" else default_workers())
+        slots = settings.workers or (1 if device == "cuda" else blockwise.default_workers())
         compile = int(wanted.sum()) >= COMPILE_BREAK_EVEN_BLOCKS * slots  # all wanted: a resumed run decides alike
     job = PredictJob(
         output=settings.output, ledger=ledger, fingerprint=run, settings=settings, device=device,
         spatial_shape=source.spatial_shape, block_shape=block_shape, tile_size=tile, output_shape=out_shape,
         output_dtype=out_dtype, tissue=tissue, compile=compile,
     )
-    return job, Pending(blocks, int(done.sum()), int((~wanted & ~done).sum()))
+    return job, blockwise.Pending(blocks, int(done.sum()), int((~wanted & ~done).sum()))
 
 
 def check_finite(source: storage.ImageSource) -> None:
@@ -298,9 +280,9 @@ def predict(
     settings: PredictSettings,
     client: Any | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
-    on_plan: Callable[[PredictJob, Pending], None] | None = None,
+    on_plan: Callable[[PredictJob, blockwise.Pending], None] | None = None,
     failures: list[str] | None = None,
-) -> tuple[PredictJob, RunSummary]:
+) -> tuple[PredictJob, blockwise.RunSummary]:
     """Run overlap-tile prediction blockwise on Dask; the Python entry point behind the CLI.
 
     Parameters
@@ -316,4 +298,4 @@ def predict(
         Try every block and collect the failed ones here (``"key: error"``) instead of
         stopping at the first.
     """
-    return execute(plan_prediction, settings, client, on_plan, on_result, failures)
+    return blockwise.execute(plan_prediction, settings, client, on_plan, on_result, failures)

@@ -23,7 +23,6 @@ from pipeline.numerics.downsample import MIN_EDGE, downsample, level_shapes
 from pipeline.numerics.geometry import Block, Box, block_at, block_grid
 
 
-
 @dataclass(frozen=True)
 class LevelJob:
     """One level of the pyramid as a blockwise job (no ledger: rewriting a block is safe)."""

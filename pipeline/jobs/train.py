@@ -49,8 +49,17 @@ from torch.utils.data import DataLoader
 
 from pipeline import storage
 from pipeline.errors import InputError
+from pipeline.jobs.blockwise import Axes
 from pipeline.jobs.inference import AUTOCAST, resolve_device
-from pipeline.jobs.patches import DataStats, PatchDataset, PatchSpec, Region, data_stats, seed_loader_worker, split_regions
+from pipeline.jobs.patches import (
+    DataStats,
+    PatchDataset,
+    PatchSpec,
+    Region,
+    data_stats,
+    seed_loader_worker,
+    split_regions,
+)
 from pipeline.numerics.geometry import Box
 from pipeline.numerics.metrics import score_segmentation
 from pipeline.numerics.tiling import overlap_tile, softmax
@@ -81,8 +90,8 @@ class TrainSettings(BaseModel):
     labels: str = Field(description="Labels of the same spatial shape: a mask (255 or 1 = cell, 0 = background/membrane) or instance labels")
     weights: str | None = Field(None, description="Precomputed weight maps (float, same spatial shape); default: computed per patch from the labels")
     out: str = Field(description="Directory for last.pt, best.pt, log.csv and curves.png")
-    axes: str | None = Field(None, description="Axes of a plain image array, e.g. yx, cyx, zyx, czyx")
-    labels_axes: str | None = Field(None, description="Axes of a plain labels array (default: the image's without c)")
+    axes: Axes = Field(None, description="Axes of a plain image array, e.g. yx, cyx, zyx, czyx")
+    labels_axes: Axes = Field(None, description="Axes of a plain labels array (default: the image's without c)")
     val_slices: tuple[int, ...] = Field((), description="Indices along z of a stack held out for validation (e.g. ISBI slices 20-24)")
     labels_kind: Literal["auto", "mask", "instances"] = Field("auto", description="auto: a mask when the labels hold at most two values, else instances")
     foreground_bias: float = Field(0.0, ge=0.0, le=1.0, description="Probability of centring a patch on a labelled region (sparse data)")
@@ -129,11 +138,6 @@ class TrainSettings(BaseModel):
     time_limit: float | None = Field(None, gt=0, description="Stop (validate, checkpoint) after this many seconds")
     resume: bool = Field(False, description="Continue from OUT/last.pt")
     overwrite: bool = Field(False, description="Start over even if OUT holds a run")
-
-    @field_validator("axes", "labels_axes")
-    @classmethod
-    def _lower(cls, v: str | None) -> str | None:
-        return v.lower() if v else v
 
     @field_validator("val_slices")
     @classmethod

@@ -22,52 +22,35 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 import zarr
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from pipeline import storage
 from pipeline.errors import InputError
-from pipeline.jobs.blockwise import (
-    BlockSize,
-    BlockwiseJob,
-    BlockwiseSettings,
-    Overwrite,
-    Pending,
-    RunSummary,
-    Scheduler,
-    Stopwatch,
-    Workers,
-    absolute_paths,
-    execute,
-    fingerprint,
-)
+from pipeline.jobs import blockwise
 from pipeline.numerics import weightmap
 from pipeline.numerics.geometry import Block, Box, block_grid, iter_blocks
 
 INSTANCES = "instances"
 
 
-class WeightSettings(BlockwiseSettings):
+class WeightSettings(blockwise.BlockwiseSettings):
     """A weight-map run; shared by the CLI, the Python API and the flows."""
 
     labels: str = Field(description="Instance labels (0 = background) or, with binary, a 0/1 mask: Zarr array or OME-Zarr image")
     output: str = Field(description="Output OME-Zarr image of float32 weights")
-    axes: str | None = Field(None, description="Axes of a plain Zarr array: yx or zyx")
+    axes: blockwise.Axes = Field(None, description="blockwise.Axes of a plain Zarr array: yx or zyx")
     w0: float = Field(10.0, ge=0.0, description="Height of the border term (the paper's 10)")
     sigma: float = Field(5.0, gt=0.0, description="Width of the border term, in the image's physical units (pixels if it has none)")
     binary: bool = Field(False, description="Labels are a 0/1 mask: make cells by connected components over the whole image")
-    block_size: BlockSize = None
-    workers: Workers = None
-    scheduler: Scheduler = None
-    overwrite: Overwrite = False
+    block_size: blockwise.BlockSize = None
+    workers: blockwise.Workers = None
+    scheduler: blockwise.Scheduler = None
+    overwrite: blockwise.Overwrite = False
 
-    @field_validator("axes")
-    @classmethod
-    def _lower(cls, v: str | None) -> str | None:
-        return v.lower() if v else v
 
 
 @dataclass(frozen=True)
-class WeightJob(BlockwiseJob):
+class WeightJob(blockwise.BlockwiseJob):
     """A planned weight-map run. ``class_weights`` and ``counts`` are None until the global
     pass (:meth:`prepare`) has run, for this run or an earlier one of the same fingerprint."""
 
@@ -114,7 +97,7 @@ class WeightJob(BlockwiseJob):
 
     def run_block(self, block: Block) -> dict[str, Any]:
         """Read block + halo of the labels, weight map, write the block, mark it."""
-        watch = Stopwatch()
+        watch = blockwise.Stopwatch()
         read = block.write.grow(self.halo).clip(self.spatial_shape)
         with watch("read"):
             labels = storage.cached_image(self.labels_url, self.labels_axes, self.fingerprint).read(read)[0]
@@ -137,17 +120,17 @@ def open_labels(settings: WeightSettings) -> storage.ImageSource:
     return source
 
 
-def plan_weights(settings: WeightSettings) -> tuple[WeightJob, Pending]:
+def plan_weights(settings: WeightSettings) -> tuple[WeightJob, blockwise.Pending]:
     """Check the labels and the output, create or reopen the output, read the ledger and
     what an earlier run of the same fingerprint found in its global passes. No cluster."""
-    settings = absolute_paths(settings, "labels", "output")
+    settings = blockwise.absolute_paths(settings, "labels", "output")
     source = open_labels(settings)
     block_shape = settings.block_shape(source.spatial_shape)
     existed = storage.check_output(settings.output, source.spatial_shape, "float32", settings.overwrite)
     spacing = tuple(source.scale.get(a, 1.0) for a in source.spatial_axes)
     reach = weightmap.reach(settings.w0, settings.sigma) if settings.w0 > 0 else 0.0
     halo = tuple(math.ceil(reach / s) + 1 for s in spacing)
-    run = fingerprint(labels=settings.labels, stamp=storage.stamp(source), w0=settings.w0, sigma=settings.sigma,
+    run = blockwise.fingerprint(labels=settings.labels, stamp=storage.stamp(source), w0=settings.w0, sigma=settings.sigma,
                       binary=settings.binary, block=block_shape, spacing=spacing)
     storage.create_image(
         settings.output, source.spatial_shape, block_shape, "float32", source.spatial_axes,
@@ -284,12 +267,12 @@ def weight_maps(
     settings: WeightSettings,
     client: Any | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
-    on_plan: Callable[[WeightJob, Pending], None] | None = None,
+    on_plan: Callable[[WeightJob, blockwise.Pending], None] | None = None,
     failures: list[str] | None = None,
-) -> tuple[WeightJob, RunSummary]:
+) -> tuple[WeightJob, blockwise.RunSummary]:
     """Compute the weight map of a label image blockwise on Dask; the entry point of the CLI.
 
     ``failures``: as in :func:`pipeline.jobs.blockwise.run_blocks` (try every block, collect
     the failed ones there instead of stopping at the first); they also go to the summary.
     """
-    return execute(plan_weights, settings, client, on_plan, on_result, failures)
+    return blockwise.execute(plan_weights, settings, client, on_plan, on_result, failures)
