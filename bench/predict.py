@@ -11,7 +11,14 @@ scale check) and the paper's valid U-Net with 16 base channels (depth 5):
     (compile time reported apart). Output megapixels per second; the limit is the best row;
 (b) overtile end to end, Zarr in to Zarr out (:func:`pipeline.jobs.predict.predict`), on an
     already started 2-worker cluster (warm), and from a cold start (cluster start-up, worker
-    imports and model loading included);
+    imports and model loading included); eager (``compile=False``), and again with
+    ``compile=True`` at both sizes: the cold run then includes each worker's compile (its
+    seconds per worker from the block records: ``compile_s``, and the compiling block's whole
+    task time beyond its load, read, compute and write), the warm runs reuse it. From
+    the block records (read + compute + write per block, eager against compiled) it computes
+    the break-even job length in blocks per task slot (compile seconds / seconds saved per
+    block) and the end-to-end MP/s a cold job of 8, 24 or 100 blocks per slot would get,
+    against ``pipeline.jobs.inference.COMPILE_BREAK_EVEN_BLOCKS``;
 (c) MONAI's ``sliding_window_inference`` at its best, on the same image, read from and written
     to Zarr, with a same-padding U-Net of the same width (MONAI blends outputs the size of the
     window, so a valid net does not fit it): a staged search over memory format × sw_batch_size
@@ -26,11 +33,12 @@ scale check) and the paper's valid U-Net with 16 base channels (depth 5):
 
 Every measurement runs in its own child process (``--child``) so that peaks do not mix. It
 prints the tables and the ratios against their targets: overtile / raw limit ≥ 0.9 at 8192²
-and ≥ 0.8 at 4096², overtile / MONAI best ≥ 1.5, overtile / DIY best ≥ 1.8.
+and ≥ 0.8 at 4096², overtile compiled (warm) / compiled raw limit ≥ 0.9 once a job is long
+enough to pay for compiling, overtile / MONAI best ≥ 1.5, overtile / DIY best ≥ 1.8.
 
 Usage::
 
-    .venv/bin/python bench/predict.py --json bench/out/predict.json   # full (~40 min on 2 quiet cores)
+    .venv/bin/python bench/predict.py --json bench/out/predict.json   # full (~45 min on 2 quiet cores)
     .venv/bin/python bench/predict.py --quick                         # small sizes, few configs (~5–8 min)
     .venv/bin/python bench/predict.py --diy-json bench/out/diy.json   # reuse a DIY result of the same size
 
@@ -370,8 +378,11 @@ def child_raw_stream(spec: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"asked torch for {spec['threads']} threads, got {torch.get_num_threads()}")
     fmt = torch.channels_last if spec["format"] == "channels_last" else torch.contiguous_format
     model = load_model(spec["model"]).eval().to(memory_format=fmt)
-    if spec["compiled"]:
+    setup = 0.0
+    if spec["compiled"]:  # the call itself imports torch._dynamo and inductor (seconds): part of compiling
+        t = time.perf_counter()
         model = torch.compile(model)
+        setup = time.perf_counter() - t
     x = np.random.default_rng(os.getpid()).standard_normal((spec["batch_size"], 1, spec["tile"], spec["tile"]))
     x = x.astype(np.float32)
 
@@ -398,7 +409,7 @@ def child_raw_stream(spec: dict[str, Any]) -> dict[str, Any]:
             seconds.append(time.perf_counter() - t)
         runs.append({"start": start, "end": time.time(), "tile_s": seconds})
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    return {"runs": runs, "warmup_s": warmup, "compile_s": warmup[0] if spec["compiled"] else None,
+    return {"runs": runs, "warmup_s": warmup, "compile_s": setup + warmup[0] if spec["compiled"] else None,
             "out_shape": list(shape), "torch_threads": torch.get_num_threads(), "pid": os.getpid(),
             "timed_cpu_s": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
             "timed_sys_s": cpu1.ru_stime - cpu0.ru_stime, "timed_minflt": cpu1.ru_minflt - cpu0.ru_minflt,
@@ -483,6 +494,96 @@ def raw_label(c: dict[str, Any]) -> str:
 
 def raw_mps(r: dict[str, Any]) -> float:
     return statistics.median(run["mp_s"] for run in r["runs"])
+
+
+# --- (b) compiled: what compiling costs and when it pays ----------------------------------------
+
+
+def compile_per_worker(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds each worker process spent compiling (the sum of its blocks' ``compile_s``)."""
+    seconds: dict[str, float] = {}
+    for r in records:
+        seconds[str(r["worker_pid"])] = seconds.get(str(r["worker_pid"]), 0.0) + r.get("compile_s", 0.0)
+    return seconds
+
+
+def compile_cost_per_worker(records: list[dict[str, Any]]) -> dict[str, float]:
+    """What compiling cost each worker process, whatever the timer in the task covers: the
+    task time (``finished - started``) of its compiling blocks beyond their load, read, compute
+    and write. This includes ``compile_s`` and what runs before its timer starts (the
+    ``torch.compile`` call itself imports torch._dynamo and inductor: seconds)."""
+    seconds: dict[str, float] = {}
+    for r in records:
+        if r.get("compile_s"):
+            extra = r["finished"] - r["started"] - sum(r.get(k, 0.0) for k in ("load_s", "read_s", "compute_s", "write_s"))
+            seconds[str(r["worker_pid"])] = seconds.get(str(r["worker_pid"]), 0.0) + extra
+    return seconds
+
+
+def steady_records(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The block records of (b)'s warm runs and of its cold run less each worker's first block
+    (the one that loads, and with compile=True compiles, the model): blocks at steady state."""
+    cold = sorted(result["cold"]["records"], key=lambda r: r["started"])
+    first = {}
+    for r in cold:
+        first.setdefault(r["worker_pid"], r["block"])
+    rest = [r for r in cold if first[r["worker_pid"]] != r["block"] and not r.get("compile_s")]
+    return rest + [r for run in result["warm"] for r in run["records"]]
+
+
+def block_seconds(record: dict[str, Any]) -> float:
+    """A block's time in its task slot without model loading and compiling: read, compute, write."""
+    return record.get("read_s", 0.0) + record["compute_s"] + record["write_s"]
+
+
+def compile_analysis(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Compile cost, per-block saving and the break-even job length, from (b)'s block records.
+
+    Break-even, in blocks per task slot: the slowest worker's compile seconds over the
+    seconds a compiled block saves (medians of read + compute + write per steady block, eager
+    against compiled, at the main size); the headline with the whole cost of compiling in the
+    task (:func:`compile_cost_per_worker`), and again with the records' ``compile_s`` (which
+    leaves out the ``torch.compile`` call itself). Then a linear model of a cold job of N
+    blocks per slot, ``fixed + N × block_s``, where ``fixed`` is what the measured cold run
+    took beyond its blocks (cluster start, model loading, planning, and for the compiled job
+    its compile): the end-to-end MP/s each would get at N = 8, 24, 100, and where they cross.
+    """
+    from pipeline.jobs.inference import COMPILE_BREAK_EVEN_BLOCKS
+
+    n = args.size
+    eager, comp = results["b"][n], results["b_compiled"][n]
+    notes = sorted({r["compile_note"] for r in comp["cold"]["records"] if r.get("compile_note")})
+    slots = args.workers * max(1, results["cores"] // args.workers)  # dask_client: one slot per core
+    out: dict[str, Any] = {"size": n, "block": args.block, "slots": slots, "current_default": COMPILE_BREAK_EVEN_BLOCKS,
+                           "compile_notes": notes}
+    out["compile_s_per_worker"] = {m: compile_per_worker(results["b_compiled"][m]["cold"]["records"])
+                                   for m in results["b_compiled"]}
+    out["compile_cost_s_per_worker"] = {m: compile_cost_per_worker(results["b_compiled"][m]["cold"]["records"])
+                                        for m in results["b_compiled"]}
+    out["warm_compile_s"] = {m: sum(r.get("compile_s", 0.0) for run in results["b_compiled"][m]["warm"]
+                                    for r in run["records"]) for m in results["b_compiled"]}
+    e_recs, c_recs = steady_records(eager), steady_records(comp)
+    eager_s = statistics.median(block_seconds(r) for r in e_recs)
+    comp_s = statistics.median(block_seconds(r) for r in c_recs)
+    block_mp = statistics.median(r["pixels"] for r in e_recs) / 1e6
+    compile_s = max(out["compile_s_per_worker"][n].values())
+    compile_cost = max(out["compile_cost_s_per_worker"][n].values(), default=0.0)
+    saved = eager_s - comp_s
+    out.update(eager_block_s=eager_s, compiled_block_s=comp_s, eager_blocks=len(e_recs), compiled_blocks=len(c_recs),
+               block_megapixels=block_mp, compile_s=compile_s, compile_cost_s=compile_cost, saved_per_block_s=saved,
+               break_even_blocks_per_slot=compile_cost / saved if saved > 0 else None,
+               break_even_from_compile_s=compile_s / saved if saved > 0 else None)
+
+    def fixed(r: dict[str, Any], block_s: float) -> float:  # the cold run beyond its blocks, per slot
+        return r["start_s"] + r["cold"]["seconds"] - len(r["cold"]["records"]) / slots * block_s
+
+    fixed_e, fixed_c = fixed(eager, eager_s), fixed(comp, comp_s)
+    out.update(fixed_eager_s=fixed_e, fixed_compiled_s=fixed_c,
+               break_even_end_to_end=(fixed_c - fixed_e) / saved if saved > 0 else None)
+    ns = sorted({8, 24, 100, COMPILE_BREAK_EVEN_BLOCKS})
+    out["projection"] = [{"blocks_per_slot": k, "eager_mp_s": slots * k * block_mp / (fixed_e + k * eager_s),
+                          "compiled_mp_s": slots * k * block_mp / (fixed_c + k * comp_s)} for k in ns]
+    return out
 
 
 # --- (c) MONAI at its best: a staged search ----------------------------------------------------
@@ -587,11 +688,17 @@ def verify_output(url: str) -> dict[str, Any]:
 
 
 def child_overtile(spec: dict[str, Any]) -> dict[str, Any]:
-    """(b): cluster start, a cold predict(), then warm predict() runs on the same cluster."""
+    """(b): cluster start, a cold predict(), then warm predict() runs on the same cluster.
+
+    With ``spec['compile']`` every run asks for ``compile=True``: the cold run's workers
+    compile the model in their first block (``compile_s`` in its record; the cluster start
+    and the model loading are in the cold run as for eager), the warm runs reuse it.
+    """
     def settings(out: str) -> overtile.PredictSettings:
         return overtile.PredictSettings(input=spec["input"], output=out, model=spec["model"], block_size=spec["block"],
                                tile_size=spec["tile"], batch_size=spec["batch_size"], device="cpu", overwrite=True,
-                               pyramid=False)  # the same output as MONAI's: full resolution only
+                               pyramid=False,  # the same output as MONAI's: full resolution only
+                               compile=spec.get("compile", False))  # eager unless asked: never the job-length default
 
     def run(client: Any, out: str) -> dict[str, Any]:
         shutil.rmtree(out, ignore_errors=True)
@@ -715,7 +822,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1, help="tiles per forward pass in (a) and (b) (default 1)")
     p.add_argument("--raw-tiles", type=int, default=8, help="timed tiles per stream and repeat in (a) (default 8)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of (a) and of warm (b) (default 3; medians reported)")
-    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows of (a)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows of (a) and (b)")
     p.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=list(ALLOCATORS),
                    help="allocator settings for (a) and (c): keep = bench/allocator.py's KEEP, default = glibc's")
     p.add_argument("--roi", type=int, default=1024, help="MONAI roi edge of the search's first stage (default 1024)")
@@ -807,6 +914,21 @@ def main(argv: list[str] | None = None) -> int:
             "block": args.block, "tile": args.tile, "batch_size": args.batch_size, "workers": args.workers,
             "repeats": args.repeats if n == args.size else 1, "diagnose": n == args.size},
             workdir, args.wait_quiet, args.retry_busy)
+    if args.compile:
+        print("(b) overtile predict() with torch.compile (compile=True), cold start then warm", flush=True)
+        results["b_compiled"] = {}
+        for n in sizes:
+            results["b_compiled"][n] = r = run_child("overtile", {
+                "label": f"b{n}-compiled", "input": images[n], "output": str(workdir / f"overtile-{n}-compiled.zarr"),
+                "model": models["valid"], "block": args.block, "tile": args.tile, "batch_size": args.batch_size,
+                "workers": args.workers, "repeats": args.repeats if n == args.size else 1, "compile": True},
+                workdir, args.wait_quiet, args.retry_busy)
+            per_worker, cost = compile_per_worker(r["cold"]["records"]), compile_cost_per_worker(r["cold"]["records"])
+            print(f"    {n}²: compile s per worker {'/'.join(f'{v:.1f}' for v in per_worker.values())} (all of "
+                  f"compiling: {'/'.join(f'{v:.1f}' for v in cost.values())}); cold "
+                  f"{r['start_s'] + r['cold']['seconds']:.1f} s, warm {n * n / 1e6 / r['warm'][0]['seconds']:.3f} MP/s",
+                  flush=True)
+        results["compile"] = compile_analysis(results, args)
     print("(c) MONAI sliding_window_inference, staged search", flush=True)
     monai = MonaiSearch(args, models, images, workdir, args.monai_threads or cores)
     best_c = monai.search()
@@ -908,6 +1030,24 @@ def report(results: dict[str, Any], args: argparse.Namespace, tile: int, best_c:
                  fmt_mib(bm["peak_sum_mib"]), fmt_mib(bm["client_peak_mib"]), fmt_mib(bm["worker_peak_mib"]), others(b)))
     rows.append((f"(b) overtile {n}², cold: cluster start {b['start_s']:.1f} s + first predict", f"{cold_s:.2f}",
                  f"{mp / cold_s:.3f}", "(same run)", "", "", ""))
+    compiled = results.get("b_compiled", {})
+
+    def compiled_rows(m: int) -> None:
+        r = compiled[m]
+        w = statistics.median(x["seconds"] for x in r["warm"])
+        cold = r["start_s"] + r["cold"]["seconds"]
+        per_worker, cost = compile_per_worker(r["cold"]["records"]), compile_cost_per_worker(r["cold"]["records"])
+        rm = r["memory"]
+        rows.append((f"(b) overtile {m}² compiled, warm cluster, median of {len(r['warm'])}", f"{w:.2f}",
+                     f"{m * m / 1e6 / w:.3f}", fmt_mib(rm["peak_sum_mib"]), fmt_mib(rm["client_peak_mib"]),
+                     fmt_mib(rm["worker_peak_mib"]), others(r)))
+        label = (f"(b) overtile {m}² compiled, cold: cluster start {r['start_s']:.1f} s + first predict (compile "
+                 f"{'/'.join(f'{v:.0f}' for v in per_worker.values())} s per worker; the compiling block "
+                 f"{'/'.join(f'{v:.0f}' for v in cost.values())} s beyond its work)")
+        rows.append((label, f"{cold:.2f}", f"{m * m / 1e6 / cold:.3f}", "(same run)", "", "", ""))
+
+    if n in compiled:
+        compiled_rows(n)
     for r in results["c"]:
         cfg = r["config"]
         rows.append((f"(c) MONAI {cfg['net']}, roi {cfg['roi']} overlap {cfg['overlap']} {cfg['mode']}, sw_batch "
@@ -924,6 +1064,11 @@ def report(results: dict[str, Any], args: argparse.Namespace, tile: int, best_c:
         rows.append((f"(b) overtile {s}², warm cluster", f"{bs['warm'][0]['seconds']:.2f}",
                      f"{s * s / 1e6 / bs['warm'][0]['seconds']:.3f}", fmt_mib(bs["memory"]["peak_sum_mib"]),
                      fmt_mib(bs["memory"]["client_peak_mib"]), fmt_mib(bs["memory"]["worker_peak_mib"]), others(bs)))
+        cold_big = bs["start_s"] + bs["cold"]["seconds"]
+        rows.append((f"(b) overtile {s}², cold: cluster start {bs['start_s']:.1f} s + first predict", f"{cold_big:.2f}",
+                     f"{s * s / 1e6 / cold_big:.3f}", "(same run)", "", "", ""))
+        if s in compiled:
+            compiled_rows(s)
         cs = results["c_scale"]
         rows.append((f"(c) MONAI best config, {s}²", f"{cs['seconds']:.2f}", f"{s * s / 1e6 / cs['seconds']:.3f}",
                      fmt_mib(cs["memory"]["peak_sum_mib"]), fmt_mib(cs["memory"]["client_peak_mib"]), "-", others(cs)))
@@ -998,6 +1143,13 @@ def report(results: dict[str, Any], args: argparse.Namespace, tile: int, best_c:
         ratio(f"overtile {s}² / raw limit", s_mps, a_mps, 0.9)
     if limit_eager is not limit:
         ratio(f"overtile {n}² / eager raw limit (overtile runs the eager model)", b_mps, raw_mps(limit_eager), None)
+    raw_compiled = [r for r in raw if r["config"]["compiled"]]
+    if compiled and raw_compiled:
+        limit_c = max(raw_compiled, key=raw_mps)
+        for m in compiled:
+            w = statistics.median(x["seconds"] for x in compiled[m]["warm"])
+            ratio(f"overtile {m}² compiled (warm) / compiled raw limit ({raw_label(limit_c['config'])}), once a job is "
+                  f"long enough to pay for compiling", m * m / 1e6 / w, raw_mps(limit_c), 0.9)
     ratio(f"overtile {n}² / MONAI best", b_mps, c_mps, 1.5)
     if args.scale_size:
         cs_mps = s * s / 1e6 / results["c_scale"]["seconds"]
@@ -1013,7 +1165,44 @@ def report(results: dict[str, Any], args: argparse.Namespace, tile: int, best_c:
         cs = results["c_scale"]["memory"]["peak_sum_mib"]
         print(f"  MONAI peak memory {s}² / {n}² = {cs:.0f} / {best_c['memory']['peak_sum_mib']:.0f} MiB = "
               f"{cs / best_c['memory']['peak_sum_mib']:.3f}   (for contrast)")
+    if "compile" in results:
+        report_compile(results["compile"])
     print(f"\ntotal benchmark time {results['total_s']:.0f} s")
+
+
+def report_compile(c: dict[str, Any]) -> None:
+    """When compiling pays: compile cost, per-block saving, break-even, projected throughput."""
+    print(f"\ntorch.compile in overtile (block {c['block']}², {c['slots']} task slots, from (b)'s block records at "
+          f"{c['size']}²)")
+    for note in c["compile_notes"]:
+        print(f"  NOTE: {note}")
+    for m, per_worker in c["compile_s_per_worker"].items():
+        cost = c["compile_cost_s_per_worker"][m]
+        print(f"  compile s per worker at {m}² (cold run), the records' compile_s: "
+              f"{', '.join(f'pid {p}: {v:.1f}' for p, v in per_worker.items())}; the compiling block's task time beyond "
+              f"its load/read/compute/write (torch.compile's setup included): "
+              f"{', '.join(f'pid {p}: {v:.1f}' for p, v in cost.items())}; compile_s in the warm runs "
+              f"{c['warm_compile_s'][m]:.1f} s (reused)")
+    print(f"  steady block (read + compute + write, median): eager {c['eager_block_s']:.3f} s of {c['eager_blocks']} "
+          f"blocks, compiled {c['compiled_block_s']:.3f} s of {c['compiled_blocks']} blocks: saves "
+          f"{c['saved_per_block_s']:.3f} s ({100 * c['saved_per_block_s'] / c['eager_block_s']:.1f}%) per block of "
+          f"{c['block_megapixels']:.2f} MP")
+    be, be1, be2 = c["break_even_blocks_per_slot"], c["break_even_from_compile_s"], c["break_even_end_to_end"]
+
+    def blocks(x: float | None) -> str:
+        return "never (no saving)" if x is None else f"{x:.1f}"
+
+    print(f"  break-even = compile cost (slowest worker) / saving per block = {c['compile_cost_s']:.1f} / "
+          f"{c['saved_per_block_s']:.3f} = {blocks(be)} blocks per task slot (with the records' compile_s "
+          f"{c['compile_s']:.1f} s: {blocks(be1)}); from the cold runs' fixed costs (eager {c['fixed_eager_s']:.1f} s, "
+          f"compiled {c['fixed_compiled_s']:.1f} s): {blocks(be2)}; pipeline.jobs.inference.COMPILE_BREAK_EVEN_BLOCKS = "
+          f"{c['current_default']}")
+    rows = [("blocks per slot", "eager MP/s", "compiled MP/s", "compiled / eager")]
+    for row in c["projection"]:
+        rows.append((str(row["blocks_per_slot"]), f"{row['eager_mp_s']:.3f}", f"{row['compiled_mp_s']:.3f}",
+                     f"{row['compiled_mp_s'] / row['eager_mp_s']:.3f}"))
+    print(f"  end to end, cold start, a job of N blocks per slot ({c['slots']} × N blocks): fixed + N × block s")
+    print_table(rows)
 
 
 if __name__ == "__main__":
