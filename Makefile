@@ -13,7 +13,7 @@ TORCH_INDEX ?=
 # needs the internet); without root or apt it is skipped with a reason.
 CHROMIUM    ?= /usr/bin/chromium
 
-.PHONY: setup browser demo test bench clean
+.PHONY: setup browser demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# The edit loop: everything but the tests marked slow (servers, clusters, runs over ~2 s).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'

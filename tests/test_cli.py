@@ -20,6 +20,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [[], ["predict"], ["weights"], ["train"], ["ingest"], ["model"], ["model", "init"],
                                      ["model", "info"]])
 def test_help_on_every_command(command):
@@ -99,6 +100,7 @@ def test_options_that_were_missing_are_there(tmp_path):
     assert s.val_slices == (2, 3, 4, 7) and s.loader_workers == 2 and s.autocast == "bf16"
 
 
+@pytest.mark.slow
 def test_model_init_then_predict_end_to_end(tmp_path):
     ckpt = tmp_path / "m.pt"
     result = run_cli("model", "init", str(ckpt), "--base-channels", "4", "--depth", "4")

@@ -198,6 +198,7 @@ def test_kubernetes_specs_rename_the_cluster_throughout():
     assert clusters.kubernetes_specs(MANIFEST)[0]["metadata"]["name"] == "overtile"  # the file is not changed
 
 
+@pytest.mark.slow
 def test_manifest_validates_against_the_operators_crds(manifest):
     """The operator's own CustomResourceDefinitions (shipped in dask-kubernetes) accept it."""
     dask_kubernetes = pytest.importorskip("dask_kubernetes")
@@ -309,6 +310,7 @@ def test_gpu_job_script_asks_for_a_gpu_and_offers_the_gpu_resource(no_sbatch, tm
     assert "--local-directory ${TMPDIR:-/tmp}" in script  # expanded by the job's shell
 
 
+@pytest.mark.slow
 def test_the_gpu_job_scripts_command_starts_a_worker_that_takes_gpu_tasks(no_sbatch, tmp_path):
     """Run the job script's worker command here (on loopback instead of ib0): it starts, offers
     GPU=1 with one thread, and runs a task that asks for the GPU resource."""

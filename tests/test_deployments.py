@@ -18,6 +18,8 @@ from conftest import cells, make_model, write_zarr
 from servers import BIN, ROOT
 from test_flows import COMPUTED, SKIPPED, table
 
+pytestmark = pytest.mark.slow  # a Prefect server, a Prefect worker, deployments, a browser
+
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = ROOT / "test-output" / "ui"
 

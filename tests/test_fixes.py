@@ -54,6 +54,7 @@ def whole_image(model: Path, data: np.ndarray) -> np.ndarray:
 # --- 1. ingest --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_ingests_of_one_slide_on_one_client_both_complete(client, tmp_path):
     slide = tmp_path / "slide.tif"
     levels = write_pyramid(slide, rgb_image((160, 128)), levels=2, tile=32)
@@ -86,6 +87,7 @@ def test_two_ingests_of_one_slide_on_one_client_both_complete(client, tmp_path):
 # --- 2. a rewritten input -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_rerun_against_a_rewritten_input_is_refused_not_resumed(client, tiny_model, tmp_path):
     url = write_zarr(tmp_path / "in.zarr", cells((64, 96)))
     output = tmp_path / "p.zarr"
@@ -118,6 +120,7 @@ def test_cached_source_is_opened_afresh_for_a_rewritten_input(tmp_path):
     np.testing.assert_array_equal(fresh.read(Box.from_shape(fresh.spatial_shape))[0], cells((48, 32), seed=1))
 
 
+@pytest.mark.slow
 def test_long_lived_workers_read_the_rewritten_input(client, tiny_model, tmp_path):
     url = str(tmp_path / "in.zarr")
     old = cells((96, 80))
@@ -168,6 +171,7 @@ def test_training_weight_maps_use_the_labels_pixel_size_as_overtile_weights_does
 # --- 5. the worker count --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_worker_count_follows_dasks_cpu_count(monkeypatch):
     import dask.system
 
@@ -203,6 +207,7 @@ def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     return (((a == 0) == (b == 0)).all() and len(pairs) == len(np.unique(a)) == len(np.unique(b)))
 
 
+@pytest.mark.slow
 def test_each_relabel_task_gets_only_its_own_blocks_part_of_the_merge_table(tmp_path, monkeypatch):
     from distributed import Client, LocalCluster
 
@@ -230,6 +235,7 @@ def test_each_relabel_task_gets_only_its_own_blocks_part_of_the_merge_table(tmp_
     np.testing.assert_array_equal(np.sort(np.concatenate([old for _, old in RELABELLED])), table)
 
 
+@pytest.mark.slow
 def test_resumed_binary_mask_run_does_not_relabel(client, tmp_path):
     mask = (touching_cells((64, 64), seed=6, n=14) > 0).astype(np.uint8)
     url = write_zarr(tmp_path / "mask.zarr", mask, chunks=(16, 16))
@@ -271,6 +277,7 @@ def _faults_per_allocation(megabytes: int = 64, rounds: int = 4) -> dict:
     return {"faults": faults, "environ": {k: v for k, v in environ.items() if k.startswith("MALLOC_")}}
 
 
+@pytest.mark.slow
 def test_workers_keep_freed_memory_instead_of_faulting_it_back(monkeypatch):
     """Dask's Nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536: every freed block-sized
     buffer goes back to the kernel and is faulted in again. overtile's workers start with an

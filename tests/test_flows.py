@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import zarr
 
+from pipeline.jobs.ingest import IngestSettings
 from pipeline.jobs.predict import PredictSettings, predict
 from pipeline.jobs.train import TrainSettings
 from pipeline.jobs.weights import WeightSettings
@@ -21,10 +22,24 @@ from pipeline.numerics.weightmap import weight_map
 
 from conftest import cells, write_zarr
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+pytestmark = [pytest.mark.slow,  # a Prefect server, Dask clusters, flow runs
+              pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")]
 
 SKIPPED = "blocks skipped (finished earlier, per the ledger)"
 COMPUTED = "blocks computed in this run"
+
+
+@pytest.fixture(autouse=True)
+def logs_reach_the_server():
+    """After each test, this process's flow-run logs and events are sent while the test server
+    still runs: left queued, they are retried against the stopped server at exit, which holds
+    up the end of the session by over a minute ("--- Error logging to API ---")."""
+    yield
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    EventsWorker.drain_all(timeout=30)
 
 
 def run_id(state) -> str:
@@ -101,6 +116,46 @@ def test_weight_maps_flow_equals_the_in_memory_map(prefect_api, client, tmp_path
     assert table(artifacts["weight-maps-summary"])["w0"] == "10.0"
     assert artifacts["weight-maps-progress"]["data"] == pytest.approx(100.0)
     assert weight_maps_flow(settings, return_state=True).result()[SKIPPED] == 9
+
+
+def test_ingest_flow_copies_every_level_of_the_slide_and_a_rerun_skips_them(prefect_api, client, tmp_path):
+    import tifffile
+
+    from flows.ingest import ingest_flow
+
+    data = np.stack([cells((150, 170), seed=k) for k in range(3)], axis=-1)
+    slide = tmp_path / "slide.tif"
+    with tifffile.TiffWriter(slide) as tw:  # a tiled pyramid, sub-resolutions in SubIFDs
+        opts = dict(tile=(64, 64), photometric="rgb", compression="zlib")
+        tw.write(data, subifds=2, **opts)
+        for level in (data[::2, ::2], data[::4, ::4]):
+            tw.write(level, subfiletype=1, **opts)
+    with tifffile.TiffFile(slide) as tif:
+        expected = [np.moveaxis(level.asarray(), -1, 0) for level in tif.series[0].levels]
+    settings = IngestSettings(slide=str(slide), output=str(tmp_path / "slide.zarr"), block_size=64,
+                              scheduler=client.scheduler.address)
+    total = 3 * 3 + 2 * 2 + 1  # blocks of 64² over 150×170, 75×85 and 38×43
+
+    state = ingest_flow(settings, return_state=True)
+    assert state.is_completed() and state.result()[COMPUTED] == total and state.result()[SKIPPED] == 0
+    group = zarr.open_group(settings.output, mode="r")
+    assert [d["path"] for d in group.attrs["ome"]["multiscales"][0]["datasets"]] == ["0", "1", "2"]
+    for i, want in enumerate(expected):
+        got = group[str(i)][...]
+        assert got.dtype == want.dtype and np.array_equal(got, want), f"level {i}"
+
+    artifacts = prefect_api.artifacts(run_id(state))
+    summary = table(artifacts["ingest-summary"])
+    assert summary[COMPUTED] == str(total) and summary[SKIPPED] == "0" and summary["blocks failed"] == "0"
+    assert summary["slide"] == str(slide) and summary["output"] == settings.output and summary["format"] == "tiff"
+    assert summary["levels"] == "3×150×170; 3×75×85; 3×38×43" and summary["axes"] == "cyx" and summary["dtype"] == "uint8"
+    assert artifacts["ingest-progress"]["data"] == pytest.approx(100.0)
+
+    # a second run with the same settings: every block is in the ledger, nothing is copied
+    again = ingest_flow(settings, return_state=True)
+    assert again.result()[COMPUTED] == 0 and again.result()[SKIPPED] == total
+    assert table(prefect_api.artifacts(run_id(again))["ingest-summary"])[SKIPPED] == str(total)
+    assert all(np.array_equal(group[str(i)][...], want) for i, want in enumerate(expected))
 
 
 def test_train_flow_reports_curves_and_scores(prefect_api, tmp_path):

@@ -32,6 +32,7 @@ def test_relative_to_cuts_inner_box_out_of_outer_array():
         outer.relative_to(inner)
 
 
+@pytest.mark.slow  # 1-7 s: up to 50³ arrays in blocks of 1
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(1, 50), min_size=1, max_size=3), st.integers(1, 20))
 def test_blocks_tile_the_array_exactly_once(shape, block):

@@ -1,11 +1,13 @@
 """Slides in: SVS, pyramidal TIFF, OME-TIFF and PNG are read in place or ingested to OME-Zarr
 with every pyramid level, pixel for pixel what tifffile (or imageio) reads; physical pixel
-sizes end up in the scale; truncated files are refused in one line; predict on a slide equals
+sizes end up in the scale; truncated files are refused in one line, and a tile that does not
+decode ends a run with one last line naming it; predict on a slide equals
 predict on its ingested copy; and ingest's memory is bounded by the block, not the slide."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -213,14 +215,75 @@ def test_overwrite_with_other_blocks_in_the_same_process(tmp_path):
     assert all(np.array_equal(a, channel_first(p)) for a, p in zip(arrays, pyramid, strict=True))
 
 
+@pytest.mark.slow
 def test_ingest_help():
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "usage: overtile ingest" in result.stdout and "--levels" in result.stdout
 
 
+# --- a tile that does not decode -------------------------------------------------------
+
+
+def damage_one_tile(path: Path, tile: int = 0) -> None:
+    """Scribble over the middle of one tile's compressed bytes of level 0, in place: the file's
+    structure (IFDs, offsets, its size) stays intact, so it opens, but that tile does not decode."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        offset, count = page.dataoffsets[tile], page.databytecounts[tile]
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(offset + count // 4)
+        f.write(b"\xff" * (count // 2))
+    assert path.stat().st_size == size
+
+
+def overtile(*args: str) -> subprocess.CompletedProcess:
+    """The command as a user runs it, in a process of its own: what its terminal shows."""
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parents[1])
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line as a terminal shows it (a progress bar redraws itself on its line)."""
+    return [line for line in text.split("\n") if line.strip()][-1]
+
+
+def test_a_tile_that_does_not_decode_is_an_input_error_naming_the_file_and_region(tmp_path, capsys):
+    slide = tmp_path / "damaged.tif"
+    data = rgb_image((96, 128))
+    write_pyramid(slide, data, levels=1, tile=32)
+    damage_one_tile(slide, tile=1)  # y 0:32, x 32:64
+    source = open_image(str(slide))
+    assert np.array_equal(source.read(Box((32, 0), (64, 128))), channel_first(data[32:]))  # other tiles read
+    with pytest.raises(InputError, match=rf"^{re.escape(str(slide))}: level 0, y 0:40, x 30:70: cannot be decoded \("):
+        source.read(Box((0, 30), (40, 40)))
+    assert main(["ingest", str(slide), str(tmp_path / "out.zarr"), "--block-size", "32", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"overtile: error: {slide}: level 0, y 0:32, x 32:64: cannot be decoded (") and err.count("\n") == 1
+    assert err.endswith("(block 0-0.1)\n"), err
+
+
+@pytest.mark.slow
+def test_a_tile_that_does_not_decode_ends_ingest_with_one_last_line(tmp_path):
+    # 16-px tiles, the first one damaged: reading the block decodes hundreds of tiles
+    # concurrently (Zarr), and the first failure ends the read while the others still run
+    slide = tmp_path / "damaged.tif"
+    write_pyramid(slide, rgb_image((256, 256)), tile=16)
+    damage_one_tile(slide)
+    with open_slide(str(slide)) as opened:  # it opens: only the tile is broken
+        assert opened.spatial_shape() == (256, 256)
+    result = overtile("ingest", str(slide), str(tmp_path / "out.zarr"))
+    assert result.returncode == 2, result.stderr
+    assert "ingest:" in result.stderr  # the progress bar was drawn, and closed before the error
+    assert re.fullmatch(rf"overtile: error: {re.escape(str(slide))}: level 0, y 0:256, x 0:256: cannot be decoded "
+                        r"\(.+\) \(block 0-0\.0\)", last_line(result.stderr)), result.stderr
+    assert result.stderr.count("cannot be decoded") == 1 and "Traceback" not in result.stderr, result.stderr
+
+
 # --- on Dask, and predict on a slide -----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ingest_on_dask_equals_ingest_in_process(tmp_path, client):
     slide = tmp_path / "s.tif"
     write_pyramid(slide, rgb_image((200, 170)))
@@ -233,6 +296,7 @@ def test_ingest_on_dask_equals_ingest_in_process(tmp_path, client):
     assert scales == scales_there and all(np.array_equal(a, b) for a, b in zip(here, there, strict=True))
 
 
+@pytest.mark.slow
 def test_predict_on_a_slide_equals_predict_on_its_ingested_copy(tmp_path, client):
     from pipeline.jobs.predict import PredictSettings, predict
 
@@ -251,6 +315,24 @@ def test_predict_on_a_slide_equals_predict_on_its_ingested_copy(tmp_path, client
     assert scales[0] == [1.0, 0.5, 0.5] and ms["axes"][1]["unit"] == "micrometer"  # the slide's pixel size
 
 
+@pytest.mark.slow
+def test_a_tile_that_does_not_decode_ends_predict_once_in_one_last_line(tmp_path):
+    # the slide read in place by the block tasks of a LocalCluster: the block whose input
+    # does not decode is not retried and not logged by the worker; the client says it once
+    slide = tmp_path / "damaged.tif"
+    write_pyramid(slide, rgb_image((150, 170)), tile=32)
+    damage_one_tile(slide, tile=2)
+    model = make_model(tmp_path / "rgb.pt", in_channels=3, depth=3)
+    result = overtile("predict", str(slide), str(tmp_path / "out.zarr"), "--model", str(model), "--workers", "1",
+                      "--block-size", "64")
+    assert result.returncode == 2, result.stderr
+    assert "predict:" in result.stderr  # the progress bar was drawn, and closed before the error
+    assert re.fullmatch(rf"overtile: error: {re.escape(str(slide))}: level 0, y \d+:\d+, x \d+:\d+: cannot be decoded "
+                        r"\(.+\) \(block \d+\.\d+\)", last_line(result.stderr)), result.stderr
+    assert result.stderr.count("cannot be decoded") == 1, result.stderr  # once: no retries, no worker log
+    assert "Compute Failed" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys, tracemalloc
     from pipeline.jobs.ingest import IngestSettings, ingest
@@ -265,6 +347,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_ingest_memory_is_bounded_by_the_block_not_the_slide(tmp_path):
     # 3000×4000 RGB (36 MB decoded) in 256² tiles, ingested in blocks of 256²: at its peak,
     # what Python allocates (numpy's arrays included) stays a small multiple of one block

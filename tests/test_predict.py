@@ -23,6 +23,7 @@ def run(client, image, model, output, **kwargs):
     return zarr.open_group(str(output), mode="r")["0"][...], summary
 
 
+@pytest.mark.slow
 def test_blockwise_equals_whole_image_inference(client, image_2d, model_2d, tmp_path):
     url, data = image_2d
     out, summary = run(client, url, model_2d, tmp_path / "p.zarr", block_size=128, tile_size=300)
@@ -33,6 +34,7 @@ def test_blockwise_equals_whole_image_inference(client, image_2d, model_2d, tmp_
     assert np.allclose(out.sum(axis=0), 1, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_output_does_not_depend_on_block_size(client, image_2d, model_2d, tmp_path):
     url, _ = image_2d
     outs = [run(client, url, model_2d, tmp_path / f"b{b}.zarr", block_size=b, tile_size=t)[0]
@@ -41,6 +43,7 @@ def test_output_does_not_depend_on_block_size(client, image_2d, model_2d, tmp_pa
         assert np.abs(other - outs[0]).max() <= 1e-6
 
 
+@pytest.mark.slow
 def test_bit_identical_whatever_the_worker_count(client, image_2d, model_2d, tmp_path):
     from distributed import Client, LocalCluster
 
@@ -52,6 +55,7 @@ def test_bit_identical_whatever_the_worker_count(client, image_2d, model_2d, tmp
     assert np.array_equal(one, two)
 
 
+@pytest.mark.slow
 def test_labels_are_the_argmax_as_uint8(client, image_2d, model_2d, tmp_path):
     url, _ = image_2d
     probs, _ = run(client, url, model_2d, tmp_path / "p.zarr", block_size=128)
@@ -62,6 +66,7 @@ def test_labels_are_the_argmax_as_uint8(client, image_2d, model_2d, tmp_path):
     assert compact.dtype == np.uint8 and np.abs(compact / 255 - probs).max() <= 0.5 / 255 + 1e-6
 
 
+@pytest.mark.slow
 def test_3d_blockwise_equals_whole_image(client, model_3d, tmp_path):
     data = cells((21, 50, 37), dtype=np.float32)
     url = write_zarr(tmp_path / "v.zarr", data, chunks=(8, 16, 16))
@@ -71,6 +76,7 @@ def test_3d_blockwise_equals_whole_image(client, model_3d, tmp_path):
     assert summary.total == 2 * 4 * 3
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_blocks(client, image_2d, model_2d, tmp_path):
     url, _ = image_2d
     clean, first = run(client, url, model_2d, tmp_path / "p.zarr", block_size=64)
@@ -90,6 +96,7 @@ def test_rerun_skips_finished_blocks(client, image_2d, model_2d, tmp_path):
     assert third.done == 0 and third.skipped == 30
 
 
+@pytest.mark.slow
 def test_overwrite_starts_over(client, image_2d, model_2d, tmp_path):
     url, _ = image_2d
     run(client, url, model_2d, tmp_path / "p.zarr", block_size=128)
@@ -97,6 +104,7 @@ def test_overwrite_starts_over(client, image_2d, model_2d, tmp_path):
     assert summary.done == 9 and summary.skipped == 0
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_clean_result(client, image_2d, model_2d, tmp_path):
     url, _ = image_2d
     clean, _ = run(client, url, model_2d, tmp_path / "clean.zarr", block_size=64)
@@ -116,6 +124,7 @@ def test_interrupted_run_resumes_to_the_clean_result(client, image_2d, model_2d,
     assert np.array_equal(zarr.open_array(str(tmp_path / "p.zarr" / "0"), mode="r")[...], clean)
 
 
+@pytest.mark.slow
 def test_killed_worker_still_yields_complete_bit_identical_output(image_2d, model_2d, tmp_path):
     from distributed import Client, LocalCluster
 
@@ -193,6 +202,7 @@ def test_plan_reports_what_is_left(image_2d, model_2d, tmp_path):
     assert job.tile_size == 1212 and job.block_shape == (100, 100)
 
 
+@pytest.mark.slow
 def test_scheduler_address_uses_an_existing_cluster(image_2d, model_2d, tmp_path):
     from distributed import LocalCluster
 
@@ -206,6 +216,7 @@ def test_scheduler_address_uses_an_existing_cluster(image_2d, model_2d, tmp_path
         assert len({r["worker_pid"] for r in summary.records}) == 1
 
 
+@pytest.mark.slow
 def test_prefetched_reads_give_the_same_output(client, image_2d, model_2d, tmp_path):
     """The GPU path's read-ahead (a read task per block, its result handed to the compute
     task) changes the schedule, not the numbers; run here on CPU."""
@@ -219,6 +230,7 @@ def test_prefetched_reads_give_the_same_output(client, image_2d, model_2d, tmp_p
 BF16_TOLERANCE = 0.02  # max |p_bf16 - p_float32| of a probability, as README states
 
 
+@pytest.mark.slow
 def test_bf16_autocast_stays_within_the_stated_tolerance(client, image_2d, model_2d, tmp_path):
     url, _ = image_2d
     exact, _ = run(client, url, model_2d, tmp_path / "f32.zarr", block_size=128, pyramid=False)
@@ -260,6 +272,7 @@ def test_ledger_lists_finished_blocks_without_reading_the_others(tmp_path, monke
     assert done.shape == (586, 586) and set(map(tuple, np.argwhere(done))) == set(marked)
 
 
+@pytest.mark.slow
 def test_two_outputs_of_the_same_run_never_share_dask_tasks(client, image_2d, model_2d, tmp_path):
     """Dask keys name the output too: the same settings into two outputs, submitted together
     to one scheduler, must both be written (shared keys would make Dask run one of them)."""

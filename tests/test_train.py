@@ -247,6 +247,7 @@ def test_3d_training_with_held_out_slices(tmp_path):
     assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_cli_train_then_predict_with_best_checkpoint(stack, tmp_path, capsys):
     images, labels = stack
     out = tmp_path / "run"

@@ -34,6 +34,7 @@ def cluster_client():
 
 
 @pytest.mark.parametrize("block", [32, 50, 200])
+@pytest.mark.slow
 def test_blockwise_equals_in_memory(cluster_client, tmp_path, block):
     labels = touching_cells((150, 130))
     url = write_zarr(tmp_path / "labels.zarr", labels, chunks=(32, 32))
@@ -43,6 +44,7 @@ def test_blockwise_equals_in_memory(cluster_client, tmp_path, block):
     assert out.dtype == np.float32 and summary.done == summary.total
 
 
+@pytest.mark.slow
 def test_3d_blockwise_equals_in_memory(cluster_client, tmp_path):
     labels = touching_cells((20, 40, 36), n=15)
     url = write_zarr(tmp_path / "labels.zarr", labels, chunks=(8, 16, 16))
@@ -51,6 +53,7 @@ def test_3d_blockwise_equals_in_memory(cluster_client, tmp_path):
     np.testing.assert_allclose(out, weight_map(labels, sigma=3), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_binary_mask_gets_global_instances(cluster_client, tmp_path):
     labels = touching_cells((120, 140), seed=3)
     mask = (labels > 0).astype(np.uint8)
@@ -60,6 +63,7 @@ def test_binary_mask_gets_global_instances(cluster_client, tmp_path):
     np.testing.assert_allclose(out, weight_map(mask, binary=True), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_rerun_resumes_and_says_so(cluster_client, tmp_path):
     url = write_zarr(tmp_path / "labels.zarr", touching_cells((100, 100)))
     settings = WeightSettings(labels=url, output=str(tmp_path / "w.zarr"), block_size=50)
@@ -83,6 +87,7 @@ def test_cli_bad_labels(tmp_path, capsys):
     assert "--sigma" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_all_background_and_preview(tmp_path, capsys):
     url = write_zarr(tmp_path / "empty.zarr", np.zeros((40, 30), np.uint8))
     png = tmp_path / "w.png"
@@ -91,6 +96,7 @@ def test_cli_all_background_and_preview(tmp_path, capsys):
     assert png.stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_mask_labelling_across_blocks_matches_whole_image_labelling(cluster_client, tmp_path):
     from scipy import ndimage
 

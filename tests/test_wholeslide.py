@@ -80,6 +80,7 @@ def _keys(array) -> list[str]:
     return [k[len(prefix):] for k in sync(listing())]
 
 
+@pytest.mark.slow
 def test_tissue_mask_computes_only_blocks_near_tissue(client, tmp_path, rgb_model):
     url, image = rgb_slide(tmp_path / "slide.zarr")
     base = dict(input=url, model=str(rgb_model), block_size=64, pyramid=False)
@@ -120,6 +121,7 @@ def test_otsu_on_saturation_finds_the_tissue(tmp_path):
         compute_mask(storage.open_image(write_zarr(tmp_path / "gray.zarr", cells((64, 64)))), "saturation")
 
 
+@pytest.mark.slow
 def test_user_mask_at_low_resolution_and_cli_summary(client, tmp_path, rgb_model, capsys):
     url, _ = rgb_slide(tmp_path / "slide.zarr")
     low = np.zeros((64, 80), np.uint8)  # 1/8 of the slide
@@ -135,6 +137,7 @@ def test_user_mask_at_low_resolution_and_cli_summary(client, tmp_path, rgb_model
     assert computed == {(0, 0, 0)} | ({(0, 0, 1), (0, 1, 0), (0, 1, 1)} if margin > 64 else set())
 
 
+@pytest.mark.slow
 def test_pyramid_levels_are_means_of_probabilities_and_nearest_labels(client, image_2d, model_2d, tmp_path):
     url, _ = image_2d  # 333 × 270
     predict(PredictSettings(input=url, output=str(tmp_path / "p.zarr"), model=str(model_2d), block_size=64), client=client)
@@ -152,6 +155,7 @@ def test_pyramid_levels_are_means_of_probabilities_and_nearest_labels(client, im
     np.testing.assert_array_equal(labels["1"][...], labels["0"][:, ::2, ::2])
 
 
+@pytest.mark.slow
 def test_ome_zarr_reader_sees_the_pyramid_and_the_labels_on_the_image(client, tmp_path, rgb_model):
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Label, Multiscales, Reader
@@ -192,6 +196,7 @@ def test_read_tasks_need_no_gpu(tmp_path, rgb_model):
     assert image.dtype == np.float32 and image.shape[0] == 3
 
 
+@pytest.mark.slow
 def test_an_interrupted_pyramid_rebuild_is_redone_by_the_next_run(client, tmp_path, rgb_model, monkeypatch):
     from pipeline.jobs import pyramid
 
@@ -227,6 +232,7 @@ def test_labels_into_a_zarr_v2_image_are_refused_clearly(tmp_path, rgb_model):
         predict(settings)
 
 
+@pytest.mark.slow
 def test_a_boolean_mask_is_a_tissue_mask(client, tmp_path, rgb_model):
     url, _ = rgb_slide(tmp_path / "slide.zarr")
     low = np.zeros((64, 80), bool)
@@ -237,6 +243,7 @@ def test_a_boolean_mask_is_a_tissue_mask(client, tmp_path, rgb_model):
     assert summary.background > 0 and summary.done >= 1
 
 
+@pytest.mark.slow
 def test_tiff_slides_are_closed_with_their_source(tmp_path):
     import gc
 

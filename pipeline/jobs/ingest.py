@@ -33,7 +33,7 @@ class IngestSettings(blockwise.BlockwiseSettings):
     slide: str = Field(description="Slide or picture to convert: SVS, NDPI, OME-TIFF or another (pyramidal) TIFF, PNG or JPEG")
     output: str = Field(description="OME-Zarr image to write (path or URL)")
     levels: Literal["all"] | Annotated[int, Field(ge=1)] = Field("all", description="Pyramid levels to write: all the file has, or the first N")
-    axes: blockwise.Axes = Field(None, description="blockwise.Axes of a TIFF stack whose axes tifffile cannot name, e.g. zyx")
+    axes: blockwise.Axes = Field(None, description="Axes of a TIFF stack whose axes tifffile cannot name, e.g. zyx")
     block_size: blockwise.BlockSize = None
     workers: int | None = Field(None, ge=1, description="Copy blocks on a local Dask cluster of this many processes (default: in this process, one block at a time)")
     scheduler: blockwise.Scheduler = None

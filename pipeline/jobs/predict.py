@@ -47,7 +47,7 @@ class PredictSettings(blockwise.BlockwiseSettings):
     input: str = Field(description="Input image: a Zarr array, an OME-Zarr image, or a TIFF-based slide (SVS, NDPI, OME-TIFF) read in place (path or URL)")
     output: str = Field(description="Output OME-Zarr image to write (path or URL); IMAGE/labels/NAME makes labels an NGFF label image of the input")
     model: str = Field(description="U-Net checkpoint file written by overtile")
-    axes: blockwise.Axes = Field(None, description="blockwise.Axes of a plain Zarr array, e.g. yx, cyx, zyx, czyx, yxc")
+    axes: blockwise.Axes = Field(None, description="Axes of a plain Zarr array, e.g. yx, cyx, zyx, czyx, yxc")
     block_size: blockwise.BlockSize = None
     tile_size: int | None = Field(None, ge=8, description="Largest tile input edge for one forward pass (default 1212 in 2D)")
     overlap: float = Field(0.5, ge=0.0, lt=1.0, description="Same-padding models only: fraction of a tile shared with its neighbour (blended)")

@@ -38,7 +38,7 @@ class WeightSettings(blockwise.BlockwiseSettings):
 
     labels: str = Field(description="Instance labels (0 = background) or, with binary, a 0/1 mask: Zarr array or OME-Zarr image")
     output: str = Field(description="Output OME-Zarr image of float32 weights")
-    axes: blockwise.Axes = Field(None, description="blockwise.Axes of a plain Zarr array: yx or zyx")
+    axes: blockwise.Axes = Field(None, description="Axes of a plain Zarr array: yx or zyx")
     w0: float = Field(10.0, ge=0.0, description="Height of the border term (the paper's 10)")
     sigma: float = Field(5.0, gt=0.0, description="Width of the border term, in the image's physical units (pixels if it has none)")
     binary: bool = Field(False, description="Labels are a 0/1 mask: make cells by connected components over the whole image")

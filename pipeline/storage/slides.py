@@ -32,9 +32,9 @@ from typing import Any, Iterator
 import numpy as np
 import zarr
 
-from pipeline.storage import images
 from pipeline.errors import InputError
 from pipeline.numerics.geometry import Box
+from pipeline.storage import images
 
 TIFF_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".scn", ".bif", ".qptiff", ".btf", ".tf2", ".tf8")  # .ome.tif(f) too
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -86,10 +86,32 @@ class SlideSource(images.ImageSource):
     def read(self, box: Box) -> np.ndarray:
         try:
             return super().read(box)
-        except (InputError, OSError, MemoryError):
-            raise
         except Exception as exc:
+            _settle_zarr_reads()
+            if isinstance(exc, (InputError, OSError, MemoryError)):
+                raise
             raise InputError(f"{self.url}: level {self.level}, {box}: cannot be decoded ({_describe(exc)})") from None
+
+
+def _settle_zarr_reads(timeout: float = 10.0) -> None:
+    """Let the rest of a failed read finish. Zarr reads a region's tiles as concurrent tasks on
+    its event-loop thread and raises the first failure while the others still run; a process
+    that exits just then (the CLI, after printing the error) has zarr stop that loop with them
+    pending, and asyncio prints "Task was destroyed but it is pending!" under the error line."""
+    import asyncio
+
+    from zarr.core.sync import loop, sync
+
+    if loop[0] is None:  # no Zarr read has run in this process (a picture, read whole)
+        return
+
+    async def settle() -> None:
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if others:
+            await asyncio.wait(others, timeout=timeout)
+
+    with contextlib.suppress(Exception):
+        sync(settle())
 
 
 @dataclass
