@@ -151,24 +151,9 @@ def _check_axes(url: str, axes: str, ndim: int) -> str:
 
 
 def open_zarr_image(url: str, axes: str | None = None, allow_bool: bool = False) -> ImageSource:
-    """Open a Zarr input image for reading, checking everything that can be checked up front.
-
-    Parameters
-    ----------
-    url : str
-        A Zarr array, or an OME-Zarr image group (its full-resolution level is used).
-    axes : str, optional
-        The stored axes of a plain array (``"yx"``, ``"cyx"``, ``"zyx"``, ``"czyx"``,
-        ``"yxc"``); 2-D arrays default to ``"yx"``. Ignored when it agrees with OME-Zarr
-        metadata; an error when it does not.
-    allow_bool : bool
-        Accept boolean arrays (masks); images must be integers or floats.
-
-    Raises
-    ------
-    InputError
-        Missing path, not Zarr, axes that do not fit, unsupported dtype, empty array.
-    """
+    """A Zarr array, or an OME-Zarr image group (its full-resolution level), opened for reading
+    with every up-front check; what :func:`pipeline.storage.open_image` does for Zarr inputs
+    (its docstring says what the arguments mean and what is refused)."""
     url = str(url)
     node = _open_node(url)
     scale: dict[str, float] = {}
