@@ -82,10 +82,11 @@ def model_geometry(path: str) -> UNet:
     return _GEOMETRY[key]
 
 
-# A compiled forward pass pays for itself after this many blocks per task slot (2048² blocks
-# of 1212² tiles, 16-base net, 2 CPU cores: compile time / time saved per block; measured by
-# bench/predict.py, see bench/RESULTS.md). ``compile=None`` compiles above it.
-COMPILE_BREAK_EVEN_BLOCKS = 24
+# A compiled forward pass pays for itself after this many blocks per task slot: on 2 CPU
+# cores, 2048² blocks of 1212² tiles, 16-base net, compiling cost 12.7 s per worker and saved
+# 0.12 s (2.6%) per block, a break-even of about 100 (bench/predict.py, bench/RESULTS.md).
+# ``compile=None`` compiles above it.
+COMPILE_BREAK_EVEN_BLOCKS = 100
 
 _COMPILED: dict[int, tuple[torch.nn.Module, set[tuple[int, ...]]]] = {}
 _COMPILE_FAILED: list[str] = []
