@@ -40,7 +40,6 @@ from typing import (
     TypeVar,
 )
 
-import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pipeline import storage
@@ -151,19 +150,11 @@ class BlockwiseJob:
         """Every block of the job, in order."""
         raise NotImplementedError
 
-    def pending(self, wanted: np.ndarray | None = None) -> Pending:
-        """The blocks the ledger does not mark finished; with ``wanted`` (boolean over the
-        ledger's grid), only those it marks True, the others counted as background."""
+    def pending(self) -> Pending:
+        """Every block the ledger does not mark finished (a job that skips blocks, as
+        prediction with a tissue mask does, makes its own :class:`Pending` when it plans)."""
         done = self.ledger.done()
-        todo, background = [], 0
-        for block in self.blocks():
-            if done[block.index]:
-                continue
-            if wanted is None or wanted[block.index]:
-                todo.append(block)
-            else:
-                background += 1
-        return Pending(todo, int(done.sum()), background)
+        return Pending([b for b in self.blocks() if not done[b.index]], int(done.sum()))
 
     def read_block(self, block: Any) -> Any:
         """With read-ahead (:attr:`prefetch`), the block's input, read in a task of its own."""
