@@ -302,8 +302,11 @@ def client_or_cluster(client: Any | None, scheduler: str | None, workers: int | 
 
 def _block_task(block: Any, job: BlockwiseJob, *prefetched: Any) -> dict[str, Any]:
     """The Dask task: the job's block work. A bad input is the input's fault, not the
-    worker's: it comes back as a record (no retries, no traceback in the worker's log)."""
+    worker's: it comes back as a record (no retries, no traceback in the worker's log), as
+    it does when the block's read-ahead task found it."""
     try:
+        if prefetched and isinstance(prefetched[0], InputError):
+            raise prefetched[0]
         return job.run_block(block, *prefetched)
     except InputError as exc:
         return {"block": block.key, "input_error": str(exc)}
@@ -313,13 +316,41 @@ def _read_task(block: Any, job: BlockwiseJob) -> Any:
     try:
         return job.read_block(block)
     except InputError as exc:
-        return InputError(str(exc))  # handed to the block task, which raises it there
+        return InputError(str(exc))  # handed to the block task, which reports it
 
 
-def _unwrap(block: Any, job: BlockwiseJob, image: Any) -> dict[str, Any]:
-    if isinstance(image, InputError):
-        return {"block": block.key, "input_error": str(image)}
-    return _block_task(block, job, image)
+Outcome = tuple[str, "dict[str, Any] | BaseException"]
+
+
+def _collect(outcomes: Iterable[Outcome], on_result: Callable[[dict[str, Any]], None] | None,
+             failures: list[str] | None) -> list[dict[str, Any]]:
+    """The records of finished blocks, ``on_result`` called on each. A failure (an exception,
+    or a record of the input's fault) is raised, or with a ``failures`` list appended to it as
+    ``"key: error"`` while the others go on."""
+    records = []
+    for key, outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            if failures is None:
+                raise outcome
+            failures.append(f"{key}: {outcome!r}")
+        elif "input_error" in outcome:
+            if failures is None:
+                raise InputError(f"{outcome['input_error']} (block {outcome['block']})")
+            failures.append(f"{outcome['block']}: {outcome['input_error']}")
+        else:
+            records.append(outcome)
+            if on_result is not None:
+                on_result(outcome)
+    return records
+
+
+def _here(job: BlockwiseJob, blocks: Sequence[Any]) -> Iterator[Outcome]:
+    """The blocks one after another in this process (no cluster): small jobs, and ingest by default."""
+    for block in blocks:
+        try:
+            yield block.key, _block_task(block, job)
+        except Exception as exc:  # noqa: BLE001 - a failed block is reported, as Dask reports it
+            yield block.key, exc
 
 
 def run_blocks(
@@ -344,64 +375,22 @@ def run_blocks(
     if not blocks:
         return []
     if client is None:
-        return _run_here(job, blocks, on_result, failures)
+        return _collect(_here(job, blocks), on_result, failures)
     from distributed import as_completed
 
     resources = {"GPU": 1} if job.gpu else None
     keys = [f"{job.name}-{b.key}" for b in blocks]
-    reads: list[Any] = []
-    if job.prefetch:
-        reads = client.map(_read_task, blocks, [job] * len(blocks), key=[f"read-{k}" for k in keys],
-                           retries=retries, pure=False)
-        futures = client.map(_unwrap, blocks, [job] * len(blocks), reads, key=keys, resources=resources,
-                             retries=retries, pure=False)
-    else:
-        futures = client.map(_block_task, blocks, [job] * len(blocks), key=keys, resources=resources,
-                             retries=retries, pure=False)
-    records = []
+    reads = client.map(_read_task, blocks, [job] * len(blocks), key=[f"read-{k}" for k in keys],
+                       retries=retries, pure=False) if job.prefetch else []
+    futures = client.map(_block_task, blocks, [job] * len(blocks), *([reads] if reads else []), key=keys,
+                         resources=resources, retries=retries, pure=False)
+    outcomes = ((str(f.key).removeprefix(job.name + "-"), f.exception() if f.status == "error" else f.result())
+                for f in as_completed(futures))
     try:
-        for future in as_completed(futures):
-            if future.status == "error":
-                if failures is None:
-                    raise future.exception()
-                failures.append(f"{str(future.key).removeprefix(job.name + '-')}: {future.exception()!r}")
-                continue
-            record = future.result()
-            if "input_error" in record:
-                if failures is None:
-                    raise InputError(f"{record['input_error']} (block {record['block']})")
-                failures.append(f"{record['block']}: {record['input_error']}")
-                continue
-            records.append(record)
-            if on_result is not None:
-                on_result(record)
+        return _collect(outcomes, on_result, failures)
     except BaseException:
         client.cancel(futures + reads)
         raise
-    return records
-
-
-def _run_here(job: Any, blocks: Sequence[Any], on_result: Callable[[dict[str, Any]], None] | None,
-              failures: list[str] | None) -> list[dict[str, Any]]:
-    """The blocks one after another in this process (no cluster): small jobs, and ingest by default."""
-    records = []
-    for block in blocks:
-        try:
-            record = job.run_block(block)
-        except InputError as exc:
-            if failures is None:
-                raise InputError(f"{exc} (block {block.key})") from None
-            failures.append(f"{block.key}: {exc}")
-            continue
-        except Exception as exc:
-            if failures is None:
-                raise
-            failures.append(f"{block.key}: {exc!r}")
-            continue
-        records.append(record)
-        if on_result is not None:
-            on_result(record)
-    return records
 
 
 def run_pending(
@@ -454,15 +443,11 @@ def execute(
     if on_plan is not None:
         on_plan(job, planned)
     summary = RunSummary(planned.total, planned.skipped, [], 0.0, [], planned.background)
-    if in_process:
-        job, summary = run_pending(job, planned, None, on_result, failures, watch=watch)
-        if not summary.failed and job.wants_finish(summary.done):
-            with watch("finish"):
-                job.finish(None)
-    elif planned.blocks or job.wants_prepare() or job.wants_finish(len(planned.blocks)):
+    if in_process or planned.blocks or job.wants_prepare() or job.wants_finish(len(planned.blocks)):
         with watch("cluster"):  # its start here, its close below
             stack = contextlib.ExitStack()
-            client = stack.enter_context(client_or_cluster(client, settings.scheduler, settings.workers, job.gpu))
+            client = None if in_process else stack.enter_context(
+                client_or_cluster(client, settings.scheduler, settings.workers, job.gpu))
         try:
             job, summary = run_pending(job, planned, client, on_result, failures, watch=watch)
             if not summary.failed and job.wants_finish(summary.done):
