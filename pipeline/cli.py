@@ -104,6 +104,25 @@ def _weights(args: argparse.Namespace) -> None:
         print(f"overtile: preview written to {weights_png(job.labels_url, job.output, args.preview, job.labels_axes)}")
 
 
+def _objects(args: argparse.Namespace) -> None:
+    from pipeline.jobs.objects import ObjectSettings, find_objects
+
+    settings = _settings(ObjectSettings, args)
+    bar = BlockBar("objects", args.quiet)
+
+    def on_plan(job: Any, pending: Any) -> None:
+        print(f"overtile: {'×'.join(map(str, job.spatial_shape))} px in {pending.total} blocks "
+              f"({len(job.present)} with probabilities); seeds, faces and the merge first")
+        bar.start(pending)
+
+    with bar:
+        job, summary = find_objects(settings, on_result=bar, on_plan=on_plan)
+    print(f"overtile: done: {job.objects} objects; {summary.done} blocks computed, {summary.skipped} skipped "
+          f"(already done) in {summary.seconds:.1f} s\n"
+          f"overtile: labels written to {job.output} (array '0', {settings.dtype}), table to {job.table}"
+          + (f", outlines to {settings.geojson}" if settings.geojson else ""))
+
+
 def _train(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
@@ -287,6 +306,7 @@ def add_settings(parser: argparse.ArgumentParser, model: type[BaseModel], positi
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.jobs.ingest import IngestSettings
+    from pipeline.jobs.objects import ObjectSettings
     from pipeline.jobs.predict import PredictSettings
     from pipeline.jobs.train import TrainSettings
     from pipeline.jobs.weights import WeightSettings
@@ -313,6 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--preview", help="also write a PNG of the labels beside the weight map")
     w.add_argument("--quiet", action="store_true", help="no progress bar")
     w.set_defaults(func=_weights)
+
+    o = sub.add_parser("objects", help="label, measure and outline cells from probabilities, blockwise on Dask",
+                       description="Objects of one class from a probability image written by 'overtile predict': "
+                                   "seeds above --threshold, their face-connected components (merged across blocks), "
+                                   "grown by at most --grow-distance pixels over --grow-threshold. Writes an NGFF "
+                                   "label image, a Parquet object table and optionally GeoJSON outlines for QuPath. "
+                                   "Exactly the labels of the same rule on the whole image; a rerun resumes.")
+    add_settings(o, ObjectSettings, positional=("probabilities", "output"))
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    o.set_defaults(func=_objects)
 
     t = sub.add_parser("train", help="train a U-Net from Zarr images and labels",
                        description="Train a U-Net as the paper does: random patches from Zarr, elastic deformation, "

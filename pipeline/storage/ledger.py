@@ -51,28 +51,10 @@ class Ledger:
         return cls(url, tuple(grid))
 
     def done(self) -> np.ndarray:
-        """Boolean array over the block grid: True where the block is finished.
-
-        A block's chunk is written only when the block is finished, so listing the chunks
-        that exist answers without touching the (possibly hundreds of thousands of) others:
-        planning a mostly empty slide costs what its finished blocks cost.
-        """
-        array = zarr.open_array(store=self.url, mode="r")
-        done = np.zeros(self.grid, dtype=bool)
-        try:
-            from zarr.core.sync import sync
-
-            separator = array.metadata.chunk_key_encoding.separator
-            start = (f"{array.store_path.path}/" if array.store_path.path else "") + "c" + separator
-
-            async def stored() -> list[str]:
-                return [k async for k in array.store_path.store.list_prefix(start)]
-
-            for key in sync(stored()):  # "c/i/j": the default chunk key encoding of Zarr 3
-                done[tuple(int(i) for i in key[len(start):].split(separator))] = True
-        except (AttributeError, NotImplementedError, TypeError, ValueError, IndexError):  # a store that cannot list
-            return array[...] > 0
-        return done
+        """Boolean array over the block grid: True where the block is finished (a block's
+        chunk is written only when the block is finished)."""
+        stored = stored_chunks(self.url)
+        return zarr.open_array(store=self.url, mode="r")[...] > 0 if stored is None else stored
 
     def mark(self, block: Block) -> None:
         open_array(self.url)[block.index] = 1
@@ -86,3 +68,29 @@ def open_array(url: str) -> zarr.Array:
     old chunk grid. Reading ``zarr.json`` costs far less than any block.
     """
     return zarr.open_array(store=url, mode="r+")
+
+
+def stored_chunks(url: "str | zarr.Array") -> np.ndarray | None:
+    """Boolean array over the chunk grid of the Zarr array at ``url``: True where a chunk is
+    stored (elsewhere the array holds its fill value); None for a store that cannot list.
+
+    Listing the chunks that exist answers without touching the (possibly hundreds of
+    thousands of) others: planning over a mostly empty slide costs what its written chunks cost.
+    """
+    array = zarr.open_array(store=url, mode="r") if isinstance(url, str) else url
+    grid = tuple(-(-n // c) for n, c in zip(array.shape, array.chunks))
+    stored = np.zeros(grid, dtype=bool)
+    try:
+        from zarr.core.sync import sync
+
+        separator = array.metadata.chunk_key_encoding.separator
+        start = (f"{array.store_path.path}/" if array.store_path.path else "") + "c" + separator
+
+        async def listed() -> list[str]:
+            return [k async for k in array.store_path.store.list_prefix(start)]
+
+        for key in sync(listed()):  # "c/i/j": the default chunk key encoding of Zarr 3
+            stored[tuple(int(i) for i in key[len(start):].split(separator))] = True
+    except (AttributeError, NotImplementedError, TypeError, ValueError, IndexError):  # a store that cannot list
+        return None
+    return stored

@@ -1,0 +1,561 @@
+"""Cells as objects: instance labels, an object table and QuPath outlines, blockwise and
+exact (the whole-image rule of :mod:`pipeline.numerics.instances`, up to renumbering).
+
+The shape of :mod:`pipeline.jobs.blockwise`, with the global part in ``prepare``:
+
+- **seeds** (a pass over the blocks that hold probabilities): each block's seed components,
+  numbered 1..n inside the block, into ``OUTPUT/work/seeds``; n per block in a small array.
+- **faces** (a pass): the pairs of local ids that touch across each block's far faces.
+- **merge** (once, in this process): provisional ids number the blocks' components in block
+  order; the face pairs merge components (connected components of the pair graph), objects
+  under ``min_size`` are dropped and the rest numbered 1..N. Each block's part of the table
+  (its local id -> global id) is written beside it: no worker ever holds the whole table.
+- **blocks** (the job's own tasks): each block reads its seed ids with a halo of
+  ``grow_distance``, maps them with its own and its neighbours' parts, grows them, writes the
+  label block, and measures its objects. Objects inside the block go straight into a Parquet
+  part of the table (and their outlines into a GeoJSON fragment); objects on a face shared
+  with another block leave partial sums and outline pieces.
+- **finish**: the partial sums added up (each spanning object measured once), their pieces
+  merged into one outline, the GeoJSON streamed together, the label pyramid, the work removed.
+
+Ids are deterministic: they depend on the image and the settings only, not on the worker
+count, block order or retries. Every pass keeps a ledger, so a rerun resumes, and a killed
+run plus a rerun is bit-identical to a clean run.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+from dataclasses import dataclass, replace
+from typing import Any, Callable, ClassVar, Literal
+
+import numpy as np
+import zarr
+from pydantic import Field
+
+from pipeline import storage
+from pipeline.errors import InputError
+from pipeline.jobs import blockwise
+from pipeline.jobs.pyramid import build_pyramid
+from pipeline.numerics import instances
+from pipeline.numerics.downsample import level_shapes
+from pipeline.numerics.geometry import Block, Box, block_at, block_grid
+from pipeline.storage import files
+
+log = logging.getLogger("overtile")
+
+WORK = "work"
+MICRONS = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "meter": 1e6}
+
+
+class ObjectSettings(blockwise.BlockwiseSettings):
+    """An object run; shared by the CLI, the Python API and the segment flow."""
+
+    probabilities: str = Field(description="Class probabilities written by 'overtile predict' (OME-Zarr, classes first)")
+    output: str = Field(description="Output label image of object ids (0 = background); IMAGE/labels/NAME makes it an "
+                        "NGFF label image of IMAGE")
+    object_class: int = Field(1, ge=0, description="The objects' class: its channel in the probabilities")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Seeds: pixels whose probability of the class is above this")
+    grow_threshold: float | None = Field(None, ge=0.0, lt=1.0, description="Objects grow over pixels above this "
+                                         "probability of their class (default: over any pixel)")
+    grow_distance: int = Field(0, ge=0, description="Pixel steps each object grows by (0: the seeds are the objects)")
+    min_size: int = Field(0, ge=0, description="Drop objects whose seeds hold fewer pixels")
+    dtype: Literal["uint16", "uint32", "uint64"] = Field("uint32", description="Label dtype (uint64 for more than 4 "
+                                                         "billion objects)")
+    image: str | None = Field(None, description="Image measured for mean intensities per channel (default: the "
+                              "probabilities' input)")
+    axes: blockwise.Axes = Field(None, description="Axes of --image when it is a plain Zarr array")
+    table: str | None = Field(None, description="Object table, a Parquet dataset folder (default: beside the output, "
+                              "NAME.parquet)")
+    geojson: str | None = Field(None, description="Also write the outlines for QuPath as a GeoJSON FeatureCollection "
+                                "(.geojson or .geojson.gz; 2-D)")
+    class_name: str = Field("Cell", description="The objects' classification name in QuPath")
+    block_size: blockwise.BlockSize = None
+    workers: blockwise.Workers = None
+    scheduler: blockwise.Scheduler = None
+    pyramid: bool = Field(True, description="Also write downsampled levels of the labels (nearest)")
+    overwrite: blockwise.Overwrite = False
+
+
+def default_table(output: str) -> str:
+    """``a/slide.zarr/labels/cells`` -> ``a/slide.cells.parquet``; ``a/cells.zarr`` ->
+    ``a/cells.parquet`` (outside the Zarr hierarchy, which holds only Zarr nodes)."""
+    output = output.rstrip("/")
+    head, sep, rest = output.partition(".zarr")
+    if not sep:
+        return output + ".parquet"
+    name = rest.strip("/").rsplit("/", 1)[-1]
+    return f"{head}.{name}.parquet" if name else f"{head}.parquet"
+
+
+@dataclass(frozen=True)
+class ObjectJob(blockwise.BlockwiseJob):
+    """A planned object run: what every block task needs."""
+
+    kind: ClassVar[str] = "objects"
+
+    settings: ObjectSettings
+    spatial_axes: str
+    spatial_shape: tuple[int, ...]
+    block_shape: tuple[int, ...]
+    channel_axis: bool  # the label image has a leading channel axis of 1 (its image has one)
+    present: tuple[tuple[int, ...], ...]  # grid indices of blocks that hold probabilities
+    spacing: tuple[float, ...]
+    unit: str | None  # the spatial unit, when the probabilities have one
+    image: str | None  # measured for intensities
+    image_axes: str | None
+    channels: int
+    table: str
+    fresh: bool = False  # this run created the output (an error in a global pass removes it again)
+    objects: int | None = None  # N, once the merge has run
+
+    @property
+    def work(self) -> str:
+        return f"{self.output.rstrip('/')}/{WORK}"
+
+    @property
+    def output_array(self) -> str:
+        return f"{self.output.rstrip('/')}/0"
+
+    def blocks(self) -> list[Block]:
+        """The blocks with probabilities and those within the growth's reach of them."""
+        grid = block_grid(self.spatial_shape, self.block_shape)
+        wanted = np.zeros(grid, bool)
+        if self.present:
+            wanted[tuple(np.array(self.present).T)] = True
+        reach = [-(-self.settings.grow_distance // b) for b in self.block_shape]
+        if any(reach):
+            from scipy import ndimage
+
+            wanted = ndimage.maximum_filter(wanted, size=[2 * r + 1 for r in reach], mode="constant")
+        return [block_at(i, self.spatial_shape, self.block_shape) for i in np.argwhere(wanted)]
+
+    # --- prepare: seeds, faces, merge -------------------------------------------------------
+
+    def wants_prepare(self) -> bool:
+        return self.objects is None
+
+    def prepare(self, client: Any) -> "ObjectJob":
+        """Seed components per block, the pairs across faces, the merge; each pass resumes
+        from its own ledger, and the merge's result is kept in the work group's attributes."""
+        if self.objects is not None:
+            return self
+        grid = block_grid(self.spatial_shape, self.block_shape)
+        group = zarr.open_group(store=self.work, mode="a")
+        if group.attrs.get("fingerprint") != self.fingerprint:  # a fresh run, or one of other settings
+            group = zarr.open_group(store=self.work, mode="w")
+            group.attrs["fingerprint"] = self.fingerprint
+            group.create_array("seeds", shape=self.spatial_shape, chunks=self.block_shape, dtype="uint32",
+                               fill_value=0, compressors=[storage.OUTPUT_CODEC])
+            group.create_array("counts", shape=grid, chunks=(1,) * len(grid), dtype="int64", fill_value=0)
+            for name in ("seed_pass", "face_pass"):
+                zarr.open_group(store=f"{self.work}/{name}", mode="w")
+        present = [block_at(i, self.spatial_shape, self.block_shape) for i in self.present]
+        for name, job_type in (("seed_pass", SeedPass), ("face_pass", FacePass)):
+            ledger = storage.Ledger.prepare(f"{self.work}/{name}", grid, self.fingerprint, overwrite=False)
+            part = job_type(output=self.output, ledger=ledger, fingerprint=self.fingerprint, parent=self)
+            done = ledger.done()
+            blockwise.run_blocks(client, part, [b for b in present if not done[b.index]])
+        objects = self.merge(present)
+        return replace(self, objects=objects)
+
+    def merge(self, present: list[Block]) -> int:
+        """Resolve the faces once, here; write each block's part of the id table beside it."""
+        group = zarr.open_group(store=self.work, mode="r+")
+        if "objects" in group.attrs:
+            return int(group.attrs["objects"])
+        counts = np.asarray(group["counts"][...]).ravel()
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.uint64)
+        grid = block_grid(self.spatial_shape, self.block_shape)
+        pairs, sizes = [], []
+        for block in present:
+            if counts[block.number] == 0:
+                continue
+            faces = files.get_arrays(f"{self.work}/faces/{block.key}.npz")
+            for axis in range(len(grid)):
+                local = faces[f"axis{axis}"]
+                if len(local):
+                    neighbour = block_at(tuple(i + (a == axis) for a, i in enumerate(block.index)),
+                                         self.spatial_shape, self.block_shape)
+                    pairs.append(np.stack([local[:, 0] + offsets[block.number],
+                                           local[:, 1] + offsets[neighbour.number]], axis=1))
+            if self.settings.min_size > 1:
+                sizes.append(files.get_arrays(f"{self.work}/sizes/{block.key}.npz")["sizes"])
+        size = np.concatenate([[0], *sizes]) if self.settings.min_size > 1 else None
+        # blocks without seeds add no sizes, and their ids take no room: the order is block order
+        final = instances.final_ids(counts, np.concatenate(pairs) if pairs else np.zeros((0, 2), np.uint64),
+                                    size, self.settings.min_size)
+        objects = int(final.max()) if len(final) else 0
+        if objects > np.iinfo(self.settings.dtype).max:
+            if self.fresh:  # leave nothing behind
+                files.remove(self.output)
+                files.remove(self.table)
+            raise InputError(f"{self.output}: {objects} objects do not fit {self.settings.dtype} labels; use --dtype uint64")
+        for block in present:
+            n = int(counts[block.number])
+            if n:
+                start = int(offsets[block.number])
+                part = np.concatenate([[0], final[start + 1:start + n + 1]]).astype(np.uint64)
+                files.put_arrays(f"{self.work}/maps/{block.key}.npz", ids=part)
+        group.attrs["objects"] = objects
+        return objects
+
+    # --- the blocks -------------------------------------------------------------------------
+
+    def probability(self, box: Box) -> np.ndarray:
+        """The class's probability over ``box``, float32 in [0, 1] (uint8 outputs store 255·p)."""
+        source = storage.cached_image(self.settings.probabilities, None, self.fingerprint)
+        p = source.read(box)[self.settings.object_class]
+        return p.astype(np.float32) / 255 if p.dtype == np.uint8 else p.astype(np.float32, copy=False)
+
+    def global_seeds(self, box: Box) -> np.ndarray:
+        """The seed components over ``box`` with their global ids, each block's part of the
+        id table read for the blocks ``box`` touches (never the whole table)."""
+        local = storage.open_array(f"{self.work}/seeds")[box.slices()]
+        out = np.zeros(local.shape, np.uint64)
+        first = [o // b for o, b in zip(box.offset, self.block_shape)]
+        last = [(s - 1) // b for s, b in zip(box.stop, self.block_shape)]
+        for index in itertools.product(*(range(f, la + 1) for f, la in zip(first, last))):
+            part = block_at(index, self.spatial_shape, self.block_shape).write.intersect(box)
+            where = part.relative_to(box)
+            ids = local[where]
+            if ids.any():
+                out[where] = _id_part(f"{self.work}/maps/{'.'.join(map(str, index))}.npz", self.fingerprint)[ids]
+        return out
+
+    def run_block(self, block: Block) -> dict[str, Any]:
+        """Map, grow and write the block's labels; measure its objects; mark it."""
+        s = self.settings
+        watch = blockwise.Stopwatch()
+        with watch("read"):
+            read = block.write.grow(s.grow_distance).clip(self.spatial_shape)
+            seeds = self.global_seeds(read)
+            p = self.probability(read)
+        with watch("compute"):
+            labels = instances.grow(seeds, instances.foreground(p, s.grow_threshold), s.grow_distance)
+            core = labels[block.write.relative_to(read)].astype(s.dtype)
+        with watch("write"):
+            storage.open_array(self.output_array)[(Ellipsis, *block.write.slices())] = core[None] if self.channel_axis else core
+        with watch("measure"):
+            intensity = None
+            if self.image is not None:
+                intensity = storage.cached_image(self.image, self.image_axes, self.fingerprint).read(block.write)
+            m = instances.measure(core, block.write.offset, p[block.write.relative_to(read)], intensity)
+            faces = [(axis, side) for axis in range(core.ndim)
+                     for side, shared in ((0, block.write.offset[axis] > 0),
+                                          (-1, block.write.stop[axis] < self.spatial_shape[axis])) if shared]
+            spanning = np.isin(m["id"], instances.boundary_ids(core, faces))
+            inside = {k: v[~spanning] for k, v in m.items()}
+            if len(inside["id"]):
+                files.write_parquet(f"{self.table}/part-{block.number:09d}.parquet", self.rows(inside))
+            outlines = self.outlines(core, block, m["id"]) if s.geojson else {}
+            if s.geojson:
+                files.put_text(f"{self.work}/features/{block.key}.json",
+                               self.features(inside, outlines))
+            if spanning.any():
+                pieces = [outlines[int(i)].wkb if outlines else b"" for i in m["id"][spanning]]
+                files.put_arrays(f"{self.work}/partials/{block.key}.npz", **{k: v[spanning] for k, v in m.items()},
+                                 **_pack(pieces))
+        self.ledger.mark(block)
+        return {"block": block.key, "pixels": block.write.size, "objects": int((~spanning).sum()),
+                "spanning": int(spanning.sum()), **{f"{k}_s": v for k, v in watch.seconds.items()}}
+
+    def outlines(self, core: np.ndarray, block: Block, ids: np.ndarray) -> dict[int, Any]:
+        from pipeline.numerics.outlines import outlines
+
+        return outlines(core, offset=block.write.offset, ids=ids)
+
+    def rows(self, m: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Table columns from summed measurements (pixels -> means, centroids, physical area)."""
+        area = m["area"].astype(np.float64)
+        cols: dict[str, np.ndarray] = {"id": m["id"].astype(np.uint64), "area_px": m["area"].astype(np.int64)}
+        if self.unit in MICRONS:
+            physical = area * float(np.prod(self.spacing)) * MICRONS[self.unit] ** len(self.spacing)
+            cols["volume_um3" if len(self.spacing) == 3 else "area_um2"] = physical
+        for k, axis in enumerate(self.spatial_axes):
+            cols[f"centroid_{axis}"] = m["sum"][:, k] / area
+        for k, axis in enumerate(self.spatial_axes):
+            cols[f"bbox_{axis}0"] = m["low"][:, k]
+            cols[f"bbox_{axis}1"] = m["high"][:, k]
+        cols["mean_probability"] = m["probability"] / area
+        for c in range(m["intensity"].shape[1]):
+            cols[f"mean_intensity_{c}"] = m["intensity"][:, c] / area
+        return cols
+
+    def features(self, m: dict[str, np.ndarray], outlines: dict[int, Any]) -> str:
+        """GeoJSON features of the measured objects (QuPath detections), one per line."""
+        from pipeline.storage.geojson import feature_text
+
+        rows = self.rows(m)
+        names = [k for k in rows if k != "id"]
+        colour = _colour(self.settings.class_name)
+        return "".join(feature_text(int(i), outlines[int(i)], (self.settings.class_name, colour),
+                                    {k: float(rows[k][n]) for k in names}) + "\n"
+                       for n, i in enumerate(rows["id"]))
+
+    # --- finish -----------------------------------------------------------------------------
+
+    def wants_finish(self, computing: int) -> bool:
+        meta = dict(zarr.open_group(store=self.output, mode="r").attrs.get("overtile", {}))
+        return meta.get("finished") != self.fingerprint
+
+    def finish(self, client: Any) -> int:
+        """Spanning objects measured once (and outlined once), the GeoJSON, the pyramid; then
+        the work group goes. Returns the pyramid levels written."""
+        done = self.ledger.done()
+        computed = [b for b in self.blocks() if done[b.index]]
+        parts, pieces = [], []
+        for block in computed:
+            url = f"{self.work}/partials/{block.key}.npz"
+            if files.exists(url):
+                arrays = files.get_arrays(url)
+                parts.append({k: arrays[k] for k in ("id", *instances.MEASURES)})
+                pieces.append((arrays["id"], _unpack(arrays)))
+        spanning = instances.combine(parts) if parts else None
+        if spanning is not None and len(spanning["id"]):
+            files.write_parquet(f"{self.table}/part-spanning.parquet", self.rows(spanning))
+        if self.settings.geojson:
+            self.write_geojson(computed, spanning, pieces)
+        levels = 0
+        if self.settings.pyramid and level_shapes(tuple(self.spatial_shape), len(self.spatial_shape)):
+            levels = build_pyramid(client, self.output, "nearest", present=done)
+        group = zarr.open_group(store=self.output, mode="r+")
+        group.attrs["overtile"] = {**dict(group.attrs.get("overtile", {})), "finished": self.fingerprint,
+                                   "objects": self.objects, "table": self.table, "geojson": self.settings.geojson}
+        files.remove(self.work)  # after "finished": a run killed in between leaves it for the next plan to remove
+        return levels
+
+    def write_geojson(self, computed: list[Block], spanning: dict[str, np.ndarray] | None,
+                      pieces: list[tuple[np.ndarray, list[bytes]]]) -> None:
+        """The blocks' fragments in block order, then the spanning objects (pieces merged)."""
+        import shapely
+
+        from pipeline.numerics.outlines import merge_pieces
+        from pipeline.storage.geojson import FeatureWriter
+
+        with FeatureWriter(self.settings.geojson) as writer:
+            for block in computed:
+                url = f"{self.work}/features/{block.key}.json"
+                if files.exists(url):
+                    for text in files.iter_text(url):
+                        writer.write_text(text)
+            if spanning is None or not len(spanning["id"]):
+                return
+            ids = np.concatenate([i for i, _ in pieces])
+            wkb = [w for _, ws in pieces for w in ws]
+            order = np.argsort(ids, kind="stable")
+            bounds = np.searchsorted(ids[order], spanning["id"], side="right")
+            start = 0
+            for n, stop in enumerate(bounds):
+                polygon = merge_pieces([shapely.from_wkb(wkb[k]) for k in order[start:stop]])
+                start = stop
+                one = {k: v[n:n + 1] for k, v in spanning.items()}
+                writer.write_text(self.features(one, {int(spanning["id"][n]): polygon}))
+
+
+@dataclass(frozen=True)
+class SeedPass(blockwise.BlockwiseJob):
+    """Seed components of one block, numbered inside it."""
+
+    kind: ClassVar[str] = "seeds"
+    parent: ObjectJob = None  # type: ignore[assignment]
+
+    def run_block(self, block: Block) -> dict[str, Any]:
+        job = self.parent
+        labels, count = instances.seed_components(job.probability(block.write) > job.settings.threshold)
+        storage.open_array(f"{job.work}/seeds")[block.write.slices()] = labels
+        if job.settings.min_size > 1 and count:
+            files.put_arrays(f"{job.work}/sizes/{block.key}.npz",
+                             sizes=np.bincount(labels.ravel(), minlength=count + 1)[1:].astype(np.int64))
+        storage.open_array(f"{job.work}/counts")[block.index] = count
+        self.ledger.mark(block)
+        return {"block": block.key, "seeds": count}
+
+
+@dataclass(frozen=True)
+class FacePass(blockwise.BlockwiseJob):
+    """The local id pairs that touch across a block's far faces, one array per axis."""
+
+    kind: ClassVar[str] = "faces"
+    parent: ObjectJob = None  # type: ignore[assignment]
+
+    def run_block(self, block: Block) -> dict[str, Any]:
+        job = self.parent
+        seeds = storage.open_array(f"{job.work}/seeds")
+        found = {}
+        for axis in range(block.write.ndim):
+            end = block.write.stop[axis]
+            pairs = np.zeros((0, 2), np.uint64)
+            if end < job.spatial_shape[axis]:
+                face = Box(tuple(end - 1 if a == axis else o for a, o in enumerate(block.write.offset)),
+                           tuple(2 if a == axis else n for a, n in enumerate(block.write.shape)))
+                slab = np.moveaxis(seeds[face.slices()], axis, 0)
+                pairs = instances.face_pairs(slab[0], slab[1])
+            found[f"axis{axis}"] = pairs
+        files.put_arrays(f"{job.work}/faces/{block.key}.npz", **found)
+        self.ledger.mark(block)
+        return {"block": block.key, "pairs": sum(len(p) for p in found.values())}
+
+
+@functools.lru_cache(maxsize=64)
+def _id_part(url: str, fingerprint: str) -> np.ndarray:
+    """A block's part of the id table (cached per worker: neighbours share them)."""
+    return files.get_arrays(url)["ids"]
+
+
+def _pack(pieces: list[bytes]) -> dict[str, np.ndarray]:
+    lengths = np.array([len(p) for p in pieces], np.int64)
+    return {"wkb": np.frombuffer(b"".join(pieces), np.uint8), "wkb_lengths": lengths}
+
+
+def _unpack(arrays: dict[str, np.ndarray]) -> list[bytes]:
+    data = arrays["wkb"].tobytes()
+    ends = np.cumsum(arrays["wkb_lengths"])
+    return [data[e - n:e] for e, n in zip(ends, arrays["wkb_lengths"])]
+
+
+def _colour(name: str) -> tuple[int, int, int]:
+    """A stable colour per class name (QuPath shows detections in their class's colour)."""
+    import colorsys
+    import hashlib
+
+    hue = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.8, 0.95)
+    return int(255 * r), int(255 * g), int(255 * b)
+
+
+def plan_objects(settings: ObjectSettings) -> tuple[ObjectJob, blockwise.Pending]:
+    """Check the probabilities, the image and the output; create or reopen the output and its
+    ledger; find the blocks that hold probabilities. No cluster."""
+    settings = blockwise.absolute_paths(settings, "probabilities", "output", "image", "table", "geojson")
+    if settings.output.rstrip("/") in (settings.probabilities.rstrip("/"), (settings.image or "").rstrip("/")):
+        raise InputError(f"{settings.output}: is the probabilities (or the image) this run reads; choose another output")
+    source = storage.open_image(settings.probabilities)
+    meta = dict(zarr.open_group(store=settings.probabilities, mode="r").attrs.get("overtile", {})) \
+        if _is_group(settings.probabilities) else {}
+    if meta.get("output_kind") == "labels":
+        raise InputError(f"{settings.probabilities}: holds argmax labels, not probabilities; predict with --output probabilities")
+    if settings.object_class >= source.channels:
+        raise InputError(f"{settings.probabilities}: {source.channels} classes (0..{source.channels - 1}); "
+                         f"there is no class {settings.object_class}")
+    if source.dtype.kind not in "fu" or (source.dtype.kind == "u" and source.dtype != np.uint8):
+        raise InputError(f"{settings.probabilities}: {source.dtype} values; probabilities are float or uint8 (255·p)")
+    nd = len(source.spatial_shape)
+    if settings.geojson and nd != 2:
+        raise InputError(f"{settings.geojson}: GeoJSON outlines are 2-D; {settings.probabilities} is {nd}-D")
+    image = settings.image or meta.get("input")
+    image_axes = settings.axes if settings.image else None
+    channels = 0
+    if image is not None:
+        try:
+            measured = storage.open_image(image, image_axes)
+        except InputError:
+            if settings.image:
+                raise
+            image = None  # the recorded input has moved: no intensities, said in the log
+            log.warning("%s: the probabilities' input is not readable; no mean intensities", meta.get("input"))
+        else:
+            if measured.spatial_shape != source.spatial_shape:
+                raise InputError(f"{image}: shape {measured.spatial_shape}; the probabilities have {source.spatial_shape}")
+            channels = measured.channels
+    block_shape = settings.block_shape(source.spatial_shape) if settings.block_size else \
+        tuple(int(c) for c in source.array.chunks[-nd:])
+    into_image = storage.label_parent(image, settings.output) if image else None
+    channel_axis = bool(into_image) and "c" in storage.open_image(into_image).axes
+    out_shape = ((1,) if channel_axis else ()) + tuple(source.spatial_shape)
+    existed = storage.check_output(settings.output, out_shape, settings.dtype, settings.overwrite)
+    if existed and not settings.overwrite:
+        kind = dict(zarr.open_group(store=settings.output, mode="r").attrs.get("overtile", {})).get("output_kind")
+        if kind != "objects":
+            raise InputError(f"{settings.output}: holds another image ({kind or 'not an object label image'}); "
+                             f"pass --overwrite to replace it")
+    table = settings.table or default_table(settings.output)
+    run = blockwise.fingerprint(
+        probabilities=settings.probabilities, stamp=storage.stamp(source), image=image,
+        image_stamp=storage.stamp(storage.open_image(image, image_axes)) if image else None,
+        object_class=settings.object_class, threshold=settings.threshold, grow_threshold=settings.grow_threshold,
+        grow_distance=settings.grow_distance, min_size=settings.min_size, dtype=settings.dtype, block=block_shape,
+        table=table, geojson=settings.geojson, class_name=settings.class_name,
+    )
+    spacing = tuple(source.scale.get(a, 1.0) for a in source.spatial_axes)
+    units = {source.units.get(a) for a in source.spatial_axes}
+    unit = units.pop() if len(units) == 1 else None
+    storage.create_image(
+        settings.output, out_shape, ((1,) if channel_axis else ()) + block_shape, settings.dtype,
+        ("c" if channel_axis else "") + source.spatial_axes, name="objects",
+        scale=([1.0] if channel_axis else []) + list(spacing), units=source.units, overwrite=settings.overwrite,
+        attrs={"overtile": {"probabilities": settings.probabilities, "output_kind": "objects", "table": table}},
+    )
+    if into_image:
+        storage.register_label(into_image, settings.output, 1)
+    grid = block_grid(source.spatial_shape, block_shape)
+    fresh = settings.overwrite or not existed
+    if fresh:
+        clear_table(table)
+    ledger = storage.Ledger.prepare(settings.output, grid, run, overwrite=fresh)
+    group_meta = dict(zarr.open_group(store=settings.output, mode="r").attrs.get("overtile", {}))
+    work_url, work_meta = f"{settings.output.rstrip('/')}/{WORK}", {}
+    if files.exists(f"{work_url}/zarr.json"):
+        if group_meta.get("finished") == run:
+            files.remove(work_url)  # left by a run killed just after it finished
+        else:
+            work_meta = dict(zarr.open_group(store=work_url, mode="r").attrs)
+    job = ObjectJob(
+        output=settings.output, ledger=ledger, fingerprint=run, settings=settings, spatial_axes=source.spatial_axes,
+        spatial_shape=source.spatial_shape, block_shape=block_shape, channel_axis=channel_axis,
+        present=_present(source, block_shape), spacing=spacing, unit=unit, image=image, image_axes=image_axes,
+        channels=channels, table=table, fresh=fresh,
+        objects=group_meta.get("objects") if group_meta.get("finished") == run else
+        (work_meta.get("objects") if work_meta.get("fingerprint") == run else None),
+    )
+    return job, job.pending()
+
+
+def clear_table(table: str) -> None:
+    """Remove the table of an earlier run before a fresh one; refuse a path that holds
+    anything but Parquet parts (it is not ours to delete)."""
+    if not files.exists(table):
+        return
+    names = files.listdir(table)
+    if names is None or any(not n.endswith(".parquet") for n in names):
+        raise InputError(f"{table}: exists and is not an object table; choose another --table")
+    files.remove(table)
+
+
+def _is_group(url: str) -> bool:
+    try:
+        return isinstance(zarr.open(store=url, mode="r"), zarr.Group)
+    except Exception:  # noqa: BLE001 - not Zarr: a slide, checked by open_image
+        return False
+
+
+def _present(source: storage.ImageSource, block_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Grid indices of the blocks that hold probabilities: where the probabilities' chunks are
+    stored (a tissue-masked prediction leaves the rest at the fill value), when its chunks are
+    the blocks; else every block."""
+    nd = len(block_shape)
+    grid = block_grid(source.spatial_shape, block_shape)
+    stored = None
+    if tuple(source.array.chunks[-nd:]) == tuple(block_shape) and source.array.ndim == nd + 1:
+        stored = storage.stored_chunks(source.array)
+    wanted = np.ones(grid, bool) if stored is None else stored.any(axis=0)
+    return tuple(tuple(int(i) for i in index) for index in np.argwhere(wanted))
+
+
+def find_objects(
+    settings: ObjectSettings,
+    client: Any | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+    on_plan: Callable[[ObjectJob, blockwise.Pending], None] | None = None,
+    failures: list[str] | None = None,
+) -> tuple[ObjectJob, blockwise.RunSummary]:
+    """Label, measure and outline the objects of one class blockwise on Dask; the Python
+    entry point behind ``overtile objects`` and the segment flow's ``objects`` option."""
+    return blockwise.execute(plan_objects, settings, client, on_plan, on_result, failures)
+
+
+def summary_line(job: ObjectJob) -> str:
+    extra = f", outlines {job.settings.geojson}" if job.settings.geojson else ""
+    return f"{job.objects} objects: labels {job.output}, table {job.table}{extra}"

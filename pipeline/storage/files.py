@@ -1,0 +1,91 @@
+"""Small files beside a run's arrays: per-block results a later pass reads (arrays as
+``.npz``, never pickled), and Parquet parts of an object table. Local paths or any fsspec
+URL; each file is written whole by one task, so concurrent tasks never share one.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Iterator
+
+import numpy as np
+
+
+def _fs(url: str) -> tuple[Any, str]:
+    import fsspec
+
+    return fsspec.core.url_to_fs(str(url))
+
+
+def put_arrays(url: str, **arrays: np.ndarray) -> None:
+    """Write named arrays to ``url`` as ``.npz`` (parents created)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    fs, path = _fs(url)
+    fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(buffer.getvalue())
+
+
+def get_arrays(url: str) -> dict[str, np.ndarray]:
+    """The arrays :func:`put_arrays` wrote (no pickles are loaded)."""
+    fs, path = _fs(url)
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def exists(url: str) -> bool:
+    fs, path = _fs(url)
+    return bool(fs.exists(path))
+
+
+def listdir(url: str) -> list[str] | None:
+    """The names in a folder, or None when ``url`` is a file."""
+    fs, path = _fs(url)
+    if not fs.isdir(path):
+        return None
+    return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+
+
+def remove(url: str) -> None:
+    """Remove a file or folder (tree) if it exists."""
+    fs, path = _fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def write_parquet(url: str, columns: dict[str, np.ndarray]) -> None:
+    """One Parquet file from equal-length columns (parents created)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = _fs(url)
+    fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+    with fs.open(path, "wb") as f:
+        pq.write_table(pa.table({k: np.asarray(v) for k, v in columns.items()}), f)
+
+
+def read_parquet(url: str) -> dict[str, np.ndarray]:
+    """A Parquet file or dataset folder as columns of numpy arrays."""
+    import pyarrow.parquet as pq
+
+    fs, path = _fs(url)
+    table = pq.read_table(path, filesystem=fs)
+    return {name: table.column(name).to_numpy() for name in table.column_names}
+
+
+def iter_text(url: str, chunk: int = 1 << 20) -> Iterator[str]:
+    """The text of a file in pieces (a file is copied into another without holding it)."""
+    fs, path = _fs(url)
+    with fs.open(path, "rt", encoding="utf-8") as f:
+        while piece := f.read(chunk):
+            yield piece
+
+
+def put_text(url: str, text: str) -> None:
+    fs, path = _fs(url)
+    fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+    with fs.open(path, "wt", encoding="utf-8") as f:
+        f.write(text)

@@ -1,0 +1,250 @@
+"""Objects blockwise (issue 12): labels equal the whole-image rule up to renumbering, ids are
+deterministic, the table measures every object once, and a broken run resumes bit-identically."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from scipy import ndimage
+
+from pipeline import storage
+from pipeline.cli import main
+from pipeline.jobs import blockwise
+from pipeline.jobs.objects import FacePass, ObjectSettings, default_table, find_objects, plan_objects
+from pipeline.numerics.instances import grow, label_objects
+from pipeline.storage import files
+
+
+def disks(shape: tuple[int, ...], centres: list[tuple[int, ...]], radius: float, seed: int = 0) -> np.ndarray:
+    """A probability map of touching blobs: high at each centre, falling off with distance,
+    with noise (so thresholds cut ragged, many-block components)."""
+    rng = np.random.default_rng(seed)
+    free = np.ones(shape, bool)
+    free[tuple(np.array(centres).T)] = False
+    d = ndimage.distance_transform_edt(free)
+    return np.clip(1.1 - d / (2 * radius) + rng.normal(0, 0.08, shape), 0, 1).astype(np.float32)
+
+
+def write_probabilities(path: Path, p: np.ndarray, chunk: int, image: np.ndarray | None = None) -> str:
+    """``p`` as the class-1 channel of a predict-like OME-Zarr output (class 0 = 1 - p)."""
+    nd = p.ndim
+    url = str(path)
+    array = storage.create_image(url, (2, *p.shape), (2, *(chunk,) * nd), "float32", "c" + "zyx"[3 - nd:],
+                                 name="probabilities", overwrite=True,
+                                 scale=[1.0] + [0.5] * nd, units={a: "micrometer" for a in "zyx"[3 - nd:]},
+                                 attrs={"overtile": {"output_kind": "probabilities",
+                                                     **({"input": url + ".image"} if image is not None else {})}})
+    array[...] = np.stack([1 - p, p])
+    if image is not None:
+        storage.create_image(url + ".image", image.shape, image.shape, image.dtype, "c" + "zyx"[3 - nd:],
+                             overwrite=True)[...] = image
+    return url
+
+
+def run(url: str, output: Path, client=None, **kwargs):
+    settings = ObjectSettings(probabilities=url, output=str(output), **kwargs)
+    if client is None:
+        return blockwise.execute(plan_objects, settings, in_process=True)
+    return find_objects(settings, client=client)
+
+
+def labels_of(output: Path) -> np.ndarray:
+    return zarr.open_group(str(output), mode="r")["0"][...]
+
+
+def one_to_one(a: np.ndarray, b: np.ndarray) -> dict[int, int]:
+    """The id map from ``a`` to ``b`` if the two labellings are the same partition, else fail."""
+    assert np.array_equal(a > 0, b > 0), "foreground differs"
+    pairs = np.unique(np.stack([a[a > 0], b[b > 0]], axis=1), axis=0)
+    assert len(np.unique(pairs[:, 0])) == len(pairs) == len(np.unique(pairs[:, 1])), "not one object per object"
+    return dict(pairs.tolist())
+
+
+# Objects crossing one, two and four blocks of 32: centres inside a block, on a block edge,
+# on a block corner; plus one long bar across a whole row of blocks.
+CENTRES_2D = [(16, 16), (16, 64), (64, 64), (64, 96), (110, 30), (100, 128), (128, 128), (150, 150), (160, 20)]
+
+
+def map_2d(shape=(190, 170)) -> np.ndarray:
+    p = disks(shape, CENTRES_2D, 5.0)
+    p[180:184, 5:165] = 0.95  # a bar over six blocks
+    return p
+
+
+@pytest.mark.parametrize("block", [16, 32, 45, 64, 256])
+@pytest.mark.parametrize("rule", [dict(), dict(grow_distance=4, grow_threshold=0.3), dict(grow_distance=7, min_size=15)])
+def test_tiled_labels_equal_the_whole_image_rule_2d(tmp_path, block, rule):
+    p = map_2d()
+    url = write_probabilities(tmp_path / "p.zarr", p, block)
+    job, summary = run(url, tmp_path / "o.zarr", block_size=block, threshold=0.6, **rule)
+    ref = label_objects(p, 0.6, rule.get("grow_threshold"), rule.get("grow_distance", 0), rule.get("min_size", 0))
+    one_to_one(labels_of(tmp_path / "o.zarr"), ref)
+    assert job.objects == len(np.unique(ref)) - 1 > 5
+
+
+def test_objects_cross_one_two_and_four_blocks(tmp_path):
+    """The map really has such objects (the test above would be weaker without them)."""
+    ref = label_objects(map_2d(), 0.6)
+    crossed = []
+    for i in np.unique(ref)[1:]:
+        ys, xs = np.nonzero(ref == i)
+        crossed.append(len({(y // 32, x // 32) for y, x in zip(ys, xs)}))
+    assert {1, 2, 4} <= set(crossed) and max(crossed) >= 6
+
+
+@pytest.mark.parametrize("block", [16, 24, 64])
+def test_tiled_labels_equal_the_whole_image_rule_3d(tmp_path, block):
+    shape = (40, 48, 44)
+    centres = [(10, 10, 10), (20, 24, 22), (12, 40, 30), (30, 12, 40), (20, 20, 3), (36, 44, 20)]
+    p = disks(shape, centres, 4.0, seed=3)
+    url = write_probabilities(tmp_path / "p.zarr", p, block)
+    run(url, tmp_path / "o.zarr", block_size=block, threshold=0.6, grow_distance=3, grow_threshold=0.2)
+    one_to_one(labels_of(tmp_path / "o.zarr"), label_objects(p, 0.6, 0.2, 3))
+
+
+def test_growth_is_bounded_and_ties_do_not_depend_on_label_values():
+    labels = np.zeros((1, 9), np.uint32)
+    labels[0, 0], labels[0, 8] = 5, 2
+    grown = grow(labels, None, 3)
+    assert grown.tolist() == [[5, 5, 5, 5, 0, 2, 2, 2, 2]]
+    swapped = grow(np.where(labels == 5, 2, np.where(labels == 2, 5, 0)).astype(np.uint32), None, 4)
+    # the middle pixel is reached by both in step 4: the left neighbour wins, whatever its id
+    assert grow(labels, None, 4)[0, 4] == 5 and swapped[0, 4] == 2
+
+
+@pytest.mark.slow
+def test_ids_do_not_depend_on_workers_or_block_order(tmp_path, client):
+    p = map_2d()
+    url = write_probabilities(tmp_path / "p.zarr", p, 32)
+    run(url, tmp_path / "here.zarr", block_size=32, grow_distance=3)
+    run(url, tmp_path / "cluster.zarr", client=client, block_size=32, grow_distance=3)
+    assert np.array_equal(labels_of(tmp_path / "here.zarr"), labels_of(tmp_path / "cluster.zarr"))
+    assert _table_digest(default_table(str(tmp_path / "here.zarr"))) == \
+        _table_digest(default_table(str(tmp_path / "cluster.zarr")))
+
+
+def test_table_measures_every_object_once_and_correctly(tmp_path):
+    p = map_2d()
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (3, *p.shape)).astype(np.uint8)
+    url = write_probabilities(tmp_path / "p.zarr", p, 32, image=image)
+    job, _ = run(url, tmp_path / "o.zarr", block_size=32, grow_distance=3)
+    got = labels_of(tmp_path / "o.zarr")
+    table = files.read_parquet(job.table)
+    assert sorted(table["id"].tolist()) == sorted(np.unique(got)[1:].tolist())  # each object exactly once
+    order = np.argsort(table["id"])
+    table = {k: v[order] for k, v in table.items()}
+    ids = table["id"].astype(np.int64)
+    area = ndimage.sum_labels(np.ones_like(got), got, ids)
+    assert np.array_equal(table["area_px"], area)
+    assert np.allclose(table["area_um2"], area * 0.25)  # 0.5 µm pixels
+    cy, cx = np.array(ndimage.center_of_mass(np.ones_like(got), got, ids)).T
+    assert np.allclose(table["centroid_y"], cy) and np.allclose(table["centroid_x"], cx)
+    boxes = ndimage.find_objects(got.astype(np.int64))
+    for n, i in enumerate(ids):
+        box = boxes[i - 1]
+        assert (table["bbox_y0"][n], table["bbox_y1"][n], table["bbox_x0"][n], table["bbox_x1"][n]) == \
+            (box[0].start, box[0].stop, box[1].start, box[1].stop)
+    assert np.allclose(table["mean_probability"], ndimage.mean(p, got, ids), rtol=1e-6)
+    for c in range(3):
+        assert np.allclose(table[f"mean_intensity_{c}"], ndimage.mean(image[c].astype(float), got, ids))
+
+
+def test_table_is_a_parquet_dataset_pandas_and_dask_read(tmp_path):
+    import dask.dataframe as dd
+    import pandas as pd
+
+    url = write_probabilities(tmp_path / "p.zarr", map_2d(), 32)
+    job, _ = run(url, tmp_path / "o.zarr", block_size=32)
+    frame = pd.read_parquet(job.table)
+    assert len(frame) == job.objects and frame["id"].is_unique
+    assert len(dd.read_parquet(job.table).compute()) == job.objects
+
+
+def test_interrupted_run_resumes_bit_identically(tmp_path, monkeypatch):
+    p = map_2d()
+    url = write_probabilities(tmp_path / "p.zarr", p, 32)
+    kwargs = dict(block_size=32, grow_distance=3, min_size=10)
+    run(url, tmp_path / "clean.zarr", **kwargs)
+
+    calls = []
+    original = FacePass.run_block
+
+    def dies_in_the_face_pass(self, block):
+        calls.append(block)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return original(self, block)
+
+    monkeypatch.setattr(FacePass, "run_block", dies_in_the_face_pass)
+    with pytest.raises(KeyboardInterrupt):
+        run(url, tmp_path / "o.zarr", **kwargs)
+    monkeypatch.undo()
+    seen = []
+
+    def stop_after_three(record):
+        seen.append(record)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    settings = ObjectSettings(probabilities=url, output=str(tmp_path / "o.zarr"), **kwargs)
+    with pytest.raises(KeyboardInterrupt):
+        blockwise.execute(plan_objects, settings, on_result=stop_after_three, in_process=True)
+    _, resumed = run(url, tmp_path / "o.zarr", **kwargs)
+    assert resumed.skipped == 3
+    assert np.array_equal(labels_of(tmp_path / "o.zarr"), labels_of(tmp_path / "clean.zarr"))
+    assert _table_digest(default_table(str(tmp_path / "o.zarr"))) == _table_digest(default_table(str(tmp_path / "clean.zarr")))
+    assert not (tmp_path / "o.zarr" / "work").exists()
+    _, again = run(url, tmp_path / "o.zarr", **kwargs)  # finished: nothing to do
+    assert again.done == 0
+
+
+def _table_digest(table: str) -> str:
+    """The table's parts, byte for byte."""
+    digest = hashlib.sha256()
+    for name in sorted(files.listdir(table)):
+        digest.update(name.encode() + Path(table, name).read_bytes())
+    return digest.hexdigest()
+
+
+def test_uint8_probabilities_and_a_tissue_masked_prediction(tmp_path):
+    """uint8 outputs hold 255·p; blocks a tissue mask left unwritten are skipped."""
+    p = map_2d()
+    url = str(tmp_path / "p.zarr")
+    array = storage.create_image(url, (2, *p.shape), (2, 32, 32), "uint8", "cyx", overwrite=True)
+    q = np.rint(np.stack([1 - p, p]) * 255).astype(np.uint8)
+    q[:, :, 96:] = 0
+    array[:, :, :96] = q[:, :, :96]  # the right blocks never written, as without tissue
+    job, summary = run(url, tmp_path / "o.zarr", block_size=32, grow_distance=3, grow_threshold=0.25)
+    assert summary.total < 6 * 6
+    one_to_one(labels_of(tmp_path / "o.zarr"), label_objects(q[1] / np.float32(255), 0.5, 0.25, 3))
+
+
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    url = write_probabilities(tmp_path / "p.zarr", map_2d(), 32)
+    out = tmp_path / "o.zarr"
+    assert main(["objects", url, str(out), "--object-class", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "there is no class 2" in err and not out.exists()
+    assert main(["objects", url, url, "--overwrite"]) == 2
+    assert "is the probabilities" in capsys.readouterr().err
+    other = tmp_path / "other.zarr"
+    storage.create_image(str(other), (190, 170), (32, 32), "uint32", "yx")  # an image of the same shape and dtype
+    assert main(["objects", url, str(other)]) == 2
+    assert "holds another image" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_too_many_objects_for_the_label_dtype(tmp_path, capsys):
+    p = np.zeros((520, 520), np.float32)
+    p[::2, ::2] = 1  # 67,600 single-pixel objects: more than uint16 holds
+    url = write_probabilities(tmp_path / "p.zarr", p, 260)
+    out = tmp_path / "o.zarr"
+    assert main(["objects", url, str(out), "--dtype", "uint16", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "67600 objects do not fit uint16" in err and not out.exists()
+    assert not Path(default_table(str(out))).exists()
