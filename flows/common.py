@@ -218,12 +218,16 @@ def pyramid(kind: str, job: BlockwiseJob, summary: RunSummary, cluster: Cluster)
     return levels
 
 
-def run_job(kind: str, job: J, planned: Pending, summarise: Callable[[J, RunSummary], dict]) -> dict:
-    """A planned blockwise job through its stages on one Dask cluster, started only when
-    there is something to compute: run the blocks, build the pyramid, report. When blocks
-    fail, the report still runs (it says which) before the flow fails."""
+def run_job(kind: str, job: J, planned: Pending, summarise: Callable[[J, RunSummary], dict],
+            cluster: Cluster | None = None) -> dict:
+    """A planned blockwise job through its stages on one Dask cluster (``cluster``, shared
+    with the flow's other jobs, or one of its own), started only when there is something to
+    compute: run the blocks, build the pyramid, report. When blocks fail, the report still
+    runs (it says which) before the flow fails."""
     settings = getattr(job, "settings")
-    with Cluster(settings.scheduler, settings.workers, job.gpu) as cluster:
+    with contextlib.ExitStack() as stack:
+        if cluster is None:
+            cluster = stack.enter_context(Cluster(settings.scheduler, settings.workers, job.gpu))
         try:
             job, summary = run_blocks(kind, job, planned, cluster)
         except BlocksFailed as exc:

@@ -12,15 +12,18 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import log_plan, on_task_runner_cluster, preview_path, report, run_job
+from flows.common import Cluster, log_plan, on_task_runner_cluster, preview_path, report, run_job
+from pipeline.errors import InputError
 from pipeline.jobs.blockwise import Pending, RunSummary
+from pipeline.jobs.objects import ObjectJob, ObjectOptions, ObjectSettings, plan_objects
 from pipeline.jobs.predict import (
     PredictJob,
     PredictSettings,
     compile_report,
     plan_prediction,
 )
-from pipeline.preview import preview_png
+from pipeline.preview import objects_png, preview_png
+from pipeline.storage import files
 
 
 @task(name="validate and plan", cache_policy=NO_CACHE)
@@ -50,13 +53,46 @@ def summarise(job: PredictJob, summary: RunSummary) -> dict:
                                        "failed blocks": "; ".join(summary.failed) or "none"}, png)
 
 
+@task(name="plan the objects", cache_policy=NO_CACHE)
+def plan_cells(settings: ObjectSettings) -> tuple[ObjectJob, Pending]:
+    job, planned = plan_objects(settings)
+    log_plan("objects", len(planned.blocks), planned.skipped, f"{job.output} (objects of class "
+             f"{settings.object_class} in {settings.probabilities})")
+    return job, planned
+
+
+@task(name="report the objects", cache_policy=NO_CACHE)
+def summarise_objects(job: ObjectJob, summary: RunSummary) -> dict:
+    s = job.settings
+    png = preview_path(s.output)
+    if png is not None and not summary.failed and files.exists(job.table):
+        areas = files.read_parquet(job.table)["area_px"]
+        objects_png(s.image, s.output, areas, png, s.axes)
+        get_run_logger().info("objects: outlines and sizes drawn in %s", png)
+    return report("objects", summary, {"objects": job.objects, "labels": s.output, "object table (Parquet)": job.table,
+                                       "QuPath outlines (GeoJSON)": s.geojson or "not asked for",
+                                       "rule": f"seeds: P(class {s.object_class}) > {s.threshold}; grown "
+                                               f"{s.grow_distance} px over "
+                                               f"{'any pixel' if s.grow_threshold is None else f'P > {s.grow_threshold}'}"
+                                               f"; min size {s.min_size} px",
+                                       "failed blocks": "; ".join(summary.failed) or "none"}, png)
+
+
 @flow(name="segment", log_prints=True)
-def segment(settings: PredictSettings) -> dict:
+def segment(settings: PredictSettings, objects: ObjectOptions | None = None) -> dict:
     """Segment a Zarr / OME-Zarr image with a U-Net: overlap-tile inference blockwise on Dask,
-    written as an OME-Zarr image. A rerun with the same settings resumes from the output's
-    ledger; set ``overwrite`` to start over."""
+    written as an OME-Zarr image. With ``objects``, then the cells as objects: instance labels,
+    an object table and (optionally) QuPath outlines, on the same cluster. A rerun with the
+    same settings resumes from the outputs' ledgers; set ``overwrite`` to start over."""
+    if objects is not None and settings.output_kind != "probabilities":
+        raise InputError("objects are found in probabilities: run the segment flow with output_kind 'probabilities'")
     job, planned = plan(settings)
-    return run_job("segment", job, planned, summarise)
+    with Cluster(settings.scheduler, settings.workers, job.gpu) as cluster:
+        result = run_job("segment", job, planned, summarise, cluster)
+        if objects is not None:
+            cells, todo = plan_cells(ObjectSettings.after_prediction(objects, settings))
+            result["objects"] = run_job("objects", cells, todo, summarise_objects, cluster)
+    return result
 
 
 if __name__ == "__main__":  # pragma: no cover - a quick way to try the flow by hand

@@ -315,3 +315,49 @@ def weights_png(
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")
     return out
+
+
+def objects_png(
+    image_url: str | None, labels_url: str, areas: np.ndarray, out_png: str | os.PathLike, axes: str | None = None,
+    max_size: int = 1024,
+) -> Path:
+    """Write a PNG of the objects' outlines over the image (a random colour per object) beside
+    a histogram of their sizes. The labels are read strided, so outlines are those of the
+    view (a slide's preview shows where the cells are, not each pixel of them)."""
+    from matplotlib.figure import Figure
+    from skimage.segmentation import find_boundaries
+
+    labels_view = read_preview(storage.open_image(labels_url), max_size)
+    cells = labels_view.data[0].astype(np.int64)
+    if image_url is not None:
+        image, image_kw, _ = _input_image(read_preview(storage.open_image(image_url, axes), max_size, labels_view.z))
+    else:
+        image, image_kw = np.zeros(cells.shape, np.float32), {"cmap": "gray", "vmin": 0, "vmax": 1}
+    rng = np.random.default_rng(0)
+    palette = np.vstack([[0, 0, 0, 0], np.c_[rng.uniform(0.3, 1, (255, 3)), np.ones(255)]])
+    edges = find_boundaries(cells, mode="inner") & (cells > 0)
+    overlay = np.where(edges[..., None], palette[(cells - 1) % 255 + 1], 0.0)
+    h, w = cells.shape
+    panel_w = max(w / PANEL_DPI, 4.0)
+    fig = Figure(figsize=(2 * panel_w + 1.2, panel_w * h / w + 1.1), dpi=PANEL_DPI, layout="constrained")
+    ax_image, ax_sizes = fig.subplots(1, 2)
+    extent = (0, w * labels_view.step, h * labels_view.step, 0)
+    ax_image.imshow(image, extent=extent, interpolation="nearest", **image_kw)
+    ax_image.imshow(overlay, extent=extent, interpolation="nearest")
+    ax_image.set_title(f"{Path(str(labels_url).rstrip('/')).name}: outlines {_where(labels_view)}")
+    ax_image.set_xlabel("x (px)")
+    ax_image.set_ylabel("y (px)")
+    areas = np.asarray(areas)
+    if areas.size:
+        bins = np.logspace(0, np.log10(max(2, areas.max())) + 0.05, 40)
+        ax_sizes.hist(areas, bins=bins, color="#4c72b0")
+        ax_sizes.set_xscale("log")
+        ax_sizes.axvline(float(np.median(areas)), color="k", lw=1, ls="--", label=f"median {np.median(areas):.0f} px")
+        ax_sizes.legend()
+    ax_sizes.set_title(f"{areas.size:,} objects: size")
+    ax_sizes.set_xlabel("area (px)")
+    ax_sizes.set_ylabel("objects")
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    return out

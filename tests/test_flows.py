@@ -89,6 +89,34 @@ def test_segment_flow_writes_what_predict_writes_and_reports_it(prefect_api, cli
     assert fresh.result()[COMPUTED] == 9 and fresh.result()[SKIPPED] == 0
 
 
+def test_segment_flow_with_objects_chains_them_on_the_same_cluster(prefect_api, client, image_2d, model_2d, tmp_path):
+    from flows.segment import segment
+    from pipeline.jobs.objects import ObjectOptions, ObjectSettings, find_objects
+
+    url, _ = image_2d
+    settings = PredictSettings(input=url, output=str(tmp_path / "p.zarr"), model=str(model_2d), block_size=128,
+                               scheduler=client.scheduler.address)
+    predict(settings.model_copy(update={"output": str(tmp_path / "first.zarr"), "scheduler": None}), client=client)
+    p = zarr.open_array(str(tmp_path / "first.zarr" / "0"), mode="r")[1]
+    threshold = float(np.quantile(p, 0.7))  # a random model: its own cells, as many as it makes
+    options = ObjectOptions(output=str(tmp_path / "cells.zarr"), threshold=threshold, grow_distance=2, min_size=4)
+    state = segment(settings, objects=options, return_state=True)
+    assert state.is_completed()
+    objects = state.result()["objects"]
+    direct = ObjectSettings(probabilities=settings.output, output=str(tmp_path / "direct.zarr"), image=url,
+                            block_size=128, threshold=threshold, grow_distance=2, min_size=4)
+    job, _ = find_objects(direct, client=client)
+    flow_labels = zarr.open_array(str(tmp_path / "cells.zarr" / "0"), mode="r")[...]
+    assert np.array_equal(flow_labels, zarr.open_array(str(tmp_path / "direct.zarr" / "0"), mode="r")[...])
+    assert objects["objects"] == job.objects == flow_labels.max() > 0
+
+    artifacts = prefect_api.artifacts(run_id(state))
+    summary = table(artifacts["objects-summary"])
+    assert summary["objects"] == str(job.objects) and summary["object table (Parquet)"].endswith("cells.parquet")
+    assert "data:image/jpeg;base64," in artifacts["objects-preview"]["data"]
+    assert artifacts["objects-progress"]["data"] == pytest.approx(100.0)
+
+
 def test_bad_input_fails_the_flow_in_planning_with_the_clear_message(prefect_api, client, model_2d, tmp_path):
     from flows.segment import segment
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 import zarr
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import storage
 from pipeline.errors import InputError
@@ -50,10 +50,12 @@ WORK = "work"
 MICRONS = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "meter": 1e6}
 
 
-class ObjectSettings(blockwise.BlockwiseSettings):
-    """An object run; shared by the CLI, the Python API and the segment flow."""
+class ObjectOptions(BaseModel):
+    """The rule and the outputs of an object run: what the segment flow asks for after
+    prediction (the probabilities, image and cluster are the prediction's)."""
 
-    probabilities: str = Field(description="Class probabilities written by 'overtile predict' (OME-Zarr, classes first)")
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     output: str = Field(description="Output label image of object ids (0 = background); IMAGE/labels/NAME makes it an "
                         "NGFF label image of IMAGE")
     object_class: int = Field(1, ge=0, description="The objects' class: its channel in the probabilities")
@@ -64,19 +66,32 @@ class ObjectSettings(blockwise.BlockwiseSettings):
     min_size: int = Field(0, ge=0, description="Drop objects whose seeds hold fewer pixels")
     dtype: Literal["uint16", "uint32", "uint64"] = Field("uint32", description="Label dtype (uint64 for more than 4 "
                                                          "billion objects)")
-    image: str | None = Field(None, description="Image measured for mean intensities per channel (default: the "
-                              "probabilities' input)")
-    axes: blockwise.Axes = Field(None, description="Axes of --image when it is a plain Zarr array")
     table: str | None = Field(None, description="Object table, a Parquet dataset folder (default: beside the output, "
                               "NAME.parquet)")
     geojson: str | None = Field(None, description="Also write the outlines for QuPath as a GeoJSON FeatureCollection "
                                 "(.geojson or .geojson.gz; 2-D)")
     class_name: str = Field("Cell", description="The objects' classification name in QuPath")
+    pyramid: bool = Field(True, description="Also write downsampled levels of the labels (nearest)")
+
+
+class ObjectSettings(blockwise.BlockwiseSettings, ObjectOptions):
+    """An object run; shared by the CLI, the Python API and the segment flow."""
+
+    probabilities: str = Field(description="Class probabilities written by 'overtile predict' (OME-Zarr, classes first)")
+    image: str | None = Field(None, description="Image measured for mean intensities per channel (default: the "
+                              "probabilities' input)")
+    axes: blockwise.Axes = Field(None, description="Axes of --image when it is a plain Zarr array")
     block_size: blockwise.BlockSize = None
     workers: blockwise.Workers = None
     scheduler: blockwise.Scheduler = None
-    pyramid: bool = Field(True, description="Also write downsampled levels of the labels (nearest)")
     overwrite: blockwise.Overwrite = False
+
+    @classmethod
+    def after_prediction(cls, options: ObjectOptions, predict: Any) -> "ObjectSettings":
+        """The object run that follows a prediction (its output, input and cluster)."""
+        return cls(probabilities=predict.output, image=predict.input, axes=predict.axes,
+                   block_size=predict.block_size, workers=predict.workers, scheduler=predict.scheduler,
+                   overwrite=predict.overwrite, **options.model_dump())
 
 
 def default_table(output: str) -> str:
