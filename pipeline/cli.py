@@ -279,13 +279,15 @@ def add_settings(parser: argparse.ArgumentParser, model: type[BaseModel], positi
     ``positional`` as positionals, the others as ``--kebab-case`` options. Types, choices,
     help and defaults come from the model (its field descriptions and defaults), and only what
     the user gives is passed on, so the command line cannot drift from the Python API and the
-    Prefect form. Booleans get ``--x`` / ``--no-x``."""
-    for name, info in model.model_fields.items():
+    Prefect form. Booleans get ``--x`` / ``--no-x``. Positionals come in the order given."""
+    fields = model.model_fields
+    for name in positional:
+        parser.add_argument(name, help=(fields[name].description or name).replace("%", "%%"))
+    for name, info in fields.items():
+        if name in positional:
+            continue
         help_text = (info.description or name.replace("_", " ")) + _default_text(info)
         help_text = help_text.replace("%", "%%")
-        if name in positional:
-            parser.add_argument(name, help=help_text)
-            continue
         kind, optional = _plain(info.annotation)
         flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
         options: dict[str, Any] = {"dest": name, "help": help_text, "default": argparse.SUPPRESS}

@@ -169,7 +169,8 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, monkeypatch):
     p = map_2d()
     url = write_probabilities(tmp_path / "p.zarr", p, 32)
     kwargs = dict(block_size=32, grow_distance=3, min_size=10)
-    run(url, tmp_path / "clean.zarr", **kwargs)
+    run(url, tmp_path / "clean.zarr", geojson=str(tmp_path / "clean.geojson.gz"), **kwargs)
+    kwargs["geojson"] = str(tmp_path / "o.geojson.gz")
 
     calls = []
     original = FacePass.run_block
@@ -198,9 +199,46 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, monkeypatch):
     assert resumed.skipped == 3
     assert np.array_equal(labels_of(tmp_path / "o.zarr"), labels_of(tmp_path / "clean.zarr"))
     assert _table_digest(default_table(str(tmp_path / "o.zarr"))) == _table_digest(default_table(str(tmp_path / "clean.zarr")))
+    assert (tmp_path / "o.geojson.gz").read_bytes() == (tmp_path / "clean.geojson.gz").read_bytes()
     assert not (tmp_path / "o.zarr" / "work").exists()
     _, again = run(url, tmp_path / "o.zarr", **kwargs)  # finished: nothing to do
     assert again.done == 0
+
+
+def test_qupath_geojson_has_every_object_once_as_a_valid_polygon(tmp_path):
+    import shapely
+    from shapely.geometry import shape
+
+    from pipeline.storage.geojson import read_features
+
+    p = map_2d()
+    p[40:60, 120:150] = 0.95
+    p[47:52, 130:136] = 0.0  # a cell with a hole, on a block edge
+    url = write_probabilities(tmp_path / "p.zarr", p, 32)
+    job, _ = run(url, tmp_path / "o.zarr", block_size=32, grow_distance=2, geojson=str(tmp_path / "cells.geojson"),
+                 class_name="Nucleus")
+    labels = labels_of(tmp_path / "o.zarr")
+    features = read_features(str(tmp_path / "cells.geojson"))
+    ids = [f["properties"]["object_id"] for f in features]
+    assert sorted(ids) == sorted(files.read_parquet(job.table)["id"].tolist()) == list(range(1, job.objects + 1))
+    area = ndimage.sum_labels(np.ones_like(labels), labels, ids)
+    holes = 0
+    for feature, pixels in zip(features, area):
+        geometry = shape(feature["geometry"])
+        assert feature["geometry"]["type"] == "Polygon" and geometry.is_valid
+        assert geometry.exterior.is_ccw and all(not ring.is_ccw for ring in geometry.interiors)
+        assert geometry.area == pixels  # pixel-edge outlines: exact, not within 2 %
+        holes += len(geometry.interiors)
+        props = feature["properties"]
+        assert props["objectType"] == "detection" and props["classification"]["name"] == "Nucleus"
+        assert props["measurements"]["area_px"] == pixels
+    assert holes >= 1
+    # the outline of an object is its pixels: rasterising a polygon gives the label's mask back
+    one = features[int(np.argmax(area))]
+    i = one["properties"]["object_id"]
+    ys, xs = np.nonzero(labels == i)
+    centres = shapely.points(xs + 0.5, ys + 0.5)
+    assert shapely.contains(shape(one["geometry"]), centres).all()
 
 
 def _table_digest(table: str) -> str:

@@ -164,7 +164,8 @@ class ObjectJob(blockwise.BlockwiseJob):
             group.attrs["fingerprint"] = self.fingerprint
             group.create_array("seeds", shape=self.spatial_shape, chunks=self.block_shape, dtype="uint32",
                                fill_value=0, compressors=[storage.OUTPUT_CODEC])
-            group.create_array("counts", shape=grid, chunks=(1,) * len(grid), dtype="int64", fill_value=0)
+            for name in ("counts", "big"):  # seed components per block, and those of at least min_size pixels
+                group.create_array(name, shape=grid, chunks=(1,) * len(grid), dtype="int64", fill_value=0)
             for name in ("seed_pass", "face_pass"):
                 zarr.open_group(store=f"{self.work}/{name}", mode="w")
         present = [block_at(i, self.spatial_shape, self.block_shape) for i in self.present]
@@ -177,45 +178,85 @@ class ObjectJob(blockwise.BlockwiseJob):
         return replace(self, objects=objects)
 
     def merge(self, present: list[Block]) -> int:
-        """Resolve the faces once, here; write each block's part of the id table beside it."""
+        """Resolve the faces once, here, and write each block's part of the id table beside
+        it. Memory follows the objects on block faces and the block count, not the objects:
+        provisional ids number the blocks' components in block order (``offset[b] + k``),
+        only those that touch across a face are merged, and each block's final ids follow
+        from its part (:func:`~pipeline.numerics.instances.block_ids`)."""
         group = zarr.open_group(store=self.work, mode="r+")
         if "objects" in group.attrs:
             return int(group.attrs["objects"])
-        counts = np.asarray(group["counts"][...]).ravel()
-        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.uint64)
-        grid = block_grid(self.spatial_shape, self.block_shape)
-        pairs, sizes = [], []
+        min_size = self.settings.min_size
+        counts = np.asarray(group["counts"][...]).ravel().astype(np.uint64)
+        big = np.asarray(group["big"][...]).ravel().astype(np.uint64) if min_size > 1 else counts
+        ends = np.cumsum(counts)
+        offsets = ends - counts
+        pairs = []
         for block in present:
-            if counts[block.number] == 0:
+            if not counts[block.number]:
                 continue
             faces = files.get_arrays(f"{self.work}/faces/{block.key}.npz")
-            for axis in range(len(grid)):
+            for axis in range(block.write.ndim):
                 local = faces[f"axis{axis}"]
                 if len(local):
                     neighbour = block_at(tuple(i + (a == axis) for a, i in enumerate(block.index)),
                                          self.spatial_shape, self.block_shape)
                     pairs.append(np.stack([local[:, 0] + offsets[block.number],
                                            local[:, 1] + offsets[neighbour.number]], axis=1))
-            if self.settings.min_size > 1:
-                sizes.append(files.get_arrays(f"{self.work}/sizes/{block.key}.npz")["sizes"])
-        size = np.concatenate([[0], *sizes]) if self.settings.min_size > 1 else None
-        # blocks without seeds add no sizes, and their ids take no room: the order is block order
-        final = instances.final_ids(counts, np.concatenate(pairs) if pairs else np.zeros((0, 2), np.uint64),
-                                    size, self.settings.min_size)
-        objects = int(final.max()) if len(final) else 0
+        members, rep = instances.representatives(np.concatenate(pairs) if pairs else np.zeros((0, 2), np.uint64))
+        home = np.searchsorted(ends, members)  # the block of each member
+        local = members - offsets[home]
+        by_block = np.split(np.arange(len(members)), np.flatnonzero(np.diff(home)) + 1) if len(members) else []
+        is_rep = rep == members
+        big_member = np.ones(len(members), bool)
+        if min_size > 1:  # objects are kept by their whole size: the sum of their members' sizes
+            size = np.zeros(len(members), np.int64)
+            for rows in by_block:
+                sizes = self.sizes(int(home[rows[0]]))
+                size[rows] = sizes[local[rows].astype(np.int64) - 1]
+            big_member = size >= min_size
+            total = np.zeros(len(members), np.int64)
+            np.add.at(total, np.searchsorted(members, rep), size)
+            kept_rep = is_rep & (total >= min_size)
+        else:
+            kept_rep = is_rep
+        kept = big - np.bincount(home[big_member], minlength=len(counts)).astype(np.uint64) \
+            + np.bincount(home[kept_rep], minlength=len(counts)).astype(np.uint64)
+        base = np.cumsum(kept) - kept
+        objects = int(kept.sum())
         if objects > np.iinfo(self.settings.dtype).max:
             if self.fresh:  # leave nothing behind
                 files.remove(self.output)
                 files.remove(self.table)
             raise InputError(f"{self.output}: {objects} objects do not fit {self.settings.dtype} labels; use --dtype uint64")
+        final = np.zeros(len(members), np.uint64)  # of the kept representatives, then of every member
+        for rows in by_block:
+            b = int(home[rows[0]])
+            if kept_rep[rows].any():
+                flags = instances.kept_ids(int(counts[b]), self.sizes(b) if min_size > 1 else None, min_size,
+                                           local[rows], kept_rep[rows])
+                ids = instances.block_ids(int(base[b]), flags, np.zeros(0, np.int64), np.zeros(0, np.uint64))
+                final[rows] = np.where(kept_rep[rows], ids[local[rows].astype(np.int64)], 0)
+        where_rep = np.searchsorted(members, rep)
+        final = np.where(kept_rep[where_rep], final[where_rep], 0).astype(np.uint64)
+        starts = {int(home[rows[0]]): rows for rows in by_block}
         for block in present:
             n = int(counts[block.number])
             if n:
-                start = int(offsets[block.number])
-                part = np.concatenate([[0], final[start + 1:start + n + 1]]).astype(np.uint64)
-                files.put_arrays(f"{self.work}/maps/{block.key}.npz", ids=part)
+                rows = starts.get(block.number, np.zeros(0, np.int64))
+                files.put_arrays(f"{self.work}/parts/{block.key}.npz", count=np.array(n), base=np.array(base[block.number]),
+                                 local=local[rows], final=final[rows], kept=kept_rep[rows])
         group.attrs["objects"] = objects
         return objects
+
+    def sizes(self, number: int) -> np.ndarray:
+        """Pixel counts of one block's seed components (local ids 1..n)."""
+        index = np.unravel_index(number, block_grid(self.spatial_shape, self.block_shape))
+        return files.get_arrays(f"{self.work}/sizes/{'.'.join(map(str, index))}.npz")["sizes"]
+
+    def block_table(self, key: str) -> np.ndarray:
+        """This block's local id -> global id table, from its part (cached per worker)."""
+        return _block_table(self, key)
 
     # --- the blocks -------------------------------------------------------------------------
 
@@ -237,7 +278,7 @@ class ObjectJob(blockwise.BlockwiseJob):
             where = part.relative_to(box)
             ids = local[where]
             if ids.any():
-                out[where] = _id_part(f"{self.work}/maps/{'.'.join(map(str, index))}.npz", self.fingerprint)[ids]
+                out[where] = self.block_table(".".join(map(str, index)))[ids]
         return out
 
     def run_block(self, block: Block) -> dict[str, Any]:
@@ -265,22 +306,20 @@ class ObjectJob(blockwise.BlockwiseJob):
             inside = {k: v[~spanning] for k, v in m.items()}
             if len(inside["id"]):
                 files.write_parquet(f"{self.table}/part-{block.number:09d}.parquet", self.rows(inside))
-            outlines = self.outlines(core, block, m["id"]) if s.geojson else {}
+            pieces: dict[int, list[Any]] = {}
             if s.geojson:
+                from pipeline.numerics.outlines import outline_parts, outlines
+
                 files.put_text(f"{self.work}/features/{block.key}.json",
-                               self.features(inside, outlines))
+                               self.features(inside, outlines(core, block.write.offset, inside["id"])))
+                # an object cut by the block's edge may fall apart here: every part is kept
+                pieces = outline_parts(core, block.write.offset, m["id"][spanning])
             if spanning.any():
-                pieces = [outlines[int(i)].wkb if outlines else b"" for i in m["id"][spanning]]
                 files.put_arrays(f"{self.work}/partials/{block.key}.npz", **{k: v[spanning] for k, v in m.items()},
                                  **_pack(pieces))
         self.ledger.mark(block)
         return {"block": block.key, "pixels": block.write.size, "objects": int((~spanning).sum()),
                 "spanning": int(spanning.sum()), **{f"{k}_s": v for k, v in watch.seconds.items()}}
-
-    def outlines(self, core: np.ndarray, block: Block, ids: np.ndarray) -> dict[int, Any]:
-        from pipeline.numerics.outlines import outlines
-
-        return outlines(core, offset=block.write.offset, ids=ids)
 
     def rows(self, m: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Table columns from summed measurements (pixels -> means, centroids, physical area)."""
@@ -319,20 +358,21 @@ class ObjectJob(blockwise.BlockwiseJob):
     def finish(self, client: Any) -> int:
         """Spanning objects measured once (and outlined once), the GeoJSON, the pyramid; then
         the work group goes. Returns the pyramid levels written."""
+        import contextlib
+
+        from pipeline.storage.geojson import FeatureWriter
+
         done = self.ledger.done()
         computed = [b for b in self.blocks() if done[b.index]]
-        parts, pieces = [], []
-        for block in computed:
-            url = f"{self.work}/partials/{block.key}.npz"
-            if files.exists(url):
-                arrays = files.get_arrays(url)
-                parts.append({k: arrays[k] for k in ("id", *instances.MEASURES)})
-                pieces.append((arrays["id"], _unpack(arrays)))
-        spanning = instances.combine(parts) if parts else None
-        if spanning is not None and len(spanning["id"]):
-            files.write_parquet(f"{self.table}/part-spanning.parquet", self.rows(spanning))
-        if self.settings.geojson:
-            self.write_geojson(computed, spanning, pieces)
+        with contextlib.ExitStack() as stack:
+            writer = stack.enter_context(FeatureWriter(self.settings.geojson)) if self.settings.geojson else None
+            if writer is not None:
+                for block in computed:
+                    url = f"{self.work}/features/{block.key}.json"
+                    if files.exists(url):
+                        for text in files.iter_text(url):
+                            writer.write_text(text)
+            self.close_spanning(computed, writer)
         levels = 0
         if self.settings.pyramid and level_shapes(tuple(self.spatial_shape), len(self.spatial_shape)):
             levels = build_pyramid(client, self.output, "nearest", present=done)
@@ -342,32 +382,49 @@ class ObjectJob(blockwise.BlockwiseJob):
         files.remove(self.work)  # after "finished": a run killed in between leaves it for the next plan to remove
         return levels
 
-    def write_geojson(self, computed: list[Block], spanning: dict[str, np.ndarray] | None,
-                      pieces: list[tuple[np.ndarray, list[bytes]]]) -> None:
-        """The blocks' fragments in block order, then the spanning objects (pieces merged)."""
+    def close_spanning(self, computed: list[Block], writer: Any) -> None:
+        """Add up the partial sums of the objects on shared faces and merge their outline
+        pieces, one row of blocks at a time: an object is connected, so one that has no piece
+        in a row is complete, and only the objects open across two rows are held."""
         import shapely
 
         from pipeline.numerics.outlines import merge_pieces
-        from pipeline.storage.geojson import FeatureWriter
 
-        with FeatureWriter(self.settings.geojson) as writer:
-            for block in computed:
-                url = f"{self.work}/features/{block.key}.json"
+        keys = ("id", *instances.MEASURES)
+        held: list[dict[str, np.ndarray]] = []
+        held_ids, held_wkb = np.zeros(0, np.uint64), []
+        rows = itertools.groupby(computed, key=lambda b: b.index[0])
+        for row, blocks in itertools.chain(rows, [(None, [])]):
+            found = []
+            for block in blocks:
+                url = f"{self.work}/partials/{block.key}.npz"
                 if files.exists(url):
-                    for text in files.iter_text(url):
-                        writer.write_text(text)
-            if spanning is None or not len(spanning["id"]):
-                return
-            ids = np.concatenate([i for i, _ in pieces])
-            wkb = [w for _, ws in pieces for w in ws]
-            order = np.argsort(ids, kind="stable")
-            bounds = np.searchsorted(ids[order], spanning["id"], side="right")
-            start = 0
-            for n, stop in enumerate(bounds):
-                polygon = merge_pieces([shapely.from_wkb(wkb[k]) for k in order[start:stop]])
-                start = stop
-                one = {k: v[n:n + 1] for k, v in spanning.items()}
-                writer.write_text(self.features(one, {int(spanning["id"][n]): polygon}))
+                    arrays = files.get_arrays(url)
+                    found.append({k: arrays[k] for k in keys})
+                    ids, wkb = _unpack(arrays)
+                    held_ids, held_wkb = np.concatenate([held_ids, ids]), held_wkb + wkb
+            if not held and not found:
+                continue
+            parts = instances.combine(held + found) if held or found else None
+            here = np.unique(np.concatenate([f["id"] for f in found])) if found else np.zeros(0, np.uint64)
+            complete = ~np.isin(parts["id"], here)
+            held = [{k: v[~complete] for k, v in parts.items()}]
+            closed = {k: v[complete] for k, v in parts.items()}
+            if not len(closed["id"]):
+                continue
+            files.write_parquet(f"{self.table}/part-spanning-{row if row is not None else 'end'}.parquet",
+                                self.rows(closed))
+            if writer is not None:
+                order = np.argsort(held_ids, kind="stable")
+                sorted_ids = held_ids[order]
+                lo = np.searchsorted(sorted_ids, closed["id"], side="left")
+                hi = np.searchsorted(sorted_ids, closed["id"], side="right")
+                outlines = {int(i): merge_pieces([shapely.from_wkb(held_wkb[k]) for k in order[a:b]])
+                            for i, a, b in zip(closed["id"], lo, hi)}
+                writer.write_text(self.features(closed, outlines))
+                keep = ~np.isin(held_ids, closed["id"])
+                held_wkb = [w for w, k in zip(held_wkb, keep) if k]
+                held_ids = held_ids[keep]
 
 
 @dataclass(frozen=True)
@@ -382,8 +439,9 @@ class SeedPass(blockwise.BlockwiseJob):
         labels, count = instances.seed_components(job.probability(block.write) > job.settings.threshold)
         storage.open_array(f"{job.work}/seeds")[block.write.slices()] = labels
         if job.settings.min_size > 1 and count:
-            files.put_arrays(f"{job.work}/sizes/{block.key}.npz",
-                             sizes=np.bincount(labels.ravel(), minlength=count + 1)[1:].astype(np.int64))
+            sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:].astype(np.int64)
+            files.put_arrays(f"{job.work}/sizes/{block.key}.npz", sizes=sizes)
+            storage.open_array(f"{job.work}/big")[block.index] = int((sizes >= job.settings.min_size).sum())
         storage.open_array(f"{job.work}/counts")[block.index] = count
         self.ledger.mark(block)
         return {"block": block.key, "seeds": count}
@@ -415,20 +473,29 @@ class FacePass(blockwise.BlockwiseJob):
 
 
 @functools.lru_cache(maxsize=64)
-def _id_part(url: str, fingerprint: str) -> np.ndarray:
-    """A block's part of the id table (cached per worker: neighbours share them)."""
-    return files.get_arrays(url)["ids"]
+def _block_table(job: ObjectJob, key: str) -> np.ndarray:
+    """A block's local -> global id table (cached per worker: neighbouring blocks share them)."""
+    part = files.get_arrays(f"{job.work}/parts/{key}.npz")
+    count = int(part["count"])
+    sizes = None
+    if job.settings.min_size > 1:
+        sizes = files.get_arrays(f"{job.work}/sizes/{key}.npz")["sizes"]
+    kept = instances.kept_ids(count, sizes, job.settings.min_size, part["local"], part["kept"])
+    return instances.block_ids(int(part["base"]), kept, part["local"], part["final"])
 
 
-def _pack(pieces: list[bytes]) -> dict[str, np.ndarray]:
-    lengths = np.array([len(p) for p in pieces], np.int64)
-    return {"wkb": np.frombuffer(b"".join(pieces), np.uint8), "wkb_lengths": lengths}
+def _pack(pieces: dict[int, list[Any]]) -> dict[str, np.ndarray]:
+    """Outline pieces per object id as flat arrays (WKB bytes, their lengths, their ids)."""
+    ids = [i for i, parts in pieces.items() for _ in parts]
+    wkb = [p.wkb for parts in pieces.values() for p in parts]
+    return {"wkb": np.frombuffer(b"".join(wkb), np.uint8), "wkb_lengths": np.array([len(w) for w in wkb], np.int64),
+            "wkb_ids": np.array(ids, np.uint64)}
 
 
-def _unpack(arrays: dict[str, np.ndarray]) -> list[bytes]:
+def _unpack(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, list[bytes]]:
     data = arrays["wkb"].tobytes()
     ends = np.cumsum(arrays["wkb_lengths"])
-    return [data[e - n:e] for e, n in zip(ends, arrays["wkb_lengths"])]
+    return arrays["wkb_ids"], [data[e - n:e] for e, n in zip(ends, arrays["wkb_lengths"])]
 
 
 def _colour(name: str) -> tuple[int, int, int]:

@@ -113,27 +113,36 @@ def merge_table(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids[changed], new[changed]
 
 
-def final_ids(counts: np.ndarray, pairs: np.ndarray, sizes: np.ndarray | None, min_size: int) -> np.ndarray:
-    """The global id of every provisional id: provisional ids number the blocks' components
-    one after another in block order (block ``b``'s local id ``k`` is ``offset[b] + k``);
-    components merged across faces take the id of their smallest member; components under
-    ``min_size`` pixels (``sizes`` per provisional id, index 0 unused) become 0; the rest are
-    numbered 1..N in order of their smallest member. Returns an array of length total + 1.
-    Deterministic: nothing here depends on the order blocks ran in."""
-    total = int(np.sum(counts))
-    rep = np.arange(total + 1, dtype=np.uint64)
+def representatives(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ids in ``pairs`` (sorted) and the representative of each: the smallest id of its
+    connected component in the pair graph."""
+    members = np.unique(pairs) if len(pairs) else np.zeros(0, np.uint64)
     old, new = merge_table(pairs)
-    rep[old.astype(np.int64)] = new
-    keep = rep == np.arange(total + 1, dtype=np.uint64)  # representatives
-    keep[0] = False
+    rep = members.copy()
+    rep[np.searchsorted(members, old)] = new
+    return members, rep
+
+
+def kept_ids(count: int, sizes: np.ndarray | None, min_size: int, spanning: np.ndarray,
+             spanning_kept: np.ndarray) -> np.ndarray:
+    """Which of a block's local ids 0..count get an id of their own (index 0 never): those
+    of at least ``min_size`` pixels (``sizes`` of ids 1..count), except the ``spanning`` ones
+    (local ids merged across faces), which count only where ``spanning_kept`` (the kept
+    representative of their object)."""
+    kept = np.ones(count + 1, bool)
     if min_size > 1 and sizes is not None:
-        component = np.zeros(total + 1, np.int64)
-        np.add.at(component, rep.astype(np.int64), sizes)
-        keep &= component >= min_size
-    number = np.cumsum(keep, dtype=np.uint64)  # 1..N at the kept representatives
-    final = np.where(keep[rep.astype(np.int64)], number[rep.astype(np.int64)], 0).astype(np.uint64)
-    final[0] = 0
-    return final
+        kept[1:] = sizes >= min_size
+    kept[0] = False
+    kept[spanning.astype(np.int64)] = spanning_kept
+    return kept
+
+
+def block_ids(base: int, kept: np.ndarray, spanning: np.ndarray, spanning_final: np.ndarray) -> np.ndarray:
+    """A block's local id -> global id table: kept ids numbered ``base + 1, base + 2, ...`` in
+    local order, the rest 0, and the spanning ones their object's id (found by the merge)."""
+    ids = np.where(kept, np.uint64(base) + np.cumsum(kept, dtype=np.uint64), np.uint64(0)).astype(np.uint64)
+    ids[spanning.astype(np.int64)] = spanning_final
+    return ids
 
 
 def boundary_ids(labels: np.ndarray, faces: list[tuple[int, int]]) -> np.ndarray:
