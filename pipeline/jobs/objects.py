@@ -125,6 +125,7 @@ class ObjectJob(blockwise.BlockwiseJob):
     table: str
     fresh: bool = False  # this run created the output (an error in a global pass removes it again)
     objects: int | None = None  # N, once the merge has run
+    passes: tuple[tuple[str, float], ...] = ()  # seconds of the global passes this run made: seeds, faces, merge
 
     @property
     def work(self) -> str:
@@ -166,16 +167,20 @@ class ObjectJob(blockwise.BlockwiseJob):
                                fill_value=0, compressors=[storage.OUTPUT_CODEC])
             for name in ("counts", "big"):  # seed components per block, and those of at least min_size pixels
                 group.create_array(name, shape=grid, chunks=(1,) * len(grid), dtype="int64", fill_value=0)
-            for name in ("seed_pass", "face_pass"):
+            for name in ("seeds_pass", "faces_pass"):
                 zarr.open_group(store=f"{self.work}/{name}", mode="w")
         present = [block_at(i, self.spatial_shape, self.block_shape) for i in self.present]
-        for name, job_type in (("seed_pass", SeedPass), ("face_pass", FacePass)):
-            ledger = storage.Ledger.prepare(f"{self.work}/{name}", grid, self.fingerprint, overwrite=False)
-            part = job_type(output=self.output, ledger=ledger, fingerprint=self.fingerprint, parent=self)
-            done = ledger.done()
-            blockwise.run_blocks(client, part, [b for b in present if not done[b.index]])
-        objects = self.merge(present)
-        return replace(self, objects=objects)
+        watch = blockwise.Stopwatch()
+        for name, job_type in (("seeds", SeedPass), ("faces", FacePass)):
+            with watch(name):
+                ledger = storage.Ledger.prepare(f"{self.work}/{name}_pass", grid, self.fingerprint, overwrite=False)
+                part = job_type(output=self.output, ledger=ledger, fingerprint=self.fingerprint, parent=self)
+                done = ledger.done()
+                blockwise.run_blocks(client, part, [b for b in present if not done[b.index]])
+        with watch("merge"):
+            objects = self.merge(present)
+        log.info("objects: %d objects; seeds %.1f s, faces %.1f s, merge %.2f s", objects, *watch.seconds.values())
+        return replace(self, objects=objects, passes=tuple(watch.seconds.items()))
 
     def merge(self, present: list[Block]) -> int:
         """Resolve the faces once, here, and write each block's part of the id table beside
@@ -308,12 +313,13 @@ class ObjectJob(blockwise.BlockwiseJob):
                 files.write_parquet(f"{self.table}/part-{block.number:09d}.parquet", self.rows(inside))
             pieces: dict[int, list[Any]] = {}
             if s.geojson:
-                from pipeline.numerics.outlines import outline_parts, outlines
+                from pipeline.numerics.outlines import outline_parts
 
-                files.put_text(f"{self.work}/features/{block.key}.json",
-                               self.features(inside, outlines(core, block.write.offset, inside["id"])))
                 # an object cut by the block's edge may fall apart here: every part is kept
-                pieces = outline_parts(core, block.write.offset, m["id"][spanning])
+                parts = outline_parts(core, block.write.offset, m["id"])
+                files.put_text(f"{self.work}/features/{block.key}.json",
+                               self.features(inside, {i: parts[i][0] for i in inside["id"].tolist()}))
+                pieces = {i: parts[i] for i in m["id"][spanning].tolist()}
             if spanning.any():
                 files.put_arrays(f"{self.work}/partials/{block.key}.npz", **{k: v[spanning] for k, v in m.items()},
                                  **_pack(pieces))
@@ -340,14 +346,12 @@ class ObjectJob(blockwise.BlockwiseJob):
 
     def features(self, m: dict[str, np.ndarray], outlines: dict[int, Any]) -> str:
         """GeoJSON features of the measured objects (QuPath detections), one per line."""
-        from pipeline.storage.geojson import feature_text
+        from pipeline.storage.geojson import features_text
 
         rows = self.rows(m)
-        names = [k for k in rows if k != "id"]
-        colour = _colour(self.settings.class_name)
-        return "".join(feature_text(int(i), outlines[int(i)], (self.settings.class_name, colour),
-                                    {k: float(rows[k][n]) for k in names}) + "\n"
-                       for n, i in enumerate(rows["id"]))
+        ids = rows.pop("id")
+        return features_text(ids, [outlines[i] for i in ids.tolist()],
+                             (self.settings.class_name, _colour(self.settings.class_name)), rows)
 
     # --- finish -----------------------------------------------------------------------------
 
