@@ -286,3 +286,34 @@ def test_too_many_objects_for_the_label_dtype(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "67600 objects do not fit uint16" in err and not out.exists()
     assert not Path(default_table(str(out))).exists()
+
+
+@pytest.mark.slow
+def test_readme_path_from_a_slide_to_qupath_in_three_commands(tmp_path, model_2d):
+    """The README's three commands on a tiled RGB TIFF: ingest, predict, objects."""
+    import tifffile
+
+    from pipeline.storage.geojson import read_features
+
+    from conftest import cells, make_model
+
+    rgb = np.stack([cells((300, 280), seed=s) for s in range(3)], axis=-1)
+    tifffile.imwrite(tmp_path / "scan.tif", rgb, tile=(64, 64), photometric="rgb",
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    model = make_model(tmp_path / "rgb.pt", in_channels=3)
+    slide, probs = tmp_path / "slide.zarr", tmp_path / "p.zarr"
+    assert main(["ingest", str(tmp_path / "scan.tif"), str(slide), "--quiet"]) == 0
+    assert main(["predict", str(slide), str(probs), "--model", str(model), "--dtype", "uint8", "--workers", "1",
+                 "--block-size", "128", "--quiet"]) == 0
+    threshold = float(np.quantile(zarr.open_array(str(probs / "0"))[1], 0.7) / 255)  # a random model's own cells
+    assert main(["objects", str(probs), str(slide / "labels" / "cells"), "--threshold", f"{threshold:.3f}",
+                 "--grow-distance", "2", "--min-size", "5", "--geojson", str(tmp_path / "cells.geojson.gz"),
+                 "--workers", "1", "--quiet"]) == 0
+    labels = zarr.open_group(str(slide / "labels" / "cells"))
+    assert labels["0"].shape == (1, 300, 280)  # the image's axes, c = 1
+    assert "cells" in zarr.open_group(str(slide / "labels")).attrs["ome"]["labels"]
+    table = files.read_parquet(str(tmp_path / "slide.cells.parquet"))
+    features = read_features(str(tmp_path / "cells.geojson.gz"))
+    assert len(features) == len(table["id"]) == labels["0"][...].max() > 0
+    assert np.allclose(table["area_um2"], table["area_px"] * 0.25)  # 0.5 µm pixels from the TIFF
+    assert {"mean_intensity_0", "mean_intensity_1", "mean_intensity_2"} <= set(table)
