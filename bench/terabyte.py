@@ -10,8 +10,9 @@ Each slide is then segmented by ``overtile predict`` (the Python API) in its own
 process, with a 16-base-channel valid U-Net (depth 5, random weights), ``tissue="saturation"``
 (Otsu on the saturation of the low-resolution level), uint8 probabilities and the output
 pyramid, as a user runs it: ``predict(settings)`` with no client, so it plans, starts its own
-local Dask cluster (:func:`pipeline.jobs.blockwise.dask_client`: one single-thread worker per
-core, one task slot each), runs the blocks, builds the pyramid and closes the cluster.
+local Dask cluster (:func:`pipeline.jobs.blockwise.local_cluster`: one single-thread worker per
+core, one task slot each; started while it plans, its workers importing the job's module as
+they start), runs the blocks, builds the pyramid and closes the cluster.
 Reported per slide: planning time (inputs checked, tissue mask, ledger read, blocks chosen),
 the number of block tasks, background blocks, the wall time of the whole call, the peak
 resident memory of the client process (with the scheduler) and of the Dask workers, and
@@ -20,7 +21,8 @@ the overhead:
     overhead = 1 − (sum of block task seconds) / (task slots × wall)
 
 with a block's task seconds ``finished − started`` from its record, and where the rest of
-the slots' time went, in slot-seconds that add up to it: planning, cluster start, global
+the slots' time went, in slot-seconds that add up to it: planning, cluster start (what is left
+of it once planning is done), global
 passes, the first block's start latency, the ramp until every slot runs a block, idle gaps
 between blocks while all slots run, the tail (after the last moment all slots ran), the
 pyramid, cluster close (from ``summary.stages``, the records' timestamps and the moments the
@@ -203,7 +205,7 @@ def where_time_goes(records: list[dict], stages: dict, t0: float, t_plan: float,
 
 
 def task_slots(settings) -> int:
-    """Task slots of the LocalCluster ``predict()`` starts (as :func:`pipeline.jobs.blockwise.dask_client`):
+    """Task slots of the LocalCluster ``predict()`` starts (as :func:`pipeline.jobs.blockwise.local_cluster`):
     ``workers`` processes (default one per core) of ``cores // workers`` threads each."""
     from pipeline.jobs.blockwise import default_workers
 

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import (
@@ -228,18 +229,14 @@ def default_workers() -> int:
 
 
 @contextlib.contextmanager
-def dask_client(scheduler: str | None = None, workers: int | None = None, gpu: bool = False) -> Iterator[Any]:
+def dask_client(scheduler: str | None = None, workers: int | None = None, gpu: bool = False,
+                warm: str | None = None) -> Iterator[Any]:
     """A Dask client: of an existing cluster at ``scheduler`` (or Dask's ``scheduler-address``
-    setting, e.g. the ``DASK_SCHEDULER_ADDRESS`` environment variable), else of a LocalCluster.
-
-    On CPU the LocalCluster has one task slot per core, spread over ``workers`` processes
-    (default: one per core); each task computes on one thread. With ``gpu`` it has one
-    worker per GPU (or ``workers``), each offering the Dask resource ``GPU=1``. Workers start
-    with :data:`WORKER_ENVIRONMENT` (an allocator that keeps freed memory). The dashboard is
-    served on 127.0.0.1 only.
+    setting, e.g. the ``DASK_SCHEDULER_ADDRESS`` environment variable), else of a LocalCluster
+    (:func:`local_cluster`; ``warm``: a module its workers import as they start).
     """
     import dask
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     scheduler = scheduler or dask.config.get("scheduler-address", None)  # e.g. DASK_SCHEDULER_ADDRESS in a pod
     if scheduler:
@@ -250,6 +247,23 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, gpu: b
         with client:
             yield client
         return
+    with _client_of(local_cluster(workers, gpu, warm)) as client:
+        yield client
+
+
+def local_cluster(workers: int | None = None, gpu: bool = False, warm: str | None = None) -> Any:
+    """A started LocalCluster of worker processes (close it, or use it as a context manager).
+
+    On CPU it has one task slot per core, spread over ``workers`` processes (default: one per
+    core); each task computes on one thread. With ``gpu`` it has one worker per GPU (or
+    ``workers``), each offering the Dask resource ``GPU=1``. Workers start with
+    :data:`WORKER_ENVIRONMENT` (an allocator that keeps freed memory). The dashboard is served
+    on 127.0.0.1 only. ``warm``: a module each worker imports in a thread of its own from its
+    start (see :func:`warm_preload`).
+    """
+    import dask
+    from distributed import LocalCluster
+
     if gpu:
         import torch
 
@@ -258,9 +272,14 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, gpu: b
     else:
         n = workers or default_workers()
         slots, resources = max(1, default_workers() // n), None
+    configured = dask.config.get("distributed.worker.preload", None) or []  # kept, ours added
+    preload = [configured] if isinstance(configured, str) else list(configured)
+    preload.append(QUICK_EXIT_PRELOAD)
+    if warm:
+        preload.append(warm_preload(warm))
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_ENVIRONMENT}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), _environment(WORKER_ENVIRONMENT):
-        cluster = LocalCluster(
+        return LocalCluster(
             n_workers=n,
             threads_per_worker=slots,
             processes=True,
@@ -268,9 +287,46 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, gpu: b
             dashboard_address="127.0.0.1:0",
             resources=resources,
             silence_logs=logging.ERROR,
+            preload=preload,
         )
-    with cluster, Client(cluster) as client:
-        yield client
+
+
+# A worker preload (Python source, as Dask takes it). A worker process that has imported torch
+# takes ~0.5 s to exit after its worker closed (the interpreter's teardown of torch's modules
+# and libraries), and closing a local cluster waits for it: the end of every job. Once the
+# worker has closed (its preloads' teardown is the last of it), nothing is left to finish
+# but that teardown: the process then exits at once, its output flushed.
+QUICK_EXIT_PRELOAD = """\
+import atexit, os, sys
+
+
+def dask_teardown(worker):
+    def quick_exit():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    atexit.register(quick_exit)
+"""
+
+
+def warm_preload(module: str) -> str:
+    """A worker preload (Python source, as Dask takes it) that imports ``module`` in a thread
+    of its own as the worker starts. A job's first block task would otherwise import it when
+    it unpickles the job (torch, for prediction: about 2 s before the first block computes);
+    started early, the import runs while the worker registers and the client plans and
+    submits, and the task finds it done or waits only for the rest (Python's import lock).
+    The worker's start does not wait for it, and a module that does not import (a plan
+    defined in a script) is the first task's to report."""
+    return (
+        "import importlib, threading\n"
+        "def _warm():\n"
+        "    try:\n"
+        f"        importlib.import_module({module!r})\n"
+        "    except Exception:\n"
+        "        pass\n"
+        "threading.Thread(target=_warm, name='overtile-warm', daemon=True).start()\n"
+    )
 
 
 @contextlib.contextmanager
@@ -291,12 +347,13 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def client_or_cluster(client: Any | None, scheduler: str | None, workers: int | None, gpu: bool = False) -> Iterator[Any]:
+def client_or_cluster(client: Any | None, scheduler: str | None, workers: int | None, gpu: bool = False,
+                      warm: str | None = None) -> Iterator[Any]:
     """``client`` if one is given, else one of :func:`dask_client`, closed on exit."""
     if client is not None:
         yield client
         return
-    with dask_client(scheduler, workers, gpu=gpu) as own:
+    with dask_client(scheduler, workers, gpu=gpu, warm=warm) as own:
         yield own
 
 
@@ -429,36 +486,156 @@ def execute(
     in_process: bool = False,
 ) -> tuple[J, RunSummary]:
     """A blockwise job end to end, the shape behind every job's Python entry point:
-    ``plan(settings)`` (every check, before any cluster starts), then a cluster (``client``,
-    or one of ``settings``) only when there is something to compute, the pending blocks and
-    :meth:`~BlockwiseJob.finish`.
+    ``plan(settings)`` (every check), then a cluster (``client``, or one of ``settings``) only
+    when there is something to compute, the pending blocks and :meth:`~BlockwiseJob.finish`.
 
-    ``on_plan(job, pending)`` is called once before the blocks; ``on_result`` with each
-    finished block's record; ``failures``: see :func:`run_blocks`. ``in_process``: no
-    cluster; the blocks run one after another in this process.
+    A local cluster for a fresh output starts while the job plans (:class:`EarlyCluster`);
+    its workers, as any local cluster's here, import the job's module as they start
+    (:func:`warm_preload`). ``on_plan(job, pending)`` is called once before the blocks;
+    ``on_result`` with each finished block's record; ``failures``: see :func:`run_blocks`.
+    ``in_process``: no cluster; the blocks run one after another in this process.
     """
     watch = Stopwatch()
-    with watch("plan"):
-        job, planned = plan(settings)
-    if on_plan is not None:
-        on_plan(job, planned)
-    summary = RunSummary(planned.total, planned.skipped, [], 0.0, [], planned.background)
-    if in_process or planned.blocks or job.wants_prepare() or job.wants_finish(len(planned.blocks)):
-        with watch("cluster"):  # its start here, its close below
-            stack = contextlib.ExitStack()
-            client = None if in_process else stack.enter_context(
-                client_or_cluster(client, settings.scheduler, settings.workers, job.gpu))
-        try:
-            job, summary = run_pending(job, planned, client, on_result, failures, watch=watch)
-            if not summary.failed and job.wants_finish(summary.done):
-                with watch("finish"):
-                    job.finish(client)
-        finally:
-            with watch("cluster"):
-                stack.close()
+    # overtile's job modules only: a plan defined in a test or a script is not imported into workers
+    warm = plan.__module__ if getattr(plan, "__module__", "").startswith("pipeline.") else None
+    with contextlib.ExitStack() as early_start:
+        early = None
+        if client is None and not in_process and EarlyCluster.wanted(settings):
+            early = early_start.enter_context(EarlyCluster(settings, warm))
+        with watch("plan"):
+            job, planned = plan(settings)
+        if on_plan is not None:
+            on_plan(job, planned)
+        summary = RunSummary(planned.total, planned.skipped, [], 0.0, [], planned.background)
+        if in_process or planned.blocks or job.wants_prepare() or job.wants_finish(len(planned.blocks)):
+            with watch("cluster"):  # its start (what is left of it) here, its close below
+                stack = contextlib.ExitStack()
+                started = early.take(job.gpu) if early is not None else None
+                client = None if in_process else stack.enter_context(
+                    _client_of(started) if started is not None
+                    else client_or_cluster(client, settings.scheduler, settings.workers, job.gpu, warm))
+            try:
+                job, summary = run_pending(job, planned, client, on_result, failures, watch=watch)
+                if not summary.failed and job.wants_finish(summary.done):
+                    with watch("finish"):
+                        job.finish(client)
+            finally:
+                with watch("cluster"):
+                    stack.close()
     summary.stages = dict(watch.seconds)
     summary.seconds = sum(watch.seconds.values())
     return job, summary
+
+
+EARLY_START_S = 0.25  # plans that fail on bad input fail sooner (a missing input, a bad checkpoint: < 0.05 s)
+
+
+class EarlyCluster:
+    """A job's local cluster, started in a thread of its own while the job plans.
+
+    Before a job's first block a local cluster costs seconds: the client imports
+    ``distributed``, the scheduler starts, worker processes start and import their
+    libraries. Started while the job plans, it costs the plan's time less. The thread
+    imports ``distributed`` at once (unused, it costs nothing to leave) and starts the
+    cluster once the plan has run for :data:`EARLY_START_S` or is done: a plan that fails
+    on bad input fails sooner, and fails as fast as it did, with no cluster to close.
+
+    Only a fresh output (none yet, or ``overwrite``) starts early: it has blocks to compute
+    unless its plan fails. A rerun into an existing output may find every block finished and
+    then needs no cluster, so it starts one after planning, as before. With a scheduler
+    (``settings.scheduler`` or Dask's ``scheduler-address``) nothing starts early. Leaving
+    the ``with`` block closes a cluster :meth:`take` did not hand over, after waiting for its
+    start (a plan that fails later than :data:`EARLY_START_S` pays that).
+    """
+
+    def __init__(self, settings: BlockwiseSettings, warm: str | None = None):
+        self._settings, self._warm = settings, warm
+        self._since = time.perf_counter()
+        # The workers' environment, set here before the thread starts and kept until it is done:
+        # the thread's own setting (local_cluster) then changes no variable's place in the C
+        # environment while this thread reads it (glibc's setenv is not safe beside getenv).
+        self._environ = contextlib.ExitStack()
+        self._environ.enter_context(_environment(WORKER_ENVIRONMENT))
+        self._go = threading.Event()
+        self._lock = threading.Lock()
+        self._cancelled = self._starting = False
+        self._cluster: Any = None
+        self._gpu = False
+        self._error: BaseException | None = None
+        # A daemon: a process that ends on a failed plan does not wait for its import of
+        # distributed (a start under way is always waited for and closed, in __exit__).
+        self._thread = threading.Thread(target=self._start, name="overtile-early-cluster", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def wanted(settings: BlockwiseSettings) -> bool:
+        """Whether ``settings`` plan a fresh output on a local cluster (cheap checks only)."""
+        output = getattr(settings, "output", None)
+        if getattr(settings, "scheduler", None) or not output:
+            return False
+        return bool(getattr(settings, "overwrite", False)) or not (storage.is_url(output) or os.path.exists(output))
+
+    def _start(self) -> None:
+        try:
+            import dask
+            import distributed  # noqa: F401 - the client's own import, behind the plan
+
+            if dask.config.get("scheduler-address", None):
+                return
+            device = getattr(self._settings, "device", "cpu")
+            if device == "auto":
+                import torch
+
+                gpu = torch.cuda.is_available()
+            else:
+                gpu = device == "cuda"
+            self._go.wait(max(0.0, self._since + EARLY_START_S - time.perf_counter()))
+            with self._lock:
+                if self._cancelled:
+                    return
+                self._starting = True
+            self._gpu = gpu
+            self._cluster = local_cluster(getattr(self._settings, "workers", None), gpu, self._warm)
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread by take()
+            self._error = exc
+
+    def take(self, gpu: bool) -> Any | None:
+        """The started cluster, handed over (the caller closes it), or None when it did not
+        start (a scheduler is configured) or has the wrong shape for the job (``gpu``)."""
+        self._go.set()
+        self._thread.join()
+        self._environ.close()
+        if self._error is not None:
+            raise self._error
+        cluster, self._cluster = self._cluster, None
+        if cluster is not None and self._gpu != gpu:
+            cluster.close()
+            return None
+        return cluster
+
+    def __enter__(self) -> "EarlyCluster":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with self._lock:
+            self._cancelled = True
+            starting = self._starting
+        self._go.set()
+        if starting:
+            self._thread.join()
+        self._environ.close()
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None
+
+
+@contextlib.contextmanager
+def _client_of(cluster: Any) -> Iterator[Any]:
+    """A client of ``cluster``; both closed on exit."""
+    from distributed import Client
+
+    with cluster, Client(cluster) as client:
+        yield client
 
 
 class Stopwatch:
