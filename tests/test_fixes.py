@@ -187,7 +187,7 @@ def test_worker_count_follows_dasks_cpu_count(monkeypatch):
 RELABELLED: list[tuple[int, np.ndarray]] = []  # (block number, old ids) of every relabel task
 TABLES: list[np.ndarray] = []  # the whole merge table's ids to change
 _relabel_block = weights._relabel_block
-_merge_table = weights.merge_table
+_merge_table = weights.instances.merge_table
 
 
 def recording_relabel(block, url, old, new):
@@ -212,7 +212,7 @@ def test_each_relabel_task_gets_only_its_own_blocks_part_of_the_merge_table(tmp_
     from distributed import Client, LocalCluster
 
     monkeypatch.setattr(weights, "_relabel_block", recording_relabel)
-    monkeypatch.setattr(weights, "merge_table", recording_merge_table)
+    monkeypatch.setattr(weights.instances, "merge_table", recording_merge_table)
     RELABELLED.clear()
     TABLES.clear()
     mask = (touching_cells((64, 64), seed=5, n=14) > 0).astype(np.uint8)

@@ -27,7 +27,7 @@ from pydantic import Field
 from pipeline import storage
 from pipeline.errors import InputError
 from pipeline.jobs import blockwise
-from pipeline.numerics import weightmap
+from pipeline.numerics import instances, weightmap
 from pipeline.numerics.geometry import Block, Box, block_grid, iter_blocks
 
 INSTANCES = "instances"
@@ -83,7 +83,7 @@ class WeightJob(blockwise.BlockwiseJob):
         if self.class_weights is not None:
             return self
         source = open_labels(self.settings)
-        counts, low = global_pass(source, self.settings.binary)
+        counts, low = global_pass(source, self.settings.binary, client)
         if low < 0:
             raise InputError(f"{self.settings.labels}: negative label {low}; expected 0 for background and positive cell ids")
         if self.settings.binary:
@@ -153,16 +153,18 @@ def plan_weights(settings: WeightSettings) -> tuple[WeightJob, blockwise.Pending
     return job, job.pending()
 
 
-def global_pass(source: storage.ImageSource, binary: bool) -> tuple[tuple[int, int], int]:
+def global_pass(source: storage.ImageSource, binary: bool, client: Any | None = None) -> tuple[tuple[int, int], int]:
     """Counts ``(n_background, n_foreground)`` and the smallest label, over the whole array
-    (on the Dask client of the calling context, if any)."""
+    (on ``client`` when given, else on threads in this process)."""
     import dask
     import dask.array as da
 
     array = source.to_dask()
-    low, foreground = dask.compute(array.min(), da.count_nonzero(array))
+    # on the job's client, named: never whichever client happens to be Dask's default
+    scheduler = client.get if client is not None else "threads"
+    low, foreground = dask.compute(array.min(), da.count_nonzero(array), scheduler=scheduler)
     if binary:
-        high = int(array.max().compute())
+        high = int(array.max().compute(scheduler=scheduler))
         if low < 0 or high > 1:
             raise InputError(f"{source.url}: values {low}..{high} with --binary; a mask holds 0 and 1")
     return (int(array.size - foreground), int(foreground)), int(low)
@@ -194,8 +196,7 @@ def _face_pairs(block: Block, url: str, shape: tuple[int, ...]) -> np.ndarray:
         face = Box(tuple(end - 1 if a == axis else o for a, o in enumerate(block.write.offset)),
                    tuple(2 if a == axis else s for a, s in enumerate(block.write.shape)))
         slab = np.moveaxis(array[face.slices()], axis, 0)
-        touching = (slab[0] > 0) & (slab[1] > 0)
-        pairs.append(np.stack([slab[0][touching], slab[1][touching]], axis=1))
+        pairs.append(instances.face_pairs(slab[0], slab[1]))
     return np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.uint64)
 
 
@@ -208,23 +209,6 @@ def _relabel_block(block: Block, url: str, old: np.ndarray, new: np.ndarray) -> 
     if where.any():
         labels[where] = new[np.searchsorted(old, labels[where])]
         array[block.write.slices()] = labels
-
-
-def merge_table(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """From id pairs that touch across faces: the ids to change (sorted) and their new ids,
-    the smallest id of each connected component of the pair graph."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    ids, index = np.unique(pairs, return_inverse=True)
-    index = index.reshape(pairs.shape)
-    graph = coo_matrix((np.ones(len(pairs)), (index[:, 0], index[:, 1])), shape=(len(ids), len(ids)))
-    _, component = connected_components(graph, directed=False)
-    smallest = np.full(component.max() + 1, np.iinfo(np.uint64).max, np.uint64)
-    np.minimum.at(smallest, component, ids)
-    new = smallest[component]
-    changed = new != ids
-    return ids[changed], new[changed]
 
 
 def label_mask(client: Any, source: storage.ImageSource, output: str, block_shape: tuple[int, ...],
@@ -253,7 +237,7 @@ def label_mask(client: Any, source: storage.ImageSource, output: str, block_shap
                                                  key=[f"{name}-faces-{b.key}" for b in blocks], pure=False)) if len(p)]
     if not pairs:
         return url
-    old, new = merge_table(np.unique(np.concatenate(pairs), axis=0))
+    old, new = instances.merge_table(np.unique(np.concatenate(pairs), axis=0))
     # ids of block b lie in (b * stride, (b + 1) * stride): each block gets its slice of the table
     bounds = np.searchsorted(old, np.arange(n + 1, dtype=np.uint64) * np.uint64(stride))
     touched = [b for b in blocks if bounds[b.number + 1] > bounds[b.number]]
