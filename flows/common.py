@@ -174,11 +174,16 @@ def report(kind: str, summary: RunSummary, rows: dict[str, Any], preview: Path |
 
 
 def preview_path(output: str) -> Path | None:
-    """Where a local output's preview PNG goes (beside it); None for remote outputs."""
+    """Where a local output's preview PNG goes: beside it, or beside the Zarr image it is a
+    label image of (``a/slide.zarr/labels/cells`` -> ``a/slide.cells.preview.png``: a Zarr
+    hierarchy holds only Zarr nodes); None for remote outputs."""
     if "://" in output and not output.startswith("file://"):
         return None
-    path = Path(output.removeprefix("file://").rstrip("/"))
-    return path.with_name(path.name + ".preview.png")
+    path = output.removeprefix("file://").rstrip("/")
+    head, sep, rest = path.partition(".zarr/")
+    if sep:
+        return Path(f"{head}.{rest.rsplit('/', 1)[-1]}.preview.png")
+    return Path(path + ".preview.png")
 
 
 # --- the blockwise stages, the same for every job ---------------------------------------------

@@ -22,6 +22,9 @@ prints its time):
 5. ``DIR/prediction.zarr`` and its ``.preview.png``: the large image segmented with that
    model (the ``segment`` flow) on a local Dask cluster, with ``overwrite`` so the demo
    always shows a full run; the preview shows the input beside the cell probability.
+6. ``DIR/cells.zarr/labels/cells``, ``DIR/cells.cells.parquet``, ``DIR/cells.geojson.gz``:
+   the cells as objects (the same flow's ``objects`` option): instance labels over the
+   image, their table, and their outlines for QuPath.
 """
 
 from __future__ import annotations
@@ -279,13 +282,19 @@ def main(argv: list[str] | None = None) -> int:
     stage("train", start, f"{args.steps} steps of Adam on {train_image.name}; model {model} (log and curves in {run})")
 
     start = time.perf_counter()
+    from pipeline.jobs.objects import ObjectOptions
+
+    cells = ObjectOptions(output=f"{image}/labels/cells", grow_distance=2, min_size=10,
+                          geojson=str(Path(args.dir) / "cells.geojson.gz"))
     state = segment(PredictSettings(input=str(image), output=str(prediction), model=str(model), dtype=args.dtype,
-                                    workers=args.workers, block_size=args.block_size, overwrite=True), return_state=True)
+                                    workers=args.workers, block_size=args.block_size, overwrite=True),
+                    objects=cells, return_state=True)
     if not state.is_completed():
         print(f"demo: the segment flow ended {state.name}: {state.message}", file=sys.stderr)
         return 1
+    objects = state.result()["objects"]
     stage("segment", start, f"{args.size ** 2 / 1e6 / (time.perf_counter() - start):.2f} MP/s end to end, "
-                            "cluster start-up and preview included")
+                            f"cluster start-up, preview and {objects['objects']:,} cells as objects included")
     png = Path(f"{prediction}.preview.png")
     print(f"demo: total      {time.perf_counter() - total:6.1f} s\n")
     encoding = ", uint8 = round(255·p)" if args.dtype == "uint8" else f", {args.dtype}"
@@ -300,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Weight maps:  {weights.resolve()}.preview.png   (the paper's Figure 3 for the training labels)\n"
         f"Model:        {model.resolve()}   (trained for {args.steps} steps; curves in {(run / 'curves.png').resolve()})\n"
         f"Prediction:   {prediction.resolve()}   (OME-Zarr 0.5, array '0': (class, y, x) probabilities{encoding})\n"
-        f"Preview:      {png.resolve()}\n\n"
+        f"Preview:      {png.resolve()}\n"
+        f"Cells:        {cells.output}   (NGFF labels of the image), table {objects['object table (Parquet)']},\n"
+        f"              outlines {cells.geojson} (QuPath: File > Import objects)\n\n"
         f"See the runs, their logs, progress and artifacts (tables, pictures) in the Prefect UI:\n{ui}\n"
         f"Look at the full resolution in napari (pip install 'napari[all]' napari-ome-zarr):\n"
         f"    napari --plugin napari-ome-zarr {image} {prediction}\n"
