@@ -311,21 +311,20 @@ def dask_teardown(worker):
 
 
 def warm_preload(module: str) -> str:
-    """A worker preload (Python source, as Dask takes it) that imports ``module`` in a thread
-    of its own as the worker starts. A job's first block task would otherwise import it when
-    it unpickles the job (torch, for prediction: about 2 s before the first block computes);
-    started early, the import runs while the worker registers and the client plans and
-    submits, and the task finds it done or waits only for the rest (Python's import lock).
-    The worker's start does not wait for it, and a module that does not import (a plan
-    defined in a script) is the first task's to report."""
+    """A worker preload (Python source, as Dask takes it) that imports ``module`` as the
+    worker starts. A job's first block task would otherwise import it when it unpickles the
+    job (torch, for prediction: about 2 s before the first block computes); with the cluster
+    started while the job plans, the import runs during planning. It runs in the worker's
+    start, not in a thread beside it: a thread importing the job's modules while the worker
+    unpickles a task that imports them too deadlocked on Python's import locks (a weight-map
+    run hung in the full suite). A module that does not import (a plan defined in a script)
+    is the first task's to report."""
     return (
-        "import importlib, threading\n"
-        "def _warm():\n"
-        "    try:\n"
-        f"        importlib.import_module({module!r})\n"
-        "    except Exception:\n"
-        "        pass\n"
-        "threading.Thread(target=_warm, name='overtile-warm', daemon=True).start()\n"
+        "import importlib\n"
+        "try:\n"
+        f"    importlib.import_module({module!r})\n"
+        "except Exception:\n"
+        "    pass\n"
     )
 
 

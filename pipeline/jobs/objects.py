@@ -39,6 +39,7 @@ from pipeline import storage
 from pipeline.errors import InputError
 from pipeline.jobs import blockwise
 from pipeline.jobs.pyramid import build_pyramid
+from pipeline.jobs.weights import far_face_pairs
 from pipeline.numerics import instances
 from pipeline.numerics.downsample import level_shapes
 from pipeline.numerics.geometry import Block, Box, block_at, block_grid
@@ -409,7 +410,7 @@ class ObjectJob(blockwise.BlockwiseJob):
                     held_ids, held_wkb = np.concatenate([held_ids, ids]), held_wkb + wkb
             if not held and not found:
                 continue
-            parts = instances.combine(held + found) if held or found else None
+            parts = instances.combine(held + found)
             here = np.unique(np.concatenate([f["id"] for f in found])) if found else np.zeros(0, np.uint64)
             complete = ~np.isin(parts["id"], here)
             held = [{k: v[~complete] for k, v in parts.items()}]
@@ -460,20 +461,10 @@ class FacePass(blockwise.BlockwiseJob):
 
     def run_block(self, block: Block) -> dict[str, Any]:
         job = self.parent
-        seeds = storage.open_array(f"{job.work}/seeds")
-        found = {}
-        for axis in range(block.write.ndim):
-            end = block.write.stop[axis]
-            pairs = np.zeros((0, 2), np.uint64)
-            if end < job.spatial_shape[axis]:
-                face = Box(tuple(end - 1 if a == axis else o for a, o in enumerate(block.write.offset)),
-                           tuple(2 if a == axis else n for a, n in enumerate(block.write.shape)))
-                slab = np.moveaxis(seeds[face.slices()], axis, 0)
-                pairs = instances.face_pairs(slab[0], slab[1])
-            found[f"axis{axis}"] = pairs
-        files.put_arrays(f"{job.work}/faces/{block.key}.npz", **found)
+        pairs = far_face_pairs(storage.open_array(f"{job.work}/seeds"), block, job.spatial_shape)
+        files.put_arrays(f"{job.work}/faces/{block.key}.npz", **{f"axis{axis}": p for axis, p in enumerate(pairs)})
         self.ledger.mark(block)
-        return {"block": block.key, "pairs": sum(len(p) for p in found.values())}
+        return {"block": block.key, "pairs": sum(len(p) for p in pairs)}
 
 
 @functools.lru_cache(maxsize=64)
@@ -533,7 +524,7 @@ def plan_objects(settings: ObjectSettings) -> tuple[ObjectJob, blockwise.Pending
         raise InputError(f"{settings.geojson}: GeoJSON outlines are 2-D; {settings.probabilities} is {nd}-D")
     image = settings.image or meta.get("input")
     image_axes = settings.axes if settings.image else None
-    channels = 0
+    channels, measured = 0, None
     if image is not None:
         try:
             measured = storage.open_image(image, image_axes)
@@ -560,7 +551,7 @@ def plan_objects(settings: ObjectSettings) -> tuple[ObjectJob, blockwise.Pending
     table = settings.table or default_table(settings.output)
     run = blockwise.fingerprint(
         probabilities=settings.probabilities, stamp=storage.stamp(source), image=image,
-        image_stamp=storage.stamp(storage.open_image(image, image_axes)) if image else None,
+        image_stamp=storage.stamp(measured) if measured is not None else None,
         object_class=settings.object_class, threshold=settings.threshold, grow_threshold=settings.grow_threshold,
         grow_distance=settings.grow_distance, min_size=settings.min_size, dtype=settings.dtype, block=block_shape,
         table=table, geojson=settings.geojson, class_name=settings.class_name,
@@ -641,7 +632,3 @@ def find_objects(
     entry point behind ``overtile objects`` and the segment flow's ``objects`` option."""
     return blockwise.execute(plan_objects, settings, client, on_plan, on_result, failures)
 
-
-def summary_line(job: ObjectJob) -> str:
-    extra = f", outlines {job.settings.geojson}" if job.settings.geojson else ""
-    return f"{job.objects} objects: labels {job.output}, table {job.table}{extra}"

@@ -185,19 +185,25 @@ def _label_block(block: Block, mask_url: str, mask_axes: str | None, out_url: st
     storage.open_array(out_url)[block.write.slices()] = labels
 
 
-def _face_pairs(block: Block, url: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Pairs of ids that touch across this block's far faces (one per axis with a neighbour)."""
-    array = storage.open_array(url)
+def far_face_pairs(array: zarr.Array, block: Block, shape: tuple[int, ...]) -> list[np.ndarray]:
+    """Per axis, the pairs of labels in ``array`` that touch across this block's far face
+    (none where the block ends at the image's edge): a 2-px slab read per face."""
     pairs = []
     for axis in range(block.write.ndim):
         end = block.write.stop[axis]
         if end >= shape[axis]:
+            pairs.append(np.zeros((0, 2), np.uint64))
             continue
         face = Box(tuple(end - 1 if a == axis else o for a, o in enumerate(block.write.offset)),
                    tuple(2 if a == axis else s for a, s in enumerate(block.write.shape)))
         slab = np.moveaxis(array[face.slices()], axis, 0)
         pairs.append(instances.face_pairs(slab[0], slab[1]))
-    return np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.uint64)
+    return pairs
+
+
+def _face_pairs(block: Block, url: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Pairs of ids that touch across this block's far faces."""
+    return np.unique(np.concatenate(far_face_pairs(storage.open_array(url), block, shape)), axis=0)
 
 
 def _relabel_block(block: Block, url: str, old: np.ndarray, new: np.ndarray) -> None:
