@@ -50,10 +50,12 @@ class BlockBar:
         self.close()
 
 
-def _settings(model: type[BaseModel], args: argparse.Namespace) -> Any:
+def _settings(model: type[BaseModel], args: argparse.Namespace, prefix: str = "") -> Any:
     """The settings model from the parsed arguments: only what the user gave is passed, so
-    every default is the model's own."""
-    return model(**{name: value for name, value in vars(args).items() if name in model.model_fields})
+    every default is the model's own. ``prefix``: the arguments :func:`add_settings` added
+    with that prefix."""
+    given = {name.removeprefix(prefix): value for name, value in vars(args).items() if name.startswith(prefix)}
+    return model(**{name: value for name, value in given.items() if name in model.model_fields})
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -121,6 +123,40 @@ def _objects(args: argparse.Namespace) -> None:
           f"(already done) in {summary.seconds:.1f} s\n"
           f"overtile: labels written to {job.output} (array '0', {settings.dtype}), table to {job.table}"
           + (f", outlines to {settings.geojson}" if settings.geojson else ""))
+
+
+def _cohort(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from pipeline.jobs.cohort import CohortSettings, SlideObjects, SlideRun, list_slides, run_cohort
+
+    objects = _settings(SlideObjects, args, "objects_") if args.find_objects else None
+    settings = CohortSettings(**{k: v for k, v in vars(args).items() if k in CohortSettings.model_fields},
+                              objects=objects)
+    total = len(list_slides(settings.slides))
+    print(f"overtile: {total} slides in {settings.slides}; {settings.slides_in_flight} at a time")
+    bar = tqdm(total=0, unit="block", desc="cohort", disable=args.quiet)
+    done: list[dict[str, Any]] = []
+
+    def on_plan(name: str, job: Any, pending: Any) -> None:
+        bar.total += len(pending.blocks)
+        bar.refresh()
+
+    def on_slide(row: dict[str, Any]) -> None:
+        done.append(row)
+        what = row["error"] if row["status"] == "failed" else "skipped" if row["status"] == "finished before" else (
+            f"{row['blocks_computed']} blocks computed, {row['blocks_skipped']} resumed, "
+            f"{row['blocks_without_tissue']} without tissue" + (f", {row['objects']} objects" if row["objects"] is not None else ""))
+        bar.write(f"overtile: [{len(done)}/{total}] {row['name']}: {row['status']}; {what} ({row['seconds']} s)")
+
+    with bar:
+        rows = run_cohort(settings, report=SlideRun(on_plan, lambda name, record: bar.update(1)), on_slide=on_slide)
+    failed = [r for r in rows if r["status"] == "failed"]
+    print(f"overtile: done: {len(rows) - len(failed)} of {len(rows)} slides finished, {len(failed)} failed; study table "
+          f"{settings.output.rstrip('/')}/study.csv (and .parquet)")
+    if failed:
+        raise InputError(f"{len(failed)} slide(s) failed: " + "; ".join(r["error"] for r in failed[:3])
+                         + ("; ..." if len(failed) > 3 else "") + " (the others are finished; fix and rerun)")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -274,23 +310,27 @@ def _default_text(info: FieldInfo) -> str:
     return f" (default {value})"
 
 
-def add_settings(parser: argparse.ArgumentParser, model: type[BaseModel], positional: Sequence[str] = ()) -> None:
+def add_settings(parser: argparse.ArgumentParser, model: type[BaseModel], positional: Sequence[str] = (),
+                 prefix: str = "", exclude: Sequence[str] = ()) -> None:
     """One argument per field of a settings model: ``input`` / ``output``-like fields named in
     ``positional`` as positionals, the others as ``--kebab-case`` options. Types, choices,
     help and defaults come from the model (its field descriptions and defaults), and only what
     the user gives is passed on, so the command line cannot drift from the Python API and the
-    Prefect form. Booleans get ``--x`` / ``--no-x``. Positionals come in the order given."""
+    Prefect form. Booleans get ``--x`` / ``--no-x``. Positionals come in the order given.
+    ``prefix``: a nested model's fields, as ``--PREFIX-field`` into ``PREFIX_field`` (see
+    :func:`_settings`); ``exclude``: fields left to the caller."""
     fields = model.model_fields
     for name in positional:
         parser.add_argument(name, help=(fields[name].description or name).replace("%", "%%"))
     for name, info in fields.items():
-        if name in positional:
+        if name in positional or name in exclude:
             continue
         help_text = (info.description or name.replace("_", " ")) + _default_text(info)
         help_text = help_text.replace("%", "%%")
         kind, optional = _plain(info.annotation)
-        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
-        options: dict[str, Any] = {"dest": name, "help": help_text, "default": argparse.SUPPRESS}
+        flag = "--" + prefix + name.replace("_", "-") if prefix else FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        options: dict[str, Any] = {"dest": prefix.replace("-", "_") + name, "help": help_text,
+                                   "default": argparse.SUPPRESS}
         if info.is_required():
             options["required"] = True
         if kind is bool:
@@ -307,6 +347,7 @@ def add_settings(parser: argparse.ArgumentParser, model: type[BaseModel], positi
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline.jobs.cohort import CohortSettings, SlideObjects
     from pipeline.jobs.ingest import IngestSettings
     from pipeline.jobs.objects import ObjectSettings
     from pipeline.jobs.predict import PredictSettings
@@ -345,6 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings(o, ObjectSettings, positional=("probabilities", "output"))
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     o.set_defaults(func=_objects)
+
+    c = sub.add_parser("cohort", help="a study of slides (folder, glob or CSV; local or s3://) through one model",
+                       description="Every slide of a folder, glob or CSV manifest (local paths or URLs): read in place "
+                                   "(or ingested), tissue mask, prediction and optionally the cells as objects, one "
+                                   "output folder per slide under OUTPUT, on one shared Dask cluster with several "
+                                   "slides in flight. Writes OUTPUT/study.parquet and OUTPUT/study.csv. A slide's "
+                                   "failure is its row; a rerun skips finished slides and resumes the others.")
+    add_settings(c, CohortSettings, positional=("slides", "output"), exclude=("objects",))
+    c.add_argument("--objects", dest="find_objects", action="store_true", help="also find the cells as objects (the --objects-* options)")
+    add_settings(c, SlideObjects, prefix="objects-")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=_cohort)
 
     t = sub.add_parser("train", help="train a U-Net from Zarr images and labels",
                        description="Train a U-Net as the paper does: random patches from Zarr, elastic deformation, "

@@ -91,6 +91,7 @@ class PredictJob(blockwise.BlockwiseJob):
     output_shape: tuple[int, ...]
     output_dtype: str
     tissue: str = ""  # how the tissue mask was made, for the summary ("" without one)
+    tissue_fraction: float = 1.0  # share of the image's pixels that are tissue (1 without a mask)
     compile: bool = False  # torch.compile, as the settings ask or the job's length decides
 
     @property
@@ -239,7 +240,8 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
     job = PredictJob(
         output=settings.output, ledger=ledger, fingerprint=run, settings=settings, device=device,
         spatial_shape=source.spatial_shape, block_shape=block_shape, tile_size=tile, output_shape=out_shape,
-        output_dtype=out_dtype, tissue=tissue, compile=compile,
+        output_dtype=out_dtype, tissue=tissue, tissue_fraction=1.0 if mask is None else mask.fraction,
+        compile=compile,
     )
     return job, blockwise.Pending(blocks, int(done.sum()), int((~wanted & ~done).sum()))
 

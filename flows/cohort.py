@@ -1,0 +1,127 @@
+"""The ``cohort`` flow: a study of slides through one model, each slide a sub-flow run.
+
+The slides (a folder, glob or CSV manifest, local or on object storage) share one Dask
+cluster, started when the first unfinished slide needs it; several slides are in flight at
+once (:mod:`pipeline.jobs.cohort`). Each unfinished slide is a ``cohort-slide`` sub-flow run
+named after it, with its own summary artifact; a failed slide fails its sub-flow run, not
+the study. The study's run shows a progress artifact (slides and blocks) and the study table.
+Finished slides are skipped without opening them; ``cohort-slide`` is a deployment of its
+own, so one slide can be rerun alone from the UI with the study's settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+
+from flows.common import dask_client
+from pipeline.errors import InputError
+from pipeline.jobs.cohort import (
+    COLUMNS,
+    CohortSettings,
+    SharedClient,
+    Slide,
+    SlideRun,
+    finished_before,
+    list_slides,
+    read_record,
+    run_cohort,
+    run_slide,
+    slide_key,
+)
+from pipeline.storage import absolute
+
+
+@flow(name="cohort-slide", flow_run_name="{name}", log_prints=True)
+def cohort_slide(slide: str, name: str, settings: CohortSettings) -> dict[str, Any]:
+    """One slide of a study into ``OUTPUT/NAME``: read in place or ingested, tissue mask,
+    prediction, objects when asked. Runs on ``settings.scheduler`` (the study's cluster when
+    the cohort flow calls it), else on a local cluster of its own. Fails when the slide does."""
+    logger = get_run_logger()
+    with SharedClient(lambda: dask_client(settings.scheduler, settings.workers)) as client:
+        row = run_slide(Slide(slide, name), settings, client, report=SlideRun(on_plan=_log_plan))
+    create_table_artifact([{"what": k, "value": "" if row.get(k) is None else str(row[k])} for k in COLUMNS],
+                          key="slide-summary", description=f"overtile cohort: slide {name}")
+    if row["status"] == "failed":
+        raise InputError(row["error"])
+    logger.info("%s: %s in %.1f s; %s blocks computed, %s skipped (finished earlier), %s without tissue%s", name,
+                row["status"], row["seconds"] or 0.0, row["blocks_computed"], row["blocks_skipped"],
+                row["blocks_without_tissue"], "" if row["objects"] is None else f"; {row['objects']} objects")
+    return row
+
+
+def _log_plan(name: str, job: Any, pending: Any) -> None:
+    get_run_logger().info("%s: %s: %d blocks to compute, %d finished before, %d without tissue", name, job.kind,
+                          len(pending.blocks), pending.skipped, pending.background)
+
+
+class StudyProgress:
+    """Two progress artifacts of the study's run: slides ended, and blocks computed of those
+    planned so far (slides plan as they start, so the blocks' total grows)."""
+
+    def __init__(self, slides: int):
+        self.slides, self.ended, self.planned, self.computed = max(1, slides), 0, 0, 0
+        self.slide_id = create_progress_artifact(0.0, key="cohort-slides",
+                                                 description="overtile cohort: share of the study's slides ended")
+        self.block_id = create_progress_artifact(0.0, key="cohort-blocks",
+                                                 description="overtile cohort: blocks computed of those planned so far")
+
+    def slide_ended(self, row: dict[str, Any]) -> None:
+        self.ended += 1
+        update_progress_artifact(self.slide_id, 100.0 * self.ended / self.slides)
+        get_run_logger().info("cohort: [%d/%d] %s: %s%s", self.ended, self.slides, row["name"], row["status"],
+                              f" ({row['error']})" if row.get("error") else "")
+
+    def planned_blocks(self, name: str, job: Any, pending: Any) -> None:
+        self.planned += len(pending.blocks)
+
+    def block_done(self, name: str, record: dict[str, Any]) -> None:
+        self.computed += 1
+        if self.computed % max(1, self.planned // 50) == 0:
+            update_progress_artifact(self.block_id, 100.0 * self.computed / max(1, self.planned))
+
+
+@flow(name="cohort", log_prints=True)
+def cohort(settings: CohortSettings) -> list[dict[str, Any]]:
+    """A study of slides through one model: every slide of ``settings.slides`` into its own
+    folder under ``settings.output``, on one shared Dask cluster, several slides in flight;
+    the study table at ``OUTPUT/study.parquet`` and ``OUTPUT/study.csv``. A rerun skips the
+    finished slides and resumes the others; a failed slide is reported and the others go on."""
+    logger = get_run_logger()
+    settings = settings.model_copy(update={"output": absolute(settings.output), "model": absolute(settings.model)})
+    total = len(list_slides(settings.slides))
+    logger.info("cohort: %d slides in %s, %d in flight at once, into %s", total, settings.slides,
+                settings.slides_in_flight, settings.output)
+    progress = StudyProgress(total)
+
+    def one(slide: Slide, settings: CohortSettings, client: Any, digest: str, report: Any) -> dict[str, Any]:
+        earlier = finished_before(slide, settings, slide_key(slide, settings, digest))
+        if earlier is not None:
+            return earlier
+        shared = settings.model_copy(update={"scheduler": client().scheduler.address})
+        state = cohort_slide(slide.url, slide.name, shared, return_state=True)
+        return state.result() if state.is_completed() else _failed_row(slide, settings.output, state)
+
+    with SharedClient(lambda: dask_client(settings.scheduler, settings.workers)) as client:
+        rows = run_cohort(settings, client, SlideRun(progress.planned_blocks, progress.block_done),
+                          on_slide=progress.slide_ended, run_one=one)
+    update_progress_artifact(progress.block_id, 100.0)
+    create_table_artifact([{c: "" if r.get(c) is None else r[c] for c in COLUMNS} for r in rows], key="study-table",
+                          description=f"overtile cohort: the study table ({settings.output}/study.csv)")
+    failed = [r for r in rows if r["status"] == "failed"]
+    logger.info("cohort: %d of %d slides finished (%d before this run), %d failed; study table %s/study.csv",
+                len(rows) - len(failed), len(rows), sum(r["status"] == "finished before" for r in rows), len(failed),
+                settings.output)
+    return rows
+
+
+def _failed_row(slide: Slide, root: str, state: Any) -> dict[str, Any]:
+    """The row of a slide whose sub-flow run failed: its record (written as it failed), else
+    the failure's message (the sub-flow failed before it could write one)."""
+    record = read_record(slide.folder(root))
+    if record is not None and record.get("status") == "failed":
+        return {c: record.get(c) for c in COLUMNS}
+    return {c: None for c in COLUMNS} | {"slide": slide.url, "name": slide.name, "status": "failed",
+                                         "error": f"{slide.url}: {state.message or 'the sub-flow run failed'}"}
