@@ -25,6 +25,9 @@ prints its time):
 6. ``DIR/cells.zarr/labels/cells``, ``DIR/cells.cells.parquet``, ``DIR/cells.geojson.gz``:
    the cells as objects (the same flow's ``objects`` option): instance labels over the
    image, their table, and their outlines for QuPath.
+7. ``DIR/slides/``, ``DIR/study/``: a small study (three crops of the image as pyramidal
+   OME-TIFF slides) through the model with the ``cohort`` flow: one folder per slide and
+   the study table ``DIR/study/study.csv``.
 """
 
 from __future__ import annotations
@@ -207,6 +210,27 @@ def make_image(url: Path, size: int, block: int = 2048) -> int:
 
 # --- the run ------------------------------------------------------------------------------
 
+def make_slides(image: Path, folder: Path, count: int = 3) -> Path:
+    """A small study: ``count`` crops of the image of different sizes, each written as a
+    pyramidal OME-TIFF (what a scanner's export looks like), for the cohort flow."""
+    import tifffile
+    import zarr
+
+    folder.mkdir(parents=True, exist_ok=True)
+    array = zarr.open_group(str(image), mode="r")["0"]
+    edge = min(array.shape)
+    for k in range(count):
+        path = folder / f"slide{k + 1}.ome.tiff"
+        h, w = max(64, edge // (2 + k)), max(64, edge // (3 - k % 2 + k))
+        y0, x0 = (edge - h) * k // max(1, count), (edge - w) // 2
+        crop = np.asarray(array[y0:y0 + h, x0:x0 + w])
+        options = dict(tile=(256, 256), photometric="minisblack", compression="zlib")
+        with tifffile.TiffWriter(path, ome=True) as tif:
+            tif.write(crop, subifds=1, metadata={"axes": "YX"}, **options)
+            tif.write(crop[::2, ::2], subfiletype=1, **options)
+    return folder
+
+
 def stage(name: str, start: float, what: str) -> None:
     print(f"demo: {name:<10} {time.perf_counter() - start:6.1f} s  {what}", flush=True)
 
@@ -295,6 +319,19 @@ def main(argv: list[str] | None = None) -> int:
     objects = state.result()["objects"]
     stage("segment", start, f"{args.size ** 2 / 1e6 / (time.perf_counter() - start):.2f} MP/s end to end, "
                             f"cluster start-up, preview and {objects['objects']:,} cells as objects included")
+    start = time.perf_counter()
+    from flows.cohort import cohort
+    from pipeline.jobs.cohort import CohortSettings
+
+    study, slides = out / "study", make_slides(image, out / "slides")
+    state = cohort(CohortSettings(slides=str(out / "slides"), output=str(study), model=str(model), workers=args.workers,
+                                  block_size=args.block_size, overwrite=True), return_state=True)
+    if not state.is_completed():
+        print(f"demo: the cohort flow ended {state.name}: {state.message}", file=sys.stderr)
+        return 1
+    rows = state.result()
+    stage("study", start, f"{sum(r['status'] == 'finished' for r in rows)} of {len(rows)} slides (OME-TIFF, read in "
+                          f"place) through the model on one cluster; study table {study / 'study.csv'}")
     png = Path(f"{prediction}.preview.png")
     print(f"demo: total      {time.perf_counter() - total:6.1f} s\n")
     encoding = ", uint8 = round(255·p)" if args.dtype == "uint8" else f", {args.dtype}"
@@ -311,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Prediction:   {prediction.resolve()}   (OME-Zarr 0.5, array '0': (class, y, x) probabilities{encoding})\n"
         f"Preview:      {png.resolve()}\n"
         f"Cells:        {cells.output}   (NGFF labels of the image), table {objects['object table (Parquet)']},\n"
-        f"              outlines {cells.geojson} (QuPath: File > Import objects)\n\n"
+        f"              outlines {cells.geojson} (QuPath: File > Import objects)\n"
+        f"Study:        {study.resolve()}/study.csv   (one row per slide of {slides}; a folder per slide)\n\n"
         f"See the runs, their logs, progress and artifacts (tables, pictures) in the Prefect UI:\n{ui}\n"
         f"Look at the full resolution in napari (pip install 'napari[all]' napari-ome-zarr):\n"
         f"    napari --plugin napari-ome-zarr {image} {prediction}\n"
