@@ -1,7 +1,10 @@
-"""Shared fixtures: small generated images, tiny checkpoints, a real Dask LocalCluster."""
+"""Shared fixtures: small generated images, tiny checkpoints, a real Dask LocalCluster, real
+servers (Prefect, an S3-API object store)."""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +92,59 @@ def prefect_api(prefect_server):
 
     with temporary_settings({PREFECT_API_URL: prefect_server.api}):
         yield prefect_server
+
+
+# What the S3 tests' processes see: dummy credentials for the local moto server, never real ones.
+S3_ENVIRONMENT = {"AWS_ACCESS_KEY_ID": "overtile-test", "AWS_SECRET_ACCESS_KEY": "overtile-test",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A bucket on the test's S3 server: ``url("a.zarr")`` is ``s3://BUCKET/a.zarr``."""
+
+    endpoint: str
+    name: str
+
+    def url(self, path: str) -> str:
+        return f"s3://{self.name}/{path}"
+
+    def filesystem(self):
+        """An s3fs filesystem of its own (no listings cached from other calls)."""
+        import s3fs
+
+        return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+
+    def count(self, prefix: str) -> int:
+        """Objects stored under ``prefix`` (a path in the bucket)."""
+        return len(self.filesystem().find(f"{self.name}/{prefix.strip('/')}"))
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A real S3-API server (moto's, on 127.0.0.1) with one bucket. Credentials, region and
+    endpoint reach s3fs and botocore through the environment only (``AWS_ENDPOINT_URL``),
+    set here before any Dask cluster of the module starts (worker processes inherit it) and
+    restored afterwards; other AWS variables are hidden meanwhile."""
+    pytest.importorskip("moto", reason="moto[server] (the dev extra) runs the S3 tests' object store")
+    pytest.importorskip("s3fs", reason="s3fs reads and writes s3:// URLs")
+    import s3fs
+    from servers import S3Server, free_port
+
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log", free_port())
+    saved = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    try:
+        server.start()
+        for k in saved:
+            del os.environ[k]
+        os.environ.update(S3_ENVIRONMENT, AWS_ENDPOINT_URL=server.endpoint)
+        s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps filesystems per process, with their endpoint
+        bucket = Bucket(server.endpoint, "overtile-test")
+        bucket.filesystem().mkdir(bucket.name)
+        yield bucket
+    finally:
+        for k in [k for k in os.environ if k.startswith("AWS_")]:
+            del os.environ[k]
+        os.environ.update(saved)
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()

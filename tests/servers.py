@@ -1,5 +1,6 @@
 """Real servers for the tests: a Prefect server (SQLite in a temporary PREFECT_HOME) and
-Prefect workers, each started on 127.0.0.1 and stopped by its PID (its own process group)."""
+Prefect workers, and an S3-API object store (moto's standalone server), each started on
+127.0.0.1 and stopped by its PID (its own process group)."""
 
 from __future__ import annotations
 
@@ -135,5 +136,41 @@ class PrefectServer:
     def stop(self) -> None:
         for child in self.children:
             stop(child)
+        if self.process is not None:
+            stop(self.process)
+
+
+@dataclass
+class S3Server:
+    """moto's standalone S3-API server (``python -m moto.server``), in memory, on 127.0.0.1:
+    a real HTTP endpoint that s3fs, botocore and Zarr talk to as they talk to AWS (requests,
+    range reads, listings of 1000 keys a page), for outputs and slides on ``s3://``."""
+
+    log: Path
+    port: int
+    process: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60) -> None:
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"moto server exited: {self.log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except (OSError, urllib.error.URLError):
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"moto server did not answer within {timeout} s")
+
+    def stop(self) -> None:
         if self.process is not None:
             stop(self.process)

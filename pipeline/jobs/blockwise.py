@@ -66,12 +66,18 @@ WORKER_ENVIRONMENT: dict[str, str] = {
 # The settings every blockwise job has, declared once: each job's settings model uses these
 # (so the CLI, the Python API and the flows name, default and describe them alike).
 BlockSize = Annotated[int | None, Field(ge=16, description="Block edge in pixels: the unit of distributed work and "
-                                        "the output chunk (default 2048 in 2-D, 256 in 3-D)")]
+                                        "the output chunk, or shard when sharded (default 2048 in 2-D, 256 in 3-D)")]
 Workers = Annotated[int | None, Field(ge=1, description="Worker processes of the local Dask cluster (default: one per "
                                       "core, or one per GPU)")]
 Scheduler = Annotated[str | None, Field(description="Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 "
                                         "(default: start a local cluster)")]
 Overwrite = Annotated[bool, Field(description="Replace an existing output instead of resuming it")]
+Shards = Annotated[bool | None, Field(description="Zarr v3 sharding: each block is stored as one object (a shard) of "
+                                      "smaller chunks, so a store holds one object per block while a viewer reads "
+                                      "small chunks (default: on for object stores such as s3://, off for local paths)")]
+ChunkSize = Annotated[int | None, Field(ge=16, description="Chunk edge of the output, a divisor of the block edge: what "
+                                        "a viewer reads at once (default: 512 in 2-D, 64 in 3-D when sharded, else "
+                                        "the block edge)")]
 # Axes letters as a user may type them (YX, Cyx): stored lower case, as overtile names axes.
 Axes = Annotated[str | None, AfterValidator(lambda v: v.lower() if v else v)]
 
@@ -88,6 +94,14 @@ class BlockwiseSettings(BaseModel):
         """The block edge (given or the default for 2-D / 3-D), clipped to the image."""
         edge = getattr(self, "block_size", None) or DEFAULT_BLOCK[len(spatial_shape)]
         return tuple(min(edge, int(n)) for n in spatial_shape)
+
+    def output_layout(self, shape: Sequence[int], block: Sequence[int], spatial: int) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+        """The output's chunks and shards (:func:`~pipeline.storage.output_layout`) for
+        ``block`` (leading axes included): sharded as ``shards`` says, by default where the
+        output is on an object store, with chunks of ``chunk_size``."""
+        shards = getattr(self, "shards", None)
+        sharded = storage.is_object_store(getattr(self, "output")) if shards is None else shards
+        return storage.output_layout(shape, block, spatial, sharded, getattr(self, "chunk_size", None))
 
 
 def absolute_paths(settings: BlockwiseSettings, *fields: str) -> Any:

@@ -83,16 +83,19 @@ class ObjectSettings(blockwise.BlockwiseSettings, ObjectOptions):
                               "probabilities' input)")
     axes: blockwise.Axes = Field(None, description="Axes of --image when it is a plain Zarr array")
     block_size: blockwise.BlockSize = None
+    shards: blockwise.Shards = None
+    chunk_size: blockwise.ChunkSize = None
     workers: blockwise.Workers = None
     scheduler: blockwise.Scheduler = None
     overwrite: blockwise.Overwrite = False
 
     @classmethod
     def after_prediction(cls, options: ObjectOptions, predict: Any) -> "ObjectSettings":
-        """The object run that follows a prediction (its output, input and cluster)."""
+        """The object run that follows a prediction (its output, input, layout and cluster)."""
         return cls(probabilities=predict.output, image=predict.input, axes=predict.axes,
-                   block_size=predict.block_size, workers=predict.workers, scheduler=predict.scheduler,
-                   overwrite=predict.overwrite, **options.model_dump())
+                   block_size=predict.block_size, shards=predict.shards, chunk_size=predict.chunk_size,
+                   workers=predict.workers, scheduler=predict.scheduler, overwrite=predict.overwrite,
+                   **options.model_dump())
 
 
 def default_table(output: str) -> str:
@@ -380,7 +383,7 @@ class ObjectJob(blockwise.BlockwiseJob):
             self.close_spanning(computed, writer)
         levels = 0
         if self.settings.pyramid and level_shapes(tuple(self.spatial_shape), len(self.spatial_shape)):
-            levels = build_pyramid(client, self.output, "nearest", present=done)
+            levels = build_pyramid(client, self.output, "nearest", present=done, present_block=self.block_shape)
         group = zarr.open_group(store=self.output, mode="r+")
         group.attrs["overtile"] = {**dict(group.attrs.get("overtile", {})), "finished": self.fingerprint,
                                    "objects": self.objects, "table": self.table, "geojson": self.settings.geojson}
@@ -538,7 +541,7 @@ def plan_objects(settings: ObjectSettings) -> tuple[ObjectJob, blockwise.Pending
                 raise InputError(f"{image}: shape {measured.spatial_shape}; the probabilities have {source.spatial_shape}")
             channels = measured.channels
     block_shape = settings.block_shape(source.spatial_shape) if settings.block_size else \
-        tuple(int(c) for c in source.array.chunks[-nd:])
+        storage.write_unit(source.array)[-nd:]
     into_image = storage.label_parent(image, settings.output) if image else None
     channel_axis = bool(into_image) and "c" in storage.open_image(into_image).axes
     out_shape = ((1,) if channel_axis else ()) + tuple(source.spatial_shape)
@@ -559,10 +562,11 @@ def plan_objects(settings: ObjectSettings) -> tuple[ObjectJob, blockwise.Pending
     spacing = tuple(source.scale.get(a, 1.0) for a in source.spatial_axes)
     units = {source.units.get(a) for a in source.spatial_axes}
     unit = units.pop() if len(units) == 1 else None
+    chunks, shards = settings.output_layout(out_shape, ((1,) if channel_axis else ()) + block_shape, nd)
     storage.create_image(
-        settings.output, out_shape, ((1,) if channel_axis else ()) + block_shape, settings.dtype,
-        ("c" if channel_axis else "") + source.spatial_axes, name="objects",
-        scale=([1.0] if channel_axis else []) + list(spacing), units=source.units, overwrite=settings.overwrite,
+        settings.output, out_shape, chunks, settings.dtype, ("c" if channel_axis else "") + source.spatial_axes,
+        name="objects", scale=([1.0] if channel_axis else []) + list(spacing), units=source.units,
+        overwrite=settings.overwrite, shards=shards,
         attrs={"overtile": {"probabilities": settings.probabilities, "output_kind": "objects", "table": table}},
     )
     if into_image:
@@ -609,13 +613,13 @@ def _is_group(url: str) -> bool:
 
 
 def _present(source: storage.ImageSource, block_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
-    """Grid indices of the blocks that hold probabilities: where the probabilities' chunks are
-    stored (a tissue-masked prediction leaves the rest at the fill value), when its chunks are
-    the blocks; else every block."""
+    """Grid indices of the blocks that hold probabilities: where the probabilities' write units
+    are stored (a tissue-masked prediction leaves the rest at the fill value), when those
+    (chunks, or shards when sharded) are the blocks; else every block."""
     nd = len(block_shape)
     grid = block_grid(source.spatial_shape, block_shape)
     stored = None
-    if tuple(source.array.chunks[-nd:]) == tuple(block_shape) and source.array.ndim == nd + 1:
+    if storage.write_unit(source.array)[-nd:] == tuple(block_shape) and source.array.ndim == nd + 1:
         stored = storage.stored_chunks(source.array)
     wanted = np.ones(grid, bool) if stored is None else stored.any(axis=0)
     return tuple(tuple(int(i) for i in index) for index in np.argwhere(wanted))

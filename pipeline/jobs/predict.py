@@ -73,6 +73,8 @@ class PredictSettings(blockwise.BlockwiseSettings):
     prefetch: bool | None = Field(None, description="Read each block in a Dask task of its own, so that the next block is "
                                   "read while this one computes (default: on CUDA)")
     pyramid: bool = Field(True, description="Also write downsampled levels (mean of probabilities, nearest labels) to the multiscales")
+    shards: blockwise.Shards = None
+    chunk_size: blockwise.ChunkSize = None
     overwrite: blockwise.Overwrite = False
 
 
@@ -165,7 +167,7 @@ class PredictJob(blockwise.BlockwiseJob):
         """Levels 1, 2, ... of the output (mean of probabilities, nearest labels), below the
         blocks that are finished; returns how many levels."""
         kind = "nearest" if self.settings.output_kind == "labels" else "mean"
-        return build_pyramid(client, self.output, kind, present=self.ledger.done())
+        return build_pyramid(client, self.output, kind, present=self.ledger.done(), present_block=self.block_shape)
 
 
 def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[PredictJob, blockwise.Pending]:
@@ -217,10 +219,10 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
         mirror=settings.mirror, autocast=settings.autocast,
     )
     scale = ([1.0] if channel_axis else []) + [source.scale.get(a, 1.0) for a in source.spatial_axes]
+    chunks, shards = settings.output_layout(out_shape, ((out_shape[0],) if channel_axis else ()) + tuple(block_shape), nd)
     storage.create_image(
-        settings.output, out_shape, ((out_shape[0],) if channel_axis else ()) + tuple(block_shape), out_dtype,
-        ("c" if channel_axis else "") + source.spatial_axes,
-        name=settings.output_kind, scale=scale, units=source.units, overwrite=settings.overwrite,
+        settings.output, out_shape, chunks, out_dtype, ("c" if channel_axis else "") + source.spatial_axes,
+        name=settings.output_kind, scale=scale, units=source.units, overwrite=settings.overwrite, shards=shards,
         attrs={"overtile": {"input": settings.input, "model": str(settings.model), "output_kind": settings.output_kind}},
     )
     if into_image:

@@ -3,9 +3,11 @@
 Level ``k + 1`` halves ``y`` and ``x`` of level ``k`` (``z`` is kept: volumes are usually
 anisotropic): the mean of each 2×2 for probabilities and weights (NaN-aware, so a tissue
 border is not eaten by the unset background), the top-left pixel for labels (nearest, so
-every value is a real label). Chunks keep the block edge, so a level-``k+1`` block is made
-from the (up to) 2×2 level-``k`` blocks above it, and only blocks below computed ones are
-computed: a mostly empty slide's pyramid costs what its tissue costs.
+every value is a real label). Every level has level 0's layout (its chunks, and its shards
+when it is sharded), and a block is level 0's write unit (a shard, else a chunk), so a
+level-``k+1`` block is made from the (up to) 2×2 level-``k`` blocks above it, no two tasks
+write the same object, and only blocks below computed ones are computed: a mostly empty
+slide's pyramid costs what its tissue costs.
 
 A task computes a *stack* of levels: one block of its coarsest level and every block above it
 up to the level it reads, depth first in memory, writing each block as it goes, so the levels
@@ -185,33 +187,44 @@ def downsample_present(parts: Sequence[tuple[Box, np.ndarray]], read: Box, write
 
 
 def build_pyramid(client: Any, url: str, kind: str, present: np.ndarray | None = None,
-                  min_edge: int = MIN_EDGE) -> int:
+                  min_edge: int = MIN_EDGE, present_block: Sequence[int] | None = None) -> int:
     """Write levels 1, 2, ... of the OME-Zarr image at ``url`` from its level 0.
 
     ``kind``: ``"mean"`` (probabilities, weights) or ``"nearest"`` (labels). ``present``:
     boolean over level 0's block grid, where level 0 has data (default: everywhere); blocks
-    of lower levels are computed only below present ones. Returns the number of levels added.
+    of lower levels are computed only below present ones. A block is level 0's write unit
+    (:func:`~pipeline.storage.write_unit`); ``present_block``: the spatial shape of the
+    blocks ``present`` is over, when the job that wrote level 0 wrote several chunks per
+    block (a whole number of them). Returns the number of levels added.
     """
     group = zarr.open_group(store=url, mode="r+")
     base = group["0"]
     ms = storage.ome_metadata(dict(group.attrs))
     axes = [a["name"] for a in ms["axes"]]
     spatial = sum(1 for a in axes if a in "zyx")
-    chunks = tuple(base.chunks)
-    block_shape = chunks[-spatial:]
+    unit = storage.write_unit(base)
+    block_shape = unit[-spatial:]
     factor = tuple(2 if a in "yx" else 1 for a in axes[-spatial:])
     scale0 = storage.scale_from_ome(ms) or [1.0] * len(axes)
     shapes = [tuple(base.shape), *level_shapes(base.shape, spatial, min_edge)]
-    present = np.ones(block_grid(base.shape[-spatial:], block_shape), bool) if present is None else present.astype(bool)
+    grid = block_grid(base.shape[-spatial:], block_shape)
+    if present is None:
+        present = np.ones(grid, bool)
+    elif present_block is not None and tuple(present_block) != block_shape:  # each block is k units per axis
+        for axis, (b, u) in enumerate(zip(present_block, block_shape)):
+            present = np.repeat(present, -(-b // u), axis=axis)
+        present = present[tuple(slice(0, n) for n in grid)]
+    present = present.astype(bool)
     masks = [present]  # a block is present if any of the blocks above it is
     for _ in shapes[1:]:
         masks.append(_pool(masks[-1], factor) > 0)
     _write_levels(group, axes, [scale0], ms)  # level 0 only, until every level below is written again
     for level, shape in enumerate(shapes[1:], start=1):
-        group.create_array(str(level), shape=shape, chunks=chunks, dtype=base.dtype, fill_value=base.fill_value,
-                           dimension_names=axes, compressors=[storage.OUTPUT_CODEC], overwrite=True)
+        group.create_array(str(level), shape=shape, chunks=base.chunks, shards=base.shards, dtype=base.dtype,
+                           fill_value=base.fill_value, dimension_names=axes, compressors=[storage.OUTPUT_CODEC],
+                           overwrite=True)
     slots = max(1, sum(client.nthreads().values())) if client is not None else 1
-    depth = max(1, TASK_BYTES // (4 * math.prod(chunks) * base.dtype.itemsize))
+    depth = max(1, TASK_BYTES // (4 * math.prod(unit) * base.dtype.itemsize))
     for source, top in rounds(masks, factor, slots, depth):
         job = PyramidJob(url, source, top, tuple(shapes[: top + 1]), block_shape, kind, factor, base.fill_value)
         span = tuple(f ** (top - source) for f in factor)

@@ -11,24 +11,29 @@ from pipeline.storage.images import (
     AXES_CHOICES,
     OME_VERSION,
     OUTPUT_CODEC,
+    SHARD_CHUNK,
     ImageSource,
     absolute,
     check_output,
     checked_source,
     create_image,
+    is_object_store,
     is_url,
     label_parent,
     multiscales,
     ome_metadata,
     open_output,
+    output_layout,
     register_label,
     scale_from_ome,
+    write_unit,
 )
 from pipeline.storage.ledger import Ledger, open_array, stored_chunks
 from pipeline.storage.sources import cached_image, open_image, stamp
 
 __all__ = [
-    "AXES_CHOICES", "OME_VERSION", "OUTPUT_CODEC", "ImageSource", "Ledger", "absolute", "cached_image",
-    "check_output", "checked_source", "create_image", "is_url", "label_parent", "multiscales", "ome_metadata",
-    "open_array", "open_image", "open_output", "register_label", "scale_from_ome", "stamp", "stored_chunks",
+    "AXES_CHOICES", "OME_VERSION", "OUTPUT_CODEC", "SHARD_CHUNK", "ImageSource", "Ledger", "absolute", "cached_image",
+    "check_output", "checked_source", "create_image", "is_object_store", "is_url", "label_parent", "multiscales",
+    "ome_metadata", "open_array", "open_image", "open_output", "output_layout", "register_label", "scale_from_ome",
+    "stamp", "stored_chunks", "write_unit",
 ]

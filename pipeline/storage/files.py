@@ -17,6 +17,15 @@ def _fs(url: str) -> tuple[Any, str]:
     return fsspec.core.url_to_fs(str(url))
 
 
+def _fresh(url: str) -> tuple[Any, str]:
+    """The filesystem and path of ``url`` with its cached listings of ``url`` dropped: s3fs
+    answers ``exists`` and ``ls`` from listings this process made earlier, which do not see
+    what worker processes have written since."""
+    fs, path = _fs(url)
+    fs.invalidate_cache(path)
+    return fs, path
+
+
 def put_arrays(url: str, **arrays: np.ndarray) -> None:
     """Write named arrays to ``url`` as ``.npz`` (parents created)."""
     buffer = io.BytesIO()
@@ -37,13 +46,13 @@ def get_arrays(url: str) -> dict[str, np.ndarray]:
 
 
 def exists(url: str) -> bool:
-    fs, path = _fs(url)
+    fs, path = _fresh(url)
     return bool(fs.exists(path))
 
 
 def listdir(url: str) -> list[str] | None:
     """The names in a folder, or None when ``url`` is a file."""
-    fs, path = _fs(url)
+    fs, path = _fresh(url)
     if not fs.isdir(path):
         return None
     return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
@@ -51,7 +60,7 @@ def listdir(url: str) -> list[str] | None:
 
 def remove(url: str) -> None:
     """Remove a file or folder (tree) if it exists."""
-    fs, path = _fs(url)
+    fs, path = _fresh(url)
     if fs.exists(path):
         fs.rm(path, recursive=True)
 

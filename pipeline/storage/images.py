@@ -6,9 +6,10 @@ from the metadata. Everything inside overtile sees images channel first, ``(C, *
 with spatial axes ``yx`` or ``zyx``; :meth:`ImageSource.read` does the transposing.
 
 Outputs are OME-Zarr 0.5 images (Zarr format 3): a group with multiscales metadata and the
-full-resolution array ``0``, chunked like the processing blocks so that no two tasks ever
-write the same chunk. URLs may be local paths or anything fsspec understands
-(``memory://``, ``s3://``, ...).
+full-resolution array ``0``, laid out so that no two tasks ever write the same object: chunked
+like the processing blocks, or sharded with one shard per block and smaller chunks inside it
+(:func:`output_layout`; the default on object stores, where every object costs a request).
+URLs may be local paths or anything fsspec understands (``memory://``, ``s3://``, ...).
 """
 
 from __future__ import annotations
@@ -30,10 +31,70 @@ OME_VERSION = "0.5"
 # lz4 with byte shuffle: about 1.6x faster than zarr's default zstd on float probability
 # blocks and a little smaller, so writing stays a small fraction of a block's time
 OUTPUT_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+# Chunk edge inside a sharded output: 512² pixels in 2-D, 64³ voxels in 3-D (256 Ki either
+# way), about what a viewer shows in one screen tile, where a 2048² block would be 16 times that.
+SHARD_CHUNK = {2: 512, 3: 64}
 
 
 def is_url(path: str) -> bool:
     return "://" in str(path)
+
+
+def is_object_store(url: str) -> bool:
+    """Whether ``url`` is on an object store (``s3://``, ``gs://``, ``memory://``, ...): any
+    scheme but ``file://``. There every chunk is an object, a request and a listing entry of
+    its own, so outputs are sharded by default (:func:`output_layout`)."""
+    return is_url(url) and not str(url).startswith("file://")
+
+
+def output_layout(shape: Sequence[int], block: Sequence[int], spatial: int, sharded: bool,
+                  chunk_size: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """The chunks and shards (None: unsharded) of an output that tasks write block by block.
+
+    ``shape`` and ``block`` are the array's, leading axes (channels) included, which a block
+    holds whole; the last ``spatial`` axes are the image's. Unsharded, the chunks are the
+    blocks, unless ``chunk_size`` asks for smaller ones (each block then writes several whole
+    chunks). Sharded, each block is one shard (one object) holding chunks of ``chunk_size``
+    along the spatial axes: a viewer reads a chunk, a task writes a shard, and no two tasks
+    ever write the same shard. A chunk must divide the block, except along an axis that one
+    block spans; there the shard rounds up to whole chunks (past the array's edge, which
+    Zarr allows). The default chunk is :data:`SHARD_CHUNK`, or the largest divisor of the
+    block edge below it (down to a quarter of it; else the block edge).
+
+    Examples
+    --------
+    >>> output_layout((2, 5000, 5000), (2, 2048, 2048), 2, sharded=True)
+    ((2, 512, 512), (2, 2048, 2048))
+    >>> output_layout((2, 1000, 5000), (2, 1000, 2048), 2, sharded=True)
+    ((2, 512, 512), (2, 1024, 2048))
+    >>> output_layout((1, 600, 600), (1, 256, 256), 2, sharded=False)
+    ((1, 256, 256), None)
+    >>> output_layout((1, 600, 600), (1, 256, 256), 2, sharded=False, chunk_size=64)
+    ((1, 64, 64), None)
+    """
+    if not sharded and chunk_size is None:
+        return tuple(block), None
+    lead = len(shape) - spatial
+    chunks, shards = list(block[:lead]), list(block[:lead])
+    default = SHARD_CHUNK[spatial]
+    for n, b in zip(shape[lead:], block[lead:]):
+        spans = b >= n  # one block along this axis: its shard may round up past the edge
+        if chunk_size or spans:
+            c = min(chunk_size or default, b)
+        else:
+            c = next((d for d in range(min(default, b), default // 4 - 1, -1) if b % d == 0), b)
+        if not spans and b % c:
+            raise InputError(f"--chunk-size {chunk_size}: does not divide the block edge {b} (every block must "
+                             f"hold whole chunks); choose a divisor of it, e.g. {b // 4 if b % 4 == 0 else b}")
+        chunks.append(c)
+        shards.append(-(-b // c) * c)
+    return tuple(chunks), (tuple(shards) if sharded else None)
+
+
+def write_unit(array: zarr.Array) -> tuple[int, ...]:
+    """What one task writes whole, clipped to the array: its shards when it is sharded (a
+    shard may reach past the array's edge), else its chunks."""
+    return tuple(min(int(u), int(n)) for u, n in zip(array.shards or array.chunks, array.shape))
 
 
 def absolute(path: str) -> str:
@@ -273,11 +334,14 @@ def create_image(
     units: dict[str, str] | None = None,
     attrs: dict[str, Any] | None = None,
     overwrite: bool = False,
+    shards: Sequence[int] | None = None,
 ) -> zarr.Array:
     """Create (or reopen) an OME-Zarr image with its full-resolution array ``0``.
 
-    With ``overwrite`` the group is replaced; otherwise an existing group of the same shape
-    is reopened (see :func:`check_output`), which is how reruns resume.
+    ``chunks`` and ``shards`` as :func:`output_layout` makes them (``shards`` None:
+    unsharded, each chunk an object of its own). With ``overwrite`` the group is replaced;
+    otherwise an existing group of the same shape is reopened with the layout it has (see
+    :func:`check_output`), which is how reruns resume.
     """
     url = str(url)
     if not overwrite and _exists(url):
@@ -285,8 +349,8 @@ def create_image(
     group = zarr.open_group(store=url, mode="w", zarr_format=3)
     fill = 0 if np.dtype(dtype).kind in "ui" else np.nan if np.dtype(dtype).kind == "f" else 0
     array = group.create_array(
-        "0", shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, fill_value=fill,
-        dimension_names=list(axes), compressors=[OUTPUT_CODEC],
+        "0", shape=tuple(shape), chunks=tuple(chunks), shards=tuple(shards) if shards else None, dtype=dtype,
+        fill_value=fill, dimension_names=list(axes), compressors=[OUTPUT_CODEC],
     )
     scale = list(scale) if scale is not None else [1.0] * len(axes)
     group.attrs.update({"ome": {"version": OME_VERSION, "multiscales": [multiscales(axes, [scale], name, units)]}, **(attrs or {})})

@@ -11,6 +11,10 @@ region; they are read whole (with imageio) and are meant for small images.
 ``overtile predict`` reads a slide without converting it; :mod:`pipeline.jobs.ingest`
 converts one to OME-Zarr.
 
+A slide on an object store (``s3://...``) is read in place too, by byte range
+(:class:`RemoteFile`): a region costs the bytes of the tiles it touches, not the file's, and
+:func:`bytes_read` says how many bytes this process has fetched from a slide.
+
 A truncated or damaged file gives one :class:`InputError` naming the file and what is wrong,
 when it is opened where the file's structure shows it (tifffile reports a broken IFD chain,
 tag values or tiles past the end of the file), else when the damaged tile is decoded.
@@ -19,6 +23,7 @@ tag values or tiles past the end of the file), else when the damaged tile is dec
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import re
@@ -55,6 +60,82 @@ MAX_PIXEL_UM = 25400.0 / 600
 
 
 # --- reading ---------------------------------------------------------------------------
+
+
+_FETCHED: dict[str, int] = {}  # bytes fetched per slide URL by this process (bytes_read)
+_FETCHED_LOCK = threading.Lock()
+
+
+def bytes_read(url: str) -> int:
+    """Bytes this process has fetched from the slide at ``url`` (on an object store; local
+    files are read through the operating system and not counted)."""
+    return _FETCHED.get(str(url), 0)
+
+
+class RemoteFile(io.RawIOBase):
+    """A slide file on an object store, read by byte range; ``bytes_read`` counts what it
+    fetched, ``requests`` the range requests.
+
+    tifffile reads a slide in two phases: while it parses the IFDs, many reads of a tag's few
+    bytes; then one read per tile a region touches. While ``window`` is set (the parse), a
+    read smaller than it is served from a window of that many bytes fetched at its position,
+    so parsing costs a few requests; other reads, and every read once ``window`` is 0, are
+    one request for exactly their bytes. What a region costs is thus the bytes of its tiles.
+    fsspec's default file reads ahead 50 MiB from every miss (s3fs): it fetched a 53 MB
+    slide four times over while tifffile parsed it (``bench/RESULTS.md``, issue 13).
+    """
+
+    def __init__(self, url: str, window: int = 1 << 12) -> None:
+        import fsspec
+
+        super().__init__()
+        self.url = url
+        self.name = url  # what tifffile names the file by
+        self._fs, self._path = fsspec.core.url_to_fs(url)
+        self.size = int(self._fs.size(self._path))
+        self.window = window
+        self.bytes_read = self.requests = 0
+        self._pos = 0
+        self._held = (0, b"")  # the last window: its offset and bytes
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + int(offset))
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self.size - self._pos))
+        start, held = self._held
+        if not start <= self._pos <= self._pos + n <= start + len(held):
+            if n >= self.window:
+                view[:n] = self._fetch(self._pos, self._pos + n)
+                self._pos += n
+                return n
+            start, held = self._pos, self._fetch(self._pos, min(self.size, self._pos + self.window))
+            self._held = (start, held)
+        view[:n] = held[self._pos - start:self._pos - start + n]
+        self._pos += n
+        return n
+
+    def _fetch(self, start: int, stop: int) -> bytes:
+        if start >= stop:
+            return b""
+        data = self._fs.cat_file(self._path, start=start, end=stop)
+        self.bytes_read += len(data)
+        self.requests += 1
+        with _FETCHED_LOCK:
+            _FETCHED[self.url] = _FETCHED.get(self.url, 0) + len(data)
+        return data
 
 
 def is_tiff(url: str) -> bool:
@@ -272,10 +353,8 @@ def _open_tiff(url: str, axes: str | None) -> Slide:
     import tifffile
 
     if images.is_url(url):
-        import fsspec
-
         try:
-            handle = fsspec.open(url, "rb").open()
+            handle = RemoteFile(url)
         except FileNotFoundError:
             raise InputError(f"{url}: no such file") from None
     else:
@@ -315,6 +394,8 @@ def _open_tiff(url: str, axes: str | None) -> Slide:
             if f is not None:
                 f.close()
         raise
+    if handle is not None:
+        handle.window = 0  # parsed: from here on the reads are tiles, each fetched exactly
     kind = next((k for k in ("svs", "ndpi", "ome", "scn", "bif", "philips", "qpi", "imagej") if getattr(tif, f"is_{k}", False)), "tiff")
     return Slide(url, kind, levels, stored, pixel_size, units, _files=tuple(f for f in (tif, handle) if f is not None))
 

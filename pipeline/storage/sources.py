@@ -47,16 +47,20 @@ def open_image(url: str, axes: str | None = None, allow_bool: bool = False) -> I
 
 
 def file_stamp(url: str) -> list[Any]:
-    """Size and modification time of a file or object (None where the store keeps none)."""
+    """Size and modification time of a file or object (None where the store keeps none); on
+    an object store also its ETag, which changes with the content even within the second
+    that S3's LastModified counts in."""
     if is_url(url):
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(url)
+        fs.invalidate_cache(path)  # a listing cached in this process may predate a rewrite
         try:
             info = fs.info(path)
         except FileNotFoundError:
             return [None, None]
-        return [info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("created") or "")]
+        modified = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
+        return [info.get("size"), " ".join(str(v) for v in (modified, info.get("ETag")) if v)]
     try:
         st = os.stat(url)
     except FileNotFoundError:
