@@ -31,6 +31,7 @@ from pipeline.jobs.cohort import (
     run_slide,
     slide_key,
 )
+from pipeline.jobs.inference import resolve_device
 from pipeline.storage import absolute
 
 
@@ -40,7 +41,7 @@ def cohort_slide(slide: str, name: str, settings: CohortSettings) -> dict[str, A
     prediction, objects when asked. Runs on ``settings.scheduler`` (the study's cluster when
     the cohort flow calls it), else on a local cluster of its own. Fails when the slide does."""
     logger = get_run_logger()
-    with SharedClient(lambda: dask_client(settings.scheduler, settings.workers)) as client:
+    with SharedClient(lambda: dask_client(settings.scheduler, settings.workers, _gpu(settings))) as client:
         row = run_slide(Slide(slide, name), settings, client, report=SlideRun(on_plan=_log_plan))
     create_table_artifact([{"what": k, "value": "" if row.get(k) is None else str(row[k])} for k in COLUMNS],
                           key="slide-summary", description=f"overtile cohort: slide {name}")
@@ -50,6 +51,11 @@ def cohort_slide(slide: str, name: str, settings: CohortSettings) -> dict[str, A
                 row["status"], row["seconds"] or 0.0, row["blocks_computed"], row["blocks_skipped"],
                 row["blocks_without_tissue"], "" if row["objects"] is None else f"; {row['objects']} objects")
     return row
+
+
+def _gpu(settings: CohortSettings) -> bool:
+    """Whether the slides' blocks run on GPU workers (a local cluster then has one per GPU)."""
+    return resolve_device(settings.device, remote=bool(settings.scheduler)) == "cuda"
 
 
 def _log_plan(name: str, job: Any, pending: Any) -> None:
@@ -104,7 +110,7 @@ def cohort(settings: CohortSettings) -> list[dict[str, Any]]:
         state = cohort_slide(slide.url, slide.name, shared, return_state=True)
         return state.result() if state.is_completed() else _failed_row(slide, settings.output, state)
 
-    with SharedClient(lambda: dask_client(settings.scheduler, settings.workers)) as client:
+    with SharedClient(lambda: dask_client(settings.scheduler, settings.workers, _gpu(settings))) as client:
         rows = run_cohort(settings, client, SlideRun(progress.planned_blocks, progress.block_done),
                           on_slide=progress.slide_ended, run_one=one)
     update_progress_artifact(progress.block_id, 100.0)

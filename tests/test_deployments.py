@@ -4,6 +4,7 @@ server, a process worker, runs triggered through the API and from the UI in head
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -36,7 +37,8 @@ def deployed(prefect_server, tmp_path_factory):
     worker = prefect_server.spawn([str(BIN / "prefect"), "worker", "start", "--pool", "overtile", "--type", "process"],
                                   "worker.log", PREFECT_WORKER_QUERY_SECONDS="1")
     deployment = prefect_server.request("GET", "/deployments/name/segment/segment")
-    yield {"server": prefect_server, "deployment": deployment, "image": image, "model": str(model), "data": data}
+    yield {"server": prefect_server, "deployment": deployment, "image": image, "model": str(model), "data": data,
+           "worker": worker}
     from servers import stop
 
     stop(worker)
@@ -49,7 +51,7 @@ def parameters(d: dict, output: str) -> dict:
 def test_every_deployment_in_prefect_yaml_is_on_the_server(deployed):
     server = deployed["server"]
     names = {(d["name"], d["entrypoint"]) for d in server.request("POST", "/deployments/filter", {})}
-    assert {n for n, _ in names} >= {"segment", "weight-maps", "train", "ingest"}
+    assert {n for n, _ in names} >= {"segment", "weight-maps", "train", "ingest", "cohort", "cohort-slide"}
     segment = deployed["deployment"]
     assert segment["work_pool_name"] == "overtile"
     assert any(s["schedule"].get("cron") == "0 2 * * *" for s in segment["schedules"])
@@ -58,6 +60,9 @@ def test_every_deployment_in_prefect_yaml_is_on_the_server(deployed):
     settings = schema["definitions"]["PredictSettings"]["properties"]
     assert settings["block_size"]["description"].startswith("Block edge")
     assert settings["overlap"]["default"] == 0.5
+    cohort = server.request("GET", "/deployments/name/cohort/cohort")["parameter_openapi_schema"]["definitions"]
+    assert cohort["CohortSettings"]["properties"]["slides_in_flight"]["default"] == 3
+    assert cohort["SlideObjects"]["properties"]["output"]["default"] == "cells.zarr"
 
 
 def test_run_through_the_api_then_rerun_skips(deployed):
@@ -149,3 +154,63 @@ def test_quick_run_from_the_ui(deployed):
     assert zarr.open_group(output, mode="r")["ledger"][...].all()
     assert all((SCREENSHOTS / n).stat().st_size > 10_000 for n in ("deployment.png", "run.png", "run-artifacts.png",
                                                                    "preview-artifact.png"))
+
+
+def test_a_study_on_s3_killed_then_rerun_from_the_api_skips_the_finished_slides(deployed, s3):
+    """The cohort deployment through the API: five slides (generated OME-TIFF pyramids, one of
+    them in the bucket, and the shared small.svs when present) and a broken one, the study's
+    outputs in the bucket, credentials through the run's environment only. The flow-run
+    process is killed (SIGKILL, with its Dask workers) once a slide has finished; a rerun from
+    the API skips the finished slides, does the others, and reports the broken one."""
+    import psutil
+
+    from conftest import S3_ENVIRONMENT, SHARED_DATA
+    from pipeline.jobs.cohort import read_record
+    from test_cohort import write_slide, write_study
+
+    server, d = deployed["server"], deployed
+    folder = write_study(d["data"] / "study")  # a, b, c (OME-TIFF), d (PNG: ingested), broken.svs
+    remote = s3.url("slides/e.ome.tiff")
+    write_slide(folder / "e.ome.tiff", (256, 384), ((40, 200), (50, 300)), seed=7)
+    s3.filesystem().put(str(folder / "e.ome.tiff"), remote)
+    (folder / "e.ome.tiff").unlink()
+    listed = ["a.ome.tiff", "b.ome.tiff", "c.ome.tiff", "d.png", remote, "broken.svs"]
+    if (SHARED_DATA / "slides" / "small.svs").exists():
+        listed.insert(4, str(SHARED_DATA / "slides" / "small.svs"))
+    (folder / "study.csv").write_text("slide\n" + "\n".join(listed) + "\n")
+    model = make_model(d["data"] / "rgb.pt", in_channels=3, base_channels=2)
+    output = s3.url("study-out")
+    body = {"parameters": {"settings": {"slides": str(folder / "study.csv"), "output": output, "model": str(model),
+                                        "block_size": 128, "workers": 1, "slides_in_flight": 1}},
+            "job_variables": {"env": {**S3_ENVIRONMENT, "AWS_ENDPOINT_URL": s3.endpoint}}}
+    cohort = server.request("GET", "/deployments/name/cohort/cohort")
+    server.request("POST", f"/deployments/{cohort['id']}/create_flow_run", body)
+    fs, names = s3.filesystem(), ["a", "b", "c", "d", "e"]
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not any(fs.exists(f"{s3.name}/study-out/{n}/slide.json") for n in names):
+        time.sleep(0.2)
+    worker = psutil.Process(d["worker"].pid)
+    flow_processes = worker.children(recursive=True)
+    assert flow_processes, "no flow-run process to kill"
+    for process in flow_processes:
+        process.kill()
+    psutil.wait_procs(flow_processes, timeout=30)
+    assert not fs.exists(f"{s3.name}/study-out/study.csv"), "the study ended before it was killed"
+    finished = {n for n in names if (read_record(f"{output}/{n}") or {}).get("status") == "finished"}
+    assert finished and len(finished) < len(names)
+
+    second = server.request("POST", f"/deployments/{cohort['id']}/create_flow_run", body)
+    run = server.wait_for_run(second["id"])
+    assert run["state_type"] == "COMPLETED", (server.home / "worker.log").read_text()[-4000:]
+    rows = server.artifacts(second["id"])["study-table"]["data"]
+    rows = {r["name"]: r for r in (json.loads(rows) if isinstance(rows, str) else rows)}
+    assert {n for n, r in rows.items() if r["status"] == "finished before"} == finished
+    assert rows["broken"]["status"] == "failed" and "broken.svs" in rows["broken"]["error"]
+    assert all(rows[n]["status"] in ("finished", "finished before") for n in names + ["small"] if n in rows)
+    assert rows["e"]["read"] == "in place" and rows["e"]["slide"] == remote
+    for name in names:  # every slide's blocks with tissue are in its ledger, in the bucket
+        ledger = zarr.open_array(f"{output}/{name}/prediction.zarr/ledger", mode="r")[...]
+        assert ledger.sum() == int(rows[name]["blocks_total"]) - int(rows[name]["blocks_without_tissue"] or 0)
+    children = server.request("POST", "/flow_runs/filter",
+                              {"flow_runs": {"parent_flow_run_id": {"any_": [second["id"]]}}})
+    assert {c["name"] for c in children} == set(rows) - finished
