@@ -9,11 +9,16 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 TORCH_CPU   ?= torch==2.13.0
 TORCH_INDEX ?=
 
-# The UI test drives Debian's chromium with Playwright (Playwright's own browser download
-# needs the internet); without root or apt it is skipped with a reason.
+# Debian packages some tests need, installed where root and apt are (one apt-get update):
+# chromium for the UI test (Playwright drives it; its own browser download needs the
+# internet), and munge, slurmctld, slurmd and slurm-client for the tests on a real one-node
+# SLURM. Without them those tests are skipped with a reason.
 CHROMIUM    ?= /usr/bin/chromium
+SYSTEM_PACKAGES := $(if $(wildcard $(CHROMIUM)),,chromium) $(if $(wildcard /usr/sbin/slurmctld),,slurmctld) \
+	$(if $(wildcard /usr/sbin/slurmd),,slurmd) $(if $(wildcard /usr/sbin/munged),,munge) \
+	$(if $(wildcard /usr/bin/sbatch),,slurm-client)
 
-.PHONY: setup browser demo test test-fast bench clean
+.PHONY: setup system demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -28,14 +33,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-browser:
-	@test -x $(CHROMIUM) || { \
+system:
+	@test -z "$(strip $(SYSTEM_PACKAGES))" || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/dev/null \
-				|| echo "make: could not install chromium; the UI test will be skipped"; \
-		else echo "make: no $(CHROMIUM) and no root apt-get; the UI test will be skipped"; fi; }
+			(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES)) >/dev/null \
+				|| echo "make: could not install $(strip $(SYSTEM_PACKAGES)); the tests that need them will be skipped"; \
+		else echo "make: no root apt-get for $(strip $(SYSTEM_PACKAGES)); the tests that need them will be skipped"; fi; }
 
-test: $(STAMP) browser
+test: $(STAMP) system
 	$(BIN)/python -m pytest -q
 
 # The edit loop: everything but the tests marked slow (servers, clusters, runs over ~2 s).

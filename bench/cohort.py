@@ -13,7 +13,7 @@ Eight (or ``--slides``) RGB OME-TIFF pyramids of different sizes and tissue shar
 Printed: each wall time, the cohort's against the sum of the single runs (target ≤ 0.9),
 the task slots' busy share (block compute time / slots × wall) of each, and a check that the
 cohort's outputs equal the single runs' byte for byte. The allocator is overtile's worker
-setting (glibc, no trim, no mmap: ``pipeline.jobs.blockwise.WORKER_ENVIRONMENT``) in all three.
+setting (glibc, no trim, no mmap: ``pipeline.clusters.WORKER_ENVIRONMENT``) in all three.
 
     .venv/bin/python bench/cohort.py --json bench/out/cohort.json
 """
@@ -85,6 +85,7 @@ def main() -> int:
     import torch
     import zarr
 
+    from pipeline.clusters import WORKER_ENVIRONMENT
     from pipeline.jobs import blockwise
     from pipeline.jobs.predict import PredictSettings, predict
     from pipeline.numerics.unet import UNet, save_model
@@ -143,7 +144,7 @@ def main() -> int:
         "cohort_s": round(cohort, 2), "cohort_vs_single": round(cohort / single_total, 3),
         "cohort_vs_warm_sequential": round(cohort / warm, 3), "outputs_identical": same,
         "in_flight": args.in_flight, "allocator": "glibc; " + ", ".join(f"{k}={v}" for k, v in
-                                                                        blockwise.WORKER_ENVIRONMENT.items()),
+                                                                        WORKER_ENVIRONMENT.items()),
     }
     print(f"cohort / sum of single runs = {result['cohort_vs_single']:.3f} (target <= 0.9); "
           f"cohort / one warm cluster in turn = {result['cohort_vs_warm_sequential']:.3f}; "

@@ -53,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from pipeline.jobs.blockwise import WORKER_ENVIRONMENT as KEEP  # bench/allocator.py: the allocator setting for workers
+from pipeline.clusters import WORKER_ENVIRONMENT as KEEP  # bench/allocator.py: the allocator setting for workers
 
 SCHEDULERS = ("threads-2x1", "threads-1x2", "processes-2x1", "distributed-2x1")
 FORMATS = ("nchw", "channels_last")

@@ -75,7 +75,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from pipeline.jobs.blockwise import WORKER_ENVIRONMENT as KEEP  # bench/allocator.py: the allocator setting for workers
+from pipeline.clusters import WORKER_ENVIRONMENT as KEEP  # bench/allocator.py: the allocator setting for workers
 
 MiB = 2**20
 LAUNCH_ENV_DROP = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")

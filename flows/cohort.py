@@ -11,6 +11,7 @@ own, so one slide can be rerun alone from the UI with the study's settings.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -35,13 +36,20 @@ from pipeline.jobs.inference import resolve_device
 from pipeline.storage import absolute
 
 
+# The cohort run's client by its scheduler's address: its sub-flow runs (same process) use it
+# rather than connecting anew (a SLURM cluster's TLS certificate is the client's alone).
+_STUDY_CLIENTS: dict[str, Any] = {}
+
+
 @flow(name="cohort-slide", flow_run_name="{name}", log_prints=True)
 def cohort_slide(slide: str, name: str, settings: CohortSettings) -> dict[str, Any]:
     """One slide of a study into ``OUTPUT/NAME``: read in place or ingested, tissue mask,
     prediction, objects when asked. Runs on ``settings.scheduler`` (the study's cluster when
     the cohort flow calls it), else on a local cluster of its own. Fails when the slide does."""
     logger = get_run_logger()
-    with SharedClient(lambda: dask_client(settings.scheduler, settings.workers, _gpu(settings))) as client:
+    study = _STUDY_CLIENTS.get(settings.scheduler or "")  # the cohort run's own client, in this process
+    with SharedClient(lambda: contextlib.nullcontext(study) if study is not None
+                      else dask_client(settings.scheduler, settings.workers, _gpu(settings))) as client:
         row = run_slide(Slide(slide, name), settings, client, report=SlideRun(on_plan=_log_plan))
     create_table_artifact([{"what": k, "value": "" if row.get(k) is None else str(row[k])} for k in COLUMNS],
                           key="slide-summary", description=f"overtile cohort: slide {name}")
@@ -101,18 +109,26 @@ def cohort(settings: CohortSettings) -> list[dict[str, Any]]:
     logger.info("cohort: %d slides in %s, %d in flight at once, into %s", total, settings.slides,
                 settings.slides_in_flight, settings.output)
     progress = StudyProgress(total)
+    registered: set[str] = set()  # what this run put into _STUDY_CLIENTS
 
     def one(slide: Slide, settings: CohortSettings, client: Any, digest: str, report: Any) -> dict[str, Any]:
         earlier = finished_before(slide, settings, slide_key(slide, settings, digest))
         if earlier is not None:
             return earlier
-        shared = settings.model_copy(update={"scheduler": client().scheduler.address})
+        address = client().scheduler.address
+        if _STUDY_CLIENTS.setdefault(address, client()) is client():
+            registered.add(address)
+        shared = settings.model_copy(update={"scheduler": address})
         state = cohort_slide(slide.url, slide.name, shared, return_state=True)
         return state.result() if state.is_completed() else _failed_row(slide, settings.output, state)
 
     with SharedClient(lambda: dask_client(settings.scheduler, settings.workers, _gpu(settings))) as client:
-        rows = run_cohort(settings, client, SlideRun(progress.planned_blocks, progress.block_done),
-                          on_slide=progress.slide_ended, run_one=one)
+        try:
+            rows = run_cohort(settings, client, SlideRun(progress.planned_blocks, progress.block_done),
+                              on_slide=progress.slide_ended, run_one=one)
+        finally:
+            for address in registered:
+                _STUDY_CLIENTS.pop(address, None)
     update_progress_artifact(progress.block_id, 100.0)
     create_table_artifact([{c: "" if r.get(c) is None else r[c] for c in COLUMNS} for r in rows], key="study-table",
                           description=f"overtile cohort: the study table ({settings.output}/study.csv)")

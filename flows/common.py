@@ -24,6 +24,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
+from pipeline.clusters import is_slurm, scheduler_setting
 from pipeline.errors import BlocksFailed
 from pipeline.jobs import blockwise
 from pipeline.jobs.blockwise import BlockwiseJob, Pending, RunSummary
@@ -43,7 +44,8 @@ def on_task_runner_cluster() -> bool:
 def dask_client(scheduler: str | None, workers: int | None, gpu: bool = False) -> Iterator[Any]:
     """The Dask client a flow's blocks run on.
 
-    In order: the scheduler at ``scheduler``; else the cluster of the flow's
+    In order: ``scheduler`` (an address, or ``slurm[:PROFILE]`` for SLURM worker jobs; by
+    default ``OVERTILE_SCHEDULER``, e.g. from a deployment's job variables); else the cluster of the flow's
     ``prefect_dask.DaskTaskRunner`` when the flow runs with one (a deployment may configure
     one, e.g. on SLURM through dask-jobqueue: see deploy/), reached with a plain client of
     its scheduler; else a LocalCluster on this machine, started for the run and closed after.
@@ -55,14 +57,17 @@ def dask_client(scheduler: str | None, workers: int | None, gpu: bool = False) -
     logging.getLogger("distributed").setLevel(logging.WARNING)  # Prefect's console shows INFO: keep it to ours
     logger = get_run_logger()
     if not scheduler and on_task_runner_cluster():
-        address = FlowRunContext.get().task_runner.client.scheduler.address
-        with Client(address) as client:
+        runner = FlowRunContext.get().task_runner.client  # its security too: a SLURM profile's cluster speaks TLS
+        address = runner.scheduler.address
+        with Client(address, security=runner.security) as client:
             logger.info("Blocks run on the flow's DaskTaskRunner cluster at %s", address)
             yield client
         return
+    scheduler = scheduler_setting(scheduler)
     with blockwise.dask_client(scheduler, workers, gpu=gpu) as client:
         info = client.scheduler_info()
-        where = f"the Dask cluster at {scheduler}" if scheduler else "a local Dask cluster"
+        where = (f"SLURM worker jobs ({scheduler}, scheduler {client.scheduler.address})" if is_slurm(scheduler)
+                 else f"the Dask cluster at {scheduler}" if scheduler else "a local Dask cluster")
         logger.info("Blocks run on %s: %d workers, %d task slots; dashboard %s", where, len(info.get("workers", {})),
                     sum(w.get("nthreads", 0) for w in info.get("workers", {}).values()), client.dashboard_link)
         yield client

@@ -148,3 +148,48 @@ def s3(tmp_path_factory):
         os.environ.update(saved)
         s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
+
+
+def slurm_site_spec(folder: Path) -> Path:
+    """deploy/slurm/cluster.yaml as a site would fill in its SITE lines for this one-node
+    SLURM: partition debug, no account, loopback, one core and 2 GiB per job, scratch, logs
+    and the TLS files in ``folder``, at most two jobs at once."""
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "slurm" / "cluster.yaml").read_text())
+    for profile in spec["jobqueue"].values():
+        profile.update({"queue": "debug", "account": None, "interface": "lo", "cores": 1, "processes": 1,
+                        "memory": "2GiB", "walltime": "00:30:00", "local-directory": str(folder / "scratch"),
+                        "log-directory": str(folder / "logs"), "shared-temp-directory": str(folder / "tls"),
+                        "death-timeout": 60, "adapt": {"minimum-jobs": 0, "maximum-jobs": 2}})
+        profile.pop("job-cpu", None)
+    path = folder / "cluster.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real one-node SLURM (tests/slurm.py) and a site spec for it: this process's SLURM
+    commands, and dask-jobqueue's, use it (``SLURM_CONF``, ``OVERTILE_SLURM_SPEC``); worker
+    jobs inherit this environment (sbatch's --export=ALL). Skipped with the reason when SLURM
+    cannot run here; stopped by PID with every job cancelled."""
+    from slurm import Slurm, missing
+
+    reason = missing()
+    if reason:
+        pytest.skip(reason)
+    home = tmp_path_factory.mktemp("slurm")
+    server = Slurm(home)
+    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "OVERTILE_SLURM_SPEC")}
+    try:
+        server.start()
+        os.environ.update(server.env, OVERTILE_SLURM_SPEC=str(slurm_site_spec(home)))
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

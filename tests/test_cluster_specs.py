@@ -284,7 +284,7 @@ def loopback(tmp_path: Path) -> dict:
     """Overrides that keep the test's scheduler on this machine: the spec's interface (ib0)
     stays in the workers' command line but the scheduler binds 127.0.0.1."""
     return {"scheduler_options": {"host": "127.0.0.1", "port": 0, "dashboard_address": "127.0.0.1:0"},
-            "log_directory": str(tmp_path / "logs")}
+            "log_directory": str(tmp_path / "logs"), "shared_temp_directory": str(tmp_path / "tls")}
 
 
 def test_gpu_job_script_asks_for_a_gpu_and_offers_the_gpu_resource(no_sbatch, tmp_path):
@@ -300,7 +300,9 @@ def test_gpu_job_script_asks_for_a_gpu_and_offers_the_gpu_resource(no_sbatch, tm
     assert "#SBATCH -J overtile-gpu" in header
     command = shlex.split(script.splitlines()[-1])
     assert command[:3] == [sys.executable, "-m", "distributed.cli.dask_worker"]
-    assert command[3].startswith("tcp://127.0.0.1:")
+    assert command[3].startswith("tls://127.0.0.1:")  # TLS by default, with this cluster's own certificates
+    for flag in ("--tls-ca-file", "--tls-cert", "--tls-key"):
+        assert Path(after(command, flag)).parent == tmp_path / "tls"
     assert after(command, "--resources") == "GPU=1"
     assert after(command, "--nthreads") == "2"
     assert "--nworkers" not in command  # one worker process per GPU
@@ -341,7 +343,8 @@ def test_cpu_job_script_has_one_slot_per_core_and_no_gpu(no_sbatch, tmp_path):
     assert after(command, "--nthreads") == "8"
 
 
-def test_print_job_script_submits_nothing(no_sbatch, capsys):
+def test_print_job_script_submits_nothing(no_sbatch, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))  # the profile's shared-temp-directory is under ~
     assert clusters.main(["slurm", "--spec", str(SLURM_SPEC), "--profile", "overtile-gpu", "--print-job-script"]) == 0
     script = capsys.readouterr().out
     assert "#SBATCH --gres=gpu:1" in script and "--resources GPU=1" in script
@@ -375,7 +378,7 @@ def test_specs_are_found_from_any_working_directory(monkeypatch, tmp_path):
 def test_every_worker_spec_starts_workers_with_the_allocator_that_keeps_memory():
     """The SLURM job scripts and the Kubernetes worker pods put the allocator setting of the
     LocalCluster into the workers' environment before they start (glibc reads it then)."""
-    from pipeline.jobs.blockwise import WORKER_ENVIRONMENT
+    from pipeline.clusters import WORKER_ENVIRONMENT
 
     for profile in ("overtile-gpu", "overtile-cpu"):
         prologue = " ".join(clusters.slurm_cluster_kwargs(profile)["job_script_prologue"])

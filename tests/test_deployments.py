@@ -214,3 +214,28 @@ def test_a_study_on_s3_killed_then_rerun_from_the_api_skips_the_finished_slides(
     children = server.request("POST", "/flow_runs/filter",
                               {"flow_runs": {"parent_flow_run_id": {"any_": [second["id"]]}}})
     assert {c["name"] for c in children} == set(rows) - finished
+
+
+def test_a_flow_run_on_slurm_picked_by_the_deployments_job_variables(deployed, slurm):
+    """The segment deployment run through the API with job variables that send its blocks to
+    SLURM worker jobs (the site's spec and profile in the run's environment): the run
+    completes, its log says where the blocks ran, SLURM allocated jobs for it, and the output
+    equals a local run's."""
+    import os
+
+    server, d = deployed["server"], deployed
+    output = str(d["data"] / "on-slurm.zarr")
+    log = slurm.home / "log" / "slurmctld.log"
+    allocated = log.read_text().count("Allocate JobId")
+    env = {"OVERTILE_SCHEDULER": "slurm:overtile-cpu", "SLURM_CONF": os.environ["SLURM_CONF"],
+           "OVERTILE_SLURM_SPEC": os.environ["OVERTILE_SLURM_SPEC"]}
+    run = server.request("POST", f"/deployments/{d['deployment']['id']}/create_flow_run",
+                         {"parameters": parameters(d, output), "job_variables": {"env": env}})
+    state = server.wait_for_run(run["id"])
+    assert state["state_type"] == "COMPLETED", (server.home / "worker.log").read_text()[-4000:]
+    assert server.logs(run["id"], "Blocks run on SLURM worker jobs (slurm:overtile-cpu, scheduler tls://")
+    assert log.read_text().count("Allocate JobId") > allocated
+    clean = d["data"] / "slurm-clean.zarr"
+    predict(PredictSettings(input=d["image"], output=str(clean), model=d["model"], block_size=128, workers=1))
+    np.testing.assert_array_equal(zarr.open_array(output + "/0", mode="r")[...],
+                                  zarr.open_array(str(clean / "0"), mode="r")[...])

@@ -285,7 +285,8 @@ def test_workers_keep_freed_memory_instead_of_faulting_it_back(monkeypatch):
     does after a first LocalCluster)."""
     from distributed import Client, LocalCluster
 
-    from pipeline.jobs.blockwise import WORKER_ENVIRONMENT, dask_client
+    from pipeline.clusters import WORKER_ENVIRONMENT
+    from pipeline.jobs.blockwise import dask_client
 
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     with dask_client(workers=1) as client:

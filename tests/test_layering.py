@@ -17,14 +17,16 @@ ALLOWED = {
     "errors": set(),
     "numerics": {"errors"},
     "storage": {"numerics", "errors"},
-    "jobs": {"storage", "numerics", "errors"},
-    "top": {"jobs", "storage", "numerics", "errors"},  # cli, preview
+    "clusters": {"errors"},  # where blocks run: worker settings, SLURM and Kubernetes specs
+    "jobs": {"clusters", "storage", "numerics", "errors"},
+    "top": {"jobs", "clusters", "storage", "numerics", "errors"},  # cli, preview
     "package": set(),  # pipeline/__init__.py
-    "flows": {"top", "jobs", "storage", "numerics", "errors", "flows"},
+    "flows": {"top", "jobs", "clusters", "storage", "numerics", "errors", "flows"},
 }
 FORBIDDEN_THIRD_PARTY = {
     "numerics": {"dask", "distributed", "zarr", "fsspec", "prefect", "prefect_dask", "tifffile", "yaml"},
     "storage": {"distributed", "prefect", "prefect_dask", "yaml"},
+    "clusters": {"prefect", "prefect_dask", "torch", "zarr"},
     "jobs": {"prefect", "prefect_dask", "yaml"},
     "top": {"prefect", "prefect_dask", "yaml"},
     "errors": {"prefect"},
@@ -45,7 +47,7 @@ def part(module: str) -> str:
         return "flows"
     if len(names) == 1:
         return "package"
-    if names[1] in ("numerics", "storage", "jobs", "errors"):
+    if names[1] in ("numerics", "storage", "jobs", "clusters", "errors"):
         return names[1]
     return "top"
 

@@ -44,23 +44,12 @@ from typing import (
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pipeline import storage
+from pipeline.clusters import WORKER_ENVIRONMENT, is_slurm, scheduler_setting
 from pipeline.errors import InputError
 
 DEFAULT_BLOCK = {2: 2048, 3: 256}  # px per edge: a terabyte is tens of thousands of blocks
 
-# What a worker process's allocator should keep. Dask's Nanny starts workers with
-# MALLOC_TRIM_THRESHOLD_=65536, and glibc then hands every forward pass's freed activations
-# back to the kernel, to fault them in again on the next pass (280k page faults and ~0.5 s
-# of kernel time per 1212² pass of a 16-base U-Net). Never trim, never mmap, and one arena:
-# a task runs in a pool thread whose own arena glibc shrinks whatever the trim threshold.
-# glibc reads these at process start: they go into the worker's environment before it starts
-# (Nanny's pre-spawn-environ here; the job scripts and pod specs in deploy/). bench/allocator.py
-# measures it: 0 page faults per pass in a worker, for ~120 MiB more resident memory.
-WORKER_ENVIRONMENT: dict[str, str] = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
-}
+# WORKER_ENVIRONMENT (pipeline.clusters): the allocator setting every worker starts with.
 
 
 # The settings every blockwise job has, declared once: each job's settings model uses these
@@ -69,8 +58,9 @@ BlockSize = Annotated[int | None, Field(ge=16, description="Block edge in pixels
                                         "the output chunk, or shard when sharded (default 2048 in 2-D, 256 in 3-D)")]
 Workers = Annotated[int | None, Field(ge=1, description="Worker processes of the local Dask cluster (default: one per "
                                       "core, or one per GPU)")]
-Scheduler = Annotated[str | None, Field(description="Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 "
-                                        "(default: start a local cluster)")]
+Scheduler = Annotated[str | None, Field(description="Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786, "
+                                        "or slurm / slurm:PROFILE for SLURM worker jobs from the SLURM spec "
+                                        "(default: $OVERTILE_SCHEDULER, else a local cluster)")]
 Overwrite = Annotated[bool, Field(description="Replace an existing output instead of resuming it")]
 Shards = Annotated[bool | None, Field(description="Zarr v3 sharding: each block is stored as one object (a shard) of "
                                       "smaller chunks, so a store holds one object per block while a viewer reads "
@@ -245,14 +235,21 @@ def default_workers() -> int:
 @contextlib.contextmanager
 def dask_client(scheduler: str | None = None, workers: int | None = None, gpu: bool = False,
                 warm: str | None = None) -> Iterator[Any]:
-    """A Dask client: of an existing cluster at ``scheduler`` (or Dask's ``scheduler-address``
-    setting, e.g. the ``DASK_SCHEDULER_ADDRESS`` environment variable), else of a LocalCluster
-    (:func:`local_cluster`; ``warm``: a module its workers import as they start).
+    """A Dask client: of SLURM worker jobs when ``scheduler`` is ``slurm`` or ``slurm:PROFILE``
+    (:func:`pipeline.clusters.slurm.adaptive_cluster`), of an existing cluster at an address,
+    else of a LocalCluster (:func:`local_cluster`; ``warm``: a module its workers import as
+    they start). Without ``scheduler``: ``OVERTILE_SCHEDULER``, then Dask's
+    ``scheduler-address`` (:func:`pipeline.clusters.scheduler_setting`).
     """
-    import dask
     from distributed import Client
 
-    scheduler = scheduler or dask.config.get("scheduler-address", None)  # e.g. DASK_SCHEDULER_ADDRESS in a pod
+    scheduler = scheduler_setting(scheduler)
+    if is_slurm(scheduler):
+        from pipeline.clusters.slurm import adaptive_cluster
+
+        with _client_of(adaptive_cluster(scheduler, gpu)) as client:
+            yield client
+        return
     if scheduler:
         try:
             client = Client(scheduler, timeout="20s")
@@ -556,7 +553,7 @@ class EarlyCluster:
     Only a fresh output (none yet, or ``overwrite``) starts early: it has blocks to compute
     unless its plan fails. A rerun into an existing output may find every block finished and
     then needs no cluster, so it starts one after planning, as before. With a scheduler
-    (``settings.scheduler`` or Dask's ``scheduler-address``) nothing starts early. Leaving
+    (:func:`~pipeline.clusters.scheduler_setting`) nothing starts early. Leaving
     the ``with`` block closes a cluster :meth:`take` did not hand over, after waiting for its
     start (a plan that fails later than :data:`EARLY_START_S` pays that).
     """
@@ -584,16 +581,15 @@ class EarlyCluster:
     def wanted(settings: BlockwiseSettings) -> bool:
         """Whether ``settings`` plan a fresh output on a local cluster (cheap checks only)."""
         output = getattr(settings, "output", None)
-        if getattr(settings, "scheduler", None) or not output:
+        if scheduler_setting(getattr(settings, "scheduler", None)) or not output:
             return False
         return bool(getattr(settings, "overwrite", False)) or not (storage.is_url(output) or os.path.exists(output))
 
     def _start(self) -> None:
         try:
-            import dask
             import distributed  # noqa: F401 - the client's own import, behind the plan
 
-            if dask.config.get("scheduler-address", None):
+            if scheduler_setting(None):
                 return
             device = getattr(self._settings, "device", "cpu")
             if device == "auto":

@@ -19,6 +19,7 @@ import zarr
 from pydantic import Field
 
 from pipeline import storage
+from pipeline.clusters import scheduler_setting
 from pipeline.errors import InputError
 from pipeline.jobs import blockwise
 from pipeline.jobs.inference import (
@@ -175,7 +176,7 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
 
     Returns the job and what is pending. Every check that can fail on user input happens
     before the output is touched. ``remote``: the blocks run on a cluster elsewhere (also
-    implied by ``scheduler`` or Dask's ``scheduler-address``), so ``device="cuda"`` is not
+    implied by a cluster of :func:`~pipeline.clusters.scheduler_setting`), so ``device="cuda"`` is not
     checked against this machine.
     """
     settings = blockwise.absolute_paths(settings, "input", "output", "model", "tissue_mask")
@@ -187,9 +188,7 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
         raise InputError(f"{settings.model}: a {cfg.dims}-D model; {settings.input} has {nd} spatial axes ({source.spatial_axes})")
     if cfg.in_channels != source.channels:
         raise InputError(f"{settings.model}: the model expects {cfg.in_channels} input channel(s); {settings.input} has {source.channels}")
-    import dask
-
-    remote = remote or bool(settings.scheduler or dask.config.get("scheduler-address", None))
+    remote = remote or bool(scheduler_setting(settings.scheduler))
     device = resolve_device(settings.device, remote=remote)
     block_shape = settings.block_shape(source.spatial_shape)
     tile = settings.tile_size or (1212 if nd == 2 else model.min_input_size(4 * model.factor))
