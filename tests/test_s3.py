@@ -21,7 +21,7 @@ from pipeline.numerics.geometry import Box
 from pipeline.numerics.tiling import plan_tiles
 from pipeline.storage import files, slides
 
-from conftest import cells, make_model, write_zarr
+from conftest import SHARED_DATA, cells, make_model, write_zarr
 
 
 def levels(url: str) -> list[np.ndarray]:
@@ -216,3 +216,16 @@ def test_objects_on_s3_equal_the_local_ones(s3, tmp_path):
         np.testing.assert_array_equal(remote[name][order_r], local[name][order_l])
     assert zarr.open_array(outputs["s3"][0] + "/0", mode="r").shards is not None
     assert not files.exists(outputs["s3"][0] + "/work")
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "slides" / "small.svs").exists(), reason="../shared/data/slides is absent")
+def test_an_svs_in_the_bucket_reads_as_the_file_does(s3):
+    """An Aperio SVS (JPEG tiles) read in place from the bucket: every level pixel for pixel
+    what the same file reads from disk, by range requests."""
+    local = SHARED_DATA / "slides" / "small.svs"
+    remote = s3.url("slides/small.svs")
+    s3.filesystem().put(str(local), remote)
+    here, there = storage.open_image(str(local)), storage.open_image(remote)
+    assert there.axes == here.axes and there.spatial_shape == here.spatial_shape
+    np.testing.assert_array_equal(np.asarray(there.array[...]), np.asarray(here.array[...]))
+    assert 0 < slides.bytes_read(remote) <= local.stat().st_size
