@@ -300,3 +300,68 @@ def test_starting_over_removes_the_old_runs_checkpoints(data_2d, tmp_path):
     with pytest.raises(RuntimeError, match="node lost"):
         train(settings(images, labels, tmp_path / "run", steps=5, checkpoint_every=100, overwrite=True), on_step=crash)
     assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "best.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_time_limited_cosine_run_anneals_fully_and_ends_validated(stack, tmp_path):
+    """With --time-limit the cosine schedule follows the budget: the rate falls step by step
+    to near 0 as the budget runs out, whatever the machine's speed; the run stops before its
+    step count, within about a step of the budget, and ends with a validation and both
+    checkpoints."""
+    budget = 4.0
+    summary = train(settings(*stack, tmp_path / "run", steps=100_000, lr_schedule="cosine", optimizer="adam",
+                             axes="zyx", val_slices=(3,), val_every=100_000, checkpoint_every=100_000, w0=0.0,
+                             time_limit=budget))
+    rows = log_rows(tmp_path / "run")
+    rates = [float(r["lr"]) for r in rows]
+    assert 5 < len(rows) < 100_000 and summary.step == len(rows)
+    assert all(b <= a for a, b in zip(rates, rates[1:]))  # annealing, never back up
+    assert rates[-1] < 0.05 * rates[0]  # annealed fully: not stopped a quarter of the way down
+    step_time = float(rows[-1]["seconds"]) / len(rows)
+    assert budget - 3 * step_time <= float(rows[-1]["seconds"]) <= budget + 3 * step_time
+    assert rows[-1]["rand_error"] != ""  # the last step validated
+    assert (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "best.pt").exists()
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["training"]["step"] == len(rows)
+
+
+@pytest.mark.slow
+def test_training_killed_between_checkpoints_resumes_to_the_uninterrupted_run(data_2d, tmp_path):
+    """``overtile train`` killed with SIGKILL between two checkpoints, then resumed: it goes
+    on from the last checkpoint, and its losses and final weights equal a run never killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from servers import ROOT
+
+    images, labels = data_2d
+    args = ["--depth", "2", "--base-channels", "4", "--tile-size", "44", "--threads", "1", "--no-channels-last",
+            "--steps", "40", "--checkpoint-every", "10", "--batch-size", "2", "--dropout", "0.3", "--seed", "3",
+            "--quiet"]
+    cli = [sys.executable, "-m", "pipeline.cli", "train", "--images", images, "--labels", labels]
+    subprocess.run(cli + ["--out", str(tmp_path / "straight")] + args, cwd=ROOT, check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    run = subprocess.Popen(cli + ["--out", str(killed)] + args, cwd=ROOT, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    checkpoint = 0
+    while run.poll() is None:
+        if (killed / "last.pt").exists():
+            try:
+                checkpoint = torch.load(killed / "last.pt", weights_only=True)["training"]["step"]
+            except Exception:  # noqa: BLE001 - being replaced right now (written to a temporary name, then moved)
+                continue
+            if checkpoint >= 10 and len(log_rows(killed)) > checkpoint:  # past a checkpoint, before the next
+                os.kill(run.pid, signal.SIGKILL)
+                break
+    run.wait()
+    assert run.returncode == -signal.SIGKILL, "the run ended before it could be killed between checkpoints"
+    assert 10 <= checkpoint < 40
+    subprocess.run(cli + ["--out", str(killed), "--resume"] + args, cwd=ROOT, check=True, capture_output=True)
+    straight, resumed = log_rows(tmp_path / "straight"), log_rows(killed)
+    assert [r["step"] for r in resumed] == [str(i) for i in range(1, 41)]  # the killed steps' rows replaced
+    assert [float(r["loss"]) for r in straight] == [float(r["loss"]) for r in resumed]
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(killed / "last.pt", weights_only=True)
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key

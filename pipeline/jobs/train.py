@@ -102,7 +102,8 @@ class TrainSettings(BaseModel):
     lr: float | None = Field(None, gt=0, description="Learning rate (default 0.01 for SGD, 0.001 for Adam)")
     momentum: float = Field(0.99, ge=0.0, lt=1.0, description="SGD momentum (0.99 in the paper)")
     weight_decay: float = Field(0.0, ge=0.0, description="L2 penalty on the weights (AdamW-style for Adam)")
-    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="constant, or cosine decay to 0 at the last step")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="constant, or cosine decay to 0 at the "
+                                                       "last step (at the end of --time-limit when one is given)")
     # model
     dims: Literal[2, 3] | None = Field(None, description="2-D or 3-D U-Net (default: the image's spatial axes)")
     depth: int = Field(5, ge=1, description="Resolution levels (5 in the paper: 4 poolings)")
@@ -135,7 +136,9 @@ class TrainSettings(BaseModel):
     channels_last: bool = Field(True, description="channels_last memory format (about 2× faster on CPU)")
     loader_workers: int = Field(0, ge=0, description="Data-loader worker processes that cut patches (0: in the training process)")
     threads: int | None = Field(None, ge=1, description="torch threads (default: torch's choice)")
-    time_limit: float | None = Field(None, gt=0, description="Stop (validate, checkpoint) after this many seconds")
+    time_limit: float | None = Field(None, gt=0, description="Training time budget in seconds, over the run and its "
+                                     "resumptions: stop (validate, checkpoint) when the next step would not fit; a "
+                                     "cosine schedule then follows the budget, not the steps, and anneals fully")
     resume: bool = Field(False, description="Continue from OUT/last.pt")
     overwrite: bool = Field(False, description="Start over even if OUT holds a run")
 
@@ -158,11 +161,42 @@ def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: t
     return (weight * F.cross_entropy(logits.float(), target, reduction="none")).mean()
 
 
-def learning_rate(base: float, schedule: str, step: int, steps: int) -> float:
-    """The rate for ``step`` (1-based); a pure function of the step, so resuming needs no state."""
+def learning_rate(base: float, schedule: str, step: int, steps: int, progress: float | None = None) -> float:
+    """The rate for ``step`` (1-based): a pure function of the step, so resuming needs no
+    state; or, with a time budget, of ``progress`` (the share of the budget spent when this
+    step ends, 0 to 1), so that a time-limited run anneals fully whatever its speed."""
     if schedule == "cosine":
-        return base * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / steps))
+        done = (step - 1) / steps if progress is None else min(1.0, max(0.0, progress))
+        return base * 0.5 * (1.0 + math.cos(math.pi * done))
     return base
+
+
+class Budget:
+    """A training time budget in seconds, over every run of a training (a resumed run has
+    what its earlier runs left). A step's share of it is estimated from the steps timed so
+    far (a moving average), so the schedule knows where the budget will be when the step ends,
+    and the loop stops when the next step would not fit: a time-limited cosine run ends at
+    a rate near 0, then validates and writes its checkpoints."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds, self.step_time, self.steps = seconds, None, 0
+
+    def progress(self, spent: float) -> float | None:
+        """The share of the budget spent when a step started now (at ``spent``) ends."""
+        if self.seconds is None:
+            return None
+        return (spent + (self.step_time or 0.0)) / self.seconds
+
+    def timed(self, seconds: float) -> None:
+        """A step took ``seconds``; the first of a run (warming up: allocations, the loader)
+        is not one to go by."""
+        self.steps += 1
+        if self.steps > 1:
+            self.step_time = seconds if self.step_time is None else 0.8 * self.step_time + 0.2 * seconds
+
+    def exhausted(self, spent: float) -> bool:
+        """Whether another step would end past the budget."""
+        return self.seconds is not None and spent + (self.step_time or 0.0) >= self.seconds
 
 
 # --- checkpoints ---------------------------------------------------------------------------
@@ -489,13 +523,15 @@ def train(
     )
     clock = time.perf_counter()
     step, loss_value = start, None
+    budget = Budget(s.time_limit)
     model.train()
     try:
         for step, (image, target, weight) in enumerate(loader, start=start + 1):
+            began = time.perf_counter()
             # forward
             image = image.to(device, non_blocking=True).contiguous(memory_format=fmt)
             target, weight = target.to(device, non_blocking=True), weight.to(device, non_blocking=True)
-            lr = learning_rate(job.lr, s.lr_schedule, step, s.steps)
+            lr = learning_rate(job.lr, s.lr_schedule, step, s.steps, budget.progress(elapsed + began - clock))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -510,8 +546,9 @@ def train(
             loss_value = float(loss.item())
             if not math.isfinite(loss_value):
                 raise RuntimeError(f"step {step}: the loss is {loss_value}; lower --lr (now {lr:g})")
+            budget.timed(time.perf_counter() - began)
             seconds = elapsed + time.perf_counter() - clock
-            final = step == s.steps or (s.time_limit is not None and time.perf_counter() - clock >= s.time_limit)
+            final = step == s.steps or budget.exhausted(seconds)
             row: dict[str, Any] = {"step": step, "loss": loss_value, "lr": lr, "seconds": round(seconds, 3)}
             # eval
             if job.val_regions and (step % s.val_every == 0 or final):
