@@ -365,3 +365,26 @@ def test_training_killed_between_checkpoints_resumes_to_the_uninterrupted_run(da
     b = torch.load(killed / "last.pt", weights_only=True)
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+
+
+def test_test_slices_are_neither_trained_nor_validated_on(stack, tmp_path):
+    """The protocol's split: train on some slices, choose on --val-slices, keep --test-slices
+    for scoring once at the end: the patches never come from them, validation never sees them."""
+    job = plan_training(settings(*stack, tmp_path / "run", axes="zyx", val_slices=(2,), test_slices=(3,), dims=2))
+    assert sorted(r.box.offset[0] for r in job.spec.regions) == [0, 1]
+    assert [r.box.offset[0] for r in job.val_regions] == [2]
+    with pytest.raises(InputError, match="share \\[2\\]"):
+        plan_training(settings(*stack, tmp_path / "bad", axes="zyx", val_slices=(2,), test_slices=(2, 3)))
+    with pytest.raises(InputError, match="--val-tta: rot45"):
+        plan_training(settings(*stack, tmp_path / "bad", axes="zyx", val_slices=(2,), val_tta="rot45"))
+
+
+def test_validation_with_test_time_augmentation(stack, tmp_path):
+    """--val-tta all scores the held-out slice on the mean of its 8 transforms: a different
+    probability map from the plain one, scored the same way."""
+    from pipeline.jobs.train import validate
+
+    job = plan_training(settings(*stack, tmp_path / "run", axes="zyx", val_slices=(3,), dims=2))
+    plain = validate(job.model, job.images, job.labels, job.val_regions, job.val_tile_size, "reflect")
+    augmented = validate(job.model, job.images, job.labels, job.val_regions, job.val_tile_size, "reflect", "all")
+    assert set(plain) == set(augmented) and plain != augmented

@@ -22,7 +22,7 @@ one pass over the labels for the class balance), then the loop: data → forward
   the model with the lowest validation Rand error; both are ordinary model checkpoints that
   ``overtile predict --model`` takes.
 - **validation**: the held-out slices predicted with the overlap-tile path
-  (:func:`pipeline.numerics.tiling.overlap_tile`) and scored by :func:`pipeline.numerics.metrics.score_segmentation`;
+  (:func:`pipeline.numerics.tta.predict_region_tta`, with test-time augmentation when asked) and scored by :func:`pipeline.numerics.metrics.score_segmentation`;
   ``OUT/log.csv`` holds one row per step, ``OUT/curves.png`` the loss and validation curves.
 
 Labels: ISBI-style masks (255 = cell, 0 = membrane), 0/1 masks, or instance labels
@@ -62,7 +62,7 @@ from pipeline.jobs.patches import (
 )
 from pipeline.numerics.geometry import Box
 from pipeline.numerics.metrics import score_segmentation
-from pipeline.numerics.tiling import overlap_tile, softmax
+from pipeline.numerics.tta import predict_region_tta, transforms
 from pipeline.numerics.unet import (
     Normalization,
     UNet,
@@ -93,6 +93,8 @@ class TrainSettings(BaseModel):
     axes: Axes = Field(None, description="Axes of a plain image array, e.g. yx, cyx, zyx, czyx")
     labels_axes: Axes = Field(None, description="Axes of a plain labels array (default: the image's without c)")
     val_slices: tuple[int, ...] = Field((), description="Indices along z of a stack held out for validation (e.g. ISBI slices 20-24)")
+    test_slices: tuple[int, ...] = Field((), description="Indices along z never trained on nor validated on: kept for "
+                                         "scoring once at the end (e.g. ISBI slices 20-24 with --val-slices 15-19)")
     labels_kind: Literal["auto", "mask", "instances"] = Field("auto", description="auto: a mask when the labels hold at most two values, else instances")
     foreground_bias: float = Field(0.0, ge=0.0, le=1.0, description="Probability of centring a patch on a labelled region (sparse data)")
     # run
@@ -128,6 +130,8 @@ class TrainSettings(BaseModel):
     # validation and checkpoints
     val_every: int = Field(100, ge=1, description="Validate every this many steps (and at the end)")
     val_tile_size: int | None = Field(None, ge=4, description="Tile input edge for validation (default: tile_size)")
+    val_tta: str = Field("none", description="Test-time augmentation of the validation: none, all (the 8 flips and "
+                         "rotations in 2-D, the 8 flips in 3-D), or a comma-separated subset (identity,flip_x,rot90)")
     checkpoint_every: int = Field(100, ge=1, description="Write OUT/last.pt every this many steps (and at the end)")
     # execution
     seed: int = Field(0, ge=0, description="Seed of the model's initialisation and of every patch")
@@ -142,7 +146,7 @@ class TrainSettings(BaseModel):
     resume: bool = Field(False, description="Continue from OUT/last.pt")
     overwrite: bool = Field(False, description="Start over even if OUT holds a run")
 
-    @field_validator("val_slices")
+    @field_validator("val_slices", "test_slices")
     @classmethod
     def _sorted(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if any(z < 0 for z in v):
@@ -266,14 +270,17 @@ def restore(payload: dict[str, Any], path: Path, model: UNet, optimizer: torch.o
 
 
 def validate(model: UNet, images: storage.ImageSource, labels: storage.ImageSource, regions: Sequence[Region],
-             tile_size: int, mirror: str) -> dict[str, float]:
-    """Predict the held-out regions with the overlap-tile path and score them (slice by slice)."""
+             tile_size: int, mirror: str, tta: str = "none") -> dict[str, float]:
+    """Predict the held-out regions with the overlap-tile path (averaged over the ``tta``
+    transforms, each tiled from its own origin) and score them (slice by slice)."""
     model.eval()
+    chosen = transforms(model.dims, tta)
     probabilities, truths = [], []
     for region in regions:
         whole = Box.from_shape(region.shape)
         image = model.normalization(region.read(images, whole))
-        probability = softmax(overlap_tile(model, image, tile_size=tile_size, mirror=mirror))[1]
+        probability = predict_region_tta(model, whole, whole.shape, lambda box: image[(slice(None), *box.slices())],
+                                         chosen, tile_size, mirror=mirror)[1]
         truth = region.read(labels, whole)[0] > 0
         probabilities.append(probability if region.dims == 3 else probability[None])
         truths.append(truth if region.dims == 3 else truth[None])
@@ -391,14 +398,23 @@ def plan_training(settings: TrainSettings) -> TrainJob:
     dims = s.dims or nd
     if dims > nd:
         raise InputError(f"--dims {dims}: {images.url} has only {nd} spatial axes ({images.spatial_axes})")
-    if s.val_slices:
-        if nd != 3:
-            raise InputError(f"--val-slices: {images.url} is 2-D; held-out slices need a z axis")
-        if s.val_slices[-1] >= images.spatial_shape[0]:
-            raise InputError(f"--val-slices {s.val_slices[-1]}: {images.url} has {images.spatial_shape[0]} slices (0-{images.spatial_shape[0] - 1})")
-        if len(s.val_slices) == images.spatial_shape[0]:
-            raise InputError("--val-slices: every slice is held out; nothing is left to train on")
-    train_regions, val_regions = split_regions(images.spatial_shape, dims, s.val_slices)
+    held = tuple(sorted(set(s.val_slices) | set(s.test_slices)))
+    for flag, chosen in (("--val-slices", s.val_slices), ("--test-slices", s.test_slices)):
+        if chosen and nd != 3:
+            raise InputError(f"{flag}: {images.url} is 2-D; held-out slices need a z axis")
+        if chosen and chosen[-1] >= images.spatial_shape[0]:
+            raise InputError(f"{flag} {chosen[-1]}: {images.url} has {images.spatial_shape[0]} slices (0-{images.spatial_shape[0] - 1})")
+    if set(s.val_slices) & set(s.test_slices):
+        raise InputError(f"--val-slices and --test-slices share {sorted(set(s.val_slices) & set(s.test_slices))}: a "
+                         f"slice scored at the end must not choose the checkpoint")
+    if held and len(held) == images.spatial_shape[0]:
+        raise InputError("--val-slices / --test-slices: every slice is held out; nothing is left to train on")
+    try:
+        transforms(dims, s.val_tta)
+    except ValueError as exc:
+        raise InputError(f"--val-tta: {exc}") from None
+    train_regions, _ = split_regions(images.spatial_shape, dims, held)  # the test slices: neither trained on
+    _, val_regions = split_regions(images.spatial_shape, dims, s.val_slices)  # nor validated on
 
     torch.manual_seed(s.seed)  # He initialisation, reproducibly
     model = UNet(images.channels, 2, dims, s.depth, s.base_channels, s.padding, s.batch_norm, s.dropout)
@@ -416,7 +432,7 @@ def plan_training(settings: TrainSettings) -> TrainJob:
     elif last.exists() and not s.overwrite:
         raise InputError(f"{out}: holds a training run (last.pt); pass --resume to continue it or --overwrite to start over")
 
-    data_keys = ("images", "labels", "axes", "labels_axes", "val_slices", "dims", "labels_kind", "normalize", "tile_size")
+    data_keys = ("images", "labels", "axes", "labels_axes", "val_slices", "test_slices", "dims", "labels_kind", "normalize", "tile_size")
     old = payload["training"].get("settings", {}) if payload else {}
     if payload and "stats" in payload["training"] and all(old.get(k) == v for k, v in s.model_dump(mode="json", include=set(data_keys)).items()):
         stats = DataStats.from_dict(payload["training"]["stats"])  # the same data: no second pass
@@ -552,7 +568,8 @@ def train(
             row: dict[str, Any] = {"step": step, "loss": loss_value, "lr": lr, "seconds": round(seconds, 3)}
             # eval
             if job.val_regions and (step % s.val_every == 0 or final):
-                scores = validate(model, job.images, job.labels, job.val_regions, job.val_tile_size, s.mirror)
+                scores = validate(model, job.images, job.labels, job.val_regions, job.val_tile_size, s.mirror,
+                                  s.val_tta)
                 row.update(scores)
                 if not best or scores["rand_error"] < best["rand_error"]:
                     best = {"step": step, **scores}
