@@ -159,6 +159,30 @@ def _cohort(args: argparse.Namespace) -> None:
                          + ("; ..." if len(failed) > 3 else "") + " (the others are finished; fix and rerun)")
 
 
+def _score(args: argparse.Namespace) -> None:
+    import json
+
+    from pipeline.jobs.score import ScoreSettings, score
+
+    result = score(_settings(ScoreSettings, args))
+    names = {"rand_error": "Rand error", "rand_error_raw": "Rand error (not grown)", "pixel_error": "pixel error",
+             "iou": "IoU"}
+    slices = f"{result['slices'][0]}-{result['slices'][-1]}" if len(result["slices"]) > 1 else str(result["slices"][0])
+    print(f"overtile: slices {slices} scored once; cells are components of p > threshold (grown over the "
+          f"membrane for the Rand error, as the challenge did; not grown beside it)")
+    rows = [("0.5", result["at_0.5"])]
+    if "at_chosen" in result:
+        rows.append((f"{result['threshold']:.1f} (chosen on {result['choose_on'][0]}-{result['choose_on'][-1]})",
+                     result["at_chosen"]))
+    print("| threshold | " + " | ".join(names.values()) + " |")
+    print("| --- | " + " | ".join("---" for _ in names) + " |")
+    for label, values in rows:
+        print(f"| {label} | " + " | ".join(f"{values[k]:.4f}" for k in names) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def _train(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
@@ -351,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.jobs.ingest import IngestSettings
     from pipeline.jobs.objects import ObjectSettings
     from pipeline.jobs.predict import PredictSettings
+    from pipeline.jobs.score import ScoreSettings
     from pipeline.jobs.train import TrainSettings
     from pipeline.jobs.weights import WeightSettings
 
@@ -407,6 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings(t, TrainSettings)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
+
+    sc = sub.add_parser("score", help="score probabilities against labels, ISBI 2012's way, on slices held out",
+                        description="Pixel error and foreground-restricted Rand error (cells grown over the membrane, "
+                                    "and not grown) of the scored --slices, at 0.5 and at the threshold chosen on "
+                                    "--choose-on (never the scored slices).")
+    add_settings(sc, ScoreSettings, positional=("probabilities", "labels"))
+    sc.add_argument("--json", help="also write the scores to this JSON file")
+    sc.set_defaults(func=_score)
 
     g = sub.add_parser("ingest", help="convert a slide (SVS, NDPI, OME-TIFF, TIFF, PNG, JPEG) to OME-Zarr",
                        description="Convert a whole-slide image or picture to an OME-Zarr 0.5 image with every "

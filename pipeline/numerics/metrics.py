@@ -63,6 +63,28 @@ class Scores:
         return dict(self.__dict__)
 
 
+def scores_at(cell_probability: np.ndarray, truth_cell_mask: np.ndarray, threshold: float) -> dict[str, float]:
+    """Every score at one ``threshold``: pixel error, Rand error grown and not grown, IoU.
+    Slices of a stack ``(Z, Y, X)`` are scored separately and averaged, as the challenge did."""
+    prob, truth = _stack(cell_probability, truth_cell_mask)
+    true_cells = [ndimage.label(t)[0] for t in truth]
+    return {
+        "pixel_error": pixel_error(prob > threshold, truth),
+        "rand_error": float(np.mean([rand_error(tc, cells_from_probability(p, threshold)) for tc, p in zip(true_cells, prob)])),
+        "rand_error_raw": float(np.mean([rand_error(tc, cells_from_probability(p, threshold, grow=False))
+                                         for tc, p in zip(true_cells, prob)])),
+        "iou": iou(prob > threshold, truth),
+    }
+
+
+def _stack(cell_probability: np.ndarray, truth_cell_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    prob = np.asarray(cell_probability, np.float32)
+    truth = np.asarray(truth_cell_mask, bool)
+    if prob.shape != truth.shape:
+        raise ValueError(f"probabilities {prob.shape} and truth {truth.shape} differ in shape")
+    return (prob[None], truth[None]) if prob.ndim == 2 else (prob, truth)
+
+
 def score_segmentation(
     cell_probability: np.ndarray,
     truth_cell_mask: np.ndarray,
@@ -73,12 +95,7 @@ def score_segmentation(
     Slices of a stack ``(Z, Y, X)`` are scored separately (as the challenge did) and their
     errors averaged; pixel error and IoU use the threshold 0.5.
     """
-    prob = np.asarray(cell_probability, np.float32)
-    truth = np.asarray(truth_cell_mask, bool)
-    if prob.shape != truth.shape:
-        raise ValueError(f"probabilities {prob.shape} and truth {truth.shape} differ in shape")
-    if prob.ndim == 2:
-        prob, truth = prob[None], truth[None]
+    prob, truth = _stack(cell_probability, truth_cell_mask)
     true_cells = [ndimage.label(t)[0] for t in truth]
     best = (np.inf, np.inf, 0.5)
     for t in thresholds:
