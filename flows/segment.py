@@ -46,6 +46,7 @@ def summarise(job: PredictJob, summary: RunSummary) -> dict:
         preview_png(s.input, s.output, png, s.axes)
         get_run_logger().info("segment: preview written to %s", png)
     return report("segment", summary, {"input": s.input, "output": s.output, "model": s.model,
+                                       "model kind": job.model.summary(), "tiles": job.model.tiling,
                                        "output kind": s.output_kind, "device": job.device,
                                        "compiled model": compile_report(summary.records) if job.compile and summary.records
                                        else "no (eager)",

@@ -68,6 +68,10 @@ def _predict(args: argparse.Namespace) -> None:
         shape = "×".join(map(str, job.spatial_shape))
         block = "×".join(map(str, job.block_shape))
         print(f"overtile: {shape} px in {pending.total} blocks of {block}, tiles of {job.tile_size} px, on {job.device}")
+        print(f"overtile: model: {job.model.summary()}")
+        if not job.model.exact and job.model.geometry.margin:
+            print(f"overtile: warning: {settings.model} crops its tiles but shifted tiles disagree: it is not translation "
+                  f"equivariant, so tiles are blended and the output depends (slightly) on the tile size", file=sys.stderr)
         if job.tissue:
             print(f"overtile: tissue mask {job.tissue}; {pending.background} blocks without tissue are not computed")
         bar.start(pending)
@@ -78,6 +82,7 @@ def _predict(args: argparse.Namespace) -> None:
     print(
         f"overtile: done: {summary.done} blocks computed, {summary.skipped} skipped (already done){background}, "
         f"{summary.pixels / 1e6:.1f} MP in {summary.seconds:.1f} s = {summary.megapixels_per_second:.2f} MP/s\n"
+        f"overtile: tiles {job.model.tiling}\n"
         f"overtile: {settings.output_kind} written to {job.output} (array '0', shape {job.output_shape}, {job.output_dtype})"
     )
     if job.compile and summary.records:
@@ -280,17 +285,30 @@ def _model_init(args: argparse.Namespace) -> None:
 
 
 def _model_info(args: argparse.Namespace) -> None:
-    from pipeline.numerics.unet import load_model, num_parameters
+    from pipeline.models import KIND_NAMES, describe
+    from pipeline.numerics.unet import num_parameters
 
-    model = load_model(args.checkpoint)
-    c = model.config
-    print(f"{args.checkpoint}: {c.dims}-D U-Net, depth {c.depth}, {c.base_channels} base channels, "
-          f"{c.padding} padding, {c.in_channels} → {c.num_classes} channels, {num_parameters(model):,} parameters")
-    if c.padding == "valid":
-        sizes = [model.min_input_size(model.factor * k + model.output_remainder) for k in (1, 8, 16, 32, 64)]
-        print(f"  margin {model.margin} px per side; tile sizes e.g. {', '.join(map(str, sizes))} "
-              f"(output = input − {2 * model.margin})")
-    print(f"  normalisation: {model.normalization}")
+    info, model = describe(args.model, weights=args.weights)
+    g = info.geometry
+    if info.unet:
+        c = dict(info.unet)
+        print(f"{args.model}: {KIND_NAMES[info.kind]}: {c['dims']}-D U-Net, depth {c['depth']}, {c['base_channels']} "
+              f"base channels, {c['padding']} padding, {c['in_channels']} → {c['num_classes']} channels, "
+              f"{num_parameters(model):,} parameters")
+    else:
+        print(f"{args.model}: {info.summary()}")
+    if not g.blend:
+        sizes = [g.min_input_size(g.factor * k + g.remainder) for k in (1, 8, 16, 32, 64)]
+        print(f"  margin {g.margin} px per side; tile sizes e.g. {', '.join(map(str, sizes))} "
+              f"(output = input − {2 * g.margin})")
+    print(f"  tiles {info.tiling}")
+    print(f"  normalisation: {info.normalization}")
+
+
+def _model_export(args: argparse.Namespace) -> None:
+    from pipeline.models import export
+
+    print(f"overtile: {export(args.checkpoint, args.out, args.format, args.name, args.description, tuple(args.author), args.license)}")
 
 
 # --- options from the settings models --------------------------------------------------------
@@ -449,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_ingest)
 
-    m = sub.add_parser("model", help="create or inspect U-Net checkpoints")
+    m = sub.add_parser("model", help="create, inspect or export models")
     msub = m.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
     i = msub.add_parser("init", help="write a checkpoint with random (He-initialised) weights",
                         description="Write a U-Net checkpoint with random weights, for trying things out.")
@@ -463,9 +481,27 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--batch-norm", action="store_true")
     i.add_argument("--seed", type=int, default=0)
     i.set_defaults(func=_model_init)
-    info = msub.add_parser("info", help="describe a checkpoint", description="Print a checkpoint's architecture and tile sizes.")
-    info.add_argument("checkpoint")
+    info = msub.add_parser("info", help="describe a model of any kind",
+                           description="Print a model's kind, architecture, tile sizes and whether it is tiled exactly "
+                                       "(an overtile checkpoint, TorchScript, ONNX or a bioimage.io package; foreign models "
+                                       "are probed: valid sizes, margin, translation equivariance).")
+    info.add_argument("model", help="model file, or bioimage.io package (zip, folder or rdf.yaml)")
+    info.add_argument("--weights", choices=["pytorch_state_dict", "torchscript", "onnx"],
+                      help="a package's weights to describe (default: the first of these it has)")
     info.set_defaults(func=_model_info)
+    x = msub.add_parser("export", help="write a checkpoint as a bioimage.io package, ONNX or TorchScript",
+                        description="Write an overtile checkpoint for other tools: a bioimage.io package (rdf.yaml "
+                                    "validated by bioimageio.spec, with state-dict, TorchScript and ONNX weights, axes, "
+                                    "tile sizes, crop, preprocessing, test input and output; OUT ending in .zip is a "
+                                    "zip, else a folder), or a bare ONNX or TorchScript file (normalisation built in).")
+    x.add_argument("checkpoint", help="overtile checkpoint to export")
+    x.add_argument("out", help="file (or package folder) to write")
+    x.add_argument("--format", required=True, choices=["bioimageio", "onnx", "torchscript"])
+    x.add_argument("--name", help="the package's name (5-64 characters; default from the checkpoint's file name)")
+    x.add_argument("--description", help="the package's one-line description")
+    x.add_argument("--author", action="append", default=[], help="an author of the package (repeatable)")
+    x.add_argument("--license", default="CC-BY-4.0", help="SPDX licence of the package (default CC-BY-4.0)")
+    x.set_defaults(func=_model_export)
     return parser
 
 

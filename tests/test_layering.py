@@ -18,15 +18,17 @@ ALLOWED = {
     "numerics": {"errors"},
     "storage": {"numerics", "errors"},
     "clusters": {"errors"},  # where blocks run: worker settings, SLURM and Kubernetes specs
-    "jobs": {"clusters", "storage", "numerics", "errors"},
-    "top": {"jobs", "clusters", "storage", "numerics", "errors"},  # cli, preview
+    "models": {"numerics", "errors"},  # every kind of model: detect, probe, load, export
+    "jobs": {"clusters", "models", "storage", "numerics", "errors"},
+    "top": {"jobs", "clusters", "models", "storage", "numerics", "errors"},  # cli, preview
     "package": set(),  # pipeline/__init__.py
-    "flows": {"top", "jobs", "clusters", "storage", "numerics", "errors", "flows"},
+    "flows": {"top", "jobs", "clusters", "models", "storage", "numerics", "errors", "flows"},
 }
 FORBIDDEN_THIRD_PARTY = {
     "numerics": {"dask", "distributed", "zarr", "fsspec", "prefect", "prefect_dask", "tifffile", "yaml"},
     "storage": {"distributed", "prefect", "prefect_dask", "yaml"},
     "clusters": {"prefect", "prefect_dask", "torch", "zarr"},
+    "models": {"dask", "distributed", "zarr", "fsspec", "prefect", "prefect_dask", "yaml"},
     "jobs": {"prefect", "prefect_dask", "yaml"},
     "top": {"prefect", "prefect_dask", "yaml"},
     "errors": {"prefect"},
@@ -47,7 +49,7 @@ def part(module: str) -> str:
         return "flows"
     if len(names) == 1:
         return "package"
-    if names[1] in ("numerics", "storage", "jobs", "clusters", "errors"):
+    if names[1] in ("numerics", "storage", "jobs", "clusters", "models", "errors"):
         return names[1]
     return "top"
 

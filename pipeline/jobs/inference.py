@@ -7,7 +7,6 @@ What the block tasks of :mod:`pipeline.jobs.predict` call; the numerics they fee
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -16,9 +15,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from pipeline import models
 from pipeline.errors import InputError
 from pipeline.numerics import tiling
-from pipeline.numerics.unet import UNet, model_from_payload, read_checkpoint
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -35,51 +34,45 @@ def resolve_device(device: str, remote: bool = False) -> str:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """SHA-256 of a model of any kind, a package folder included: what fingerprints hold."""
+    return models.model_digest(path)
 
 
-_MODELS: dict[tuple[Any, ...], UNet] = {}
+_MODELS: dict[tuple[Any, ...], models.Model] = {}
 
 
-def cached_model(path: str, device: str, channels_last: bool) -> UNet:
-    """The model, loaded once per worker process and kept (keyed by file, device, format).
+def cached_model(info: models.ModelInfo, device: str, channels_last: bool) -> models.Model:
+    """The model of ``info``, loaded once per worker process and kept (keyed by its files,
+    the weights chosen, device and format); never probed again: ``info`` is the plan's.
 
-    On CPU every forward pass runs on one thread: convolution results depend (in the last
-    bit) on torch's thread count, so parallelism comes from Dask task slots instead, which
-    keeps the output bit-identical whatever the cluster layout. Two one-thread streams are
-    also faster than one two-thread stream on these CPUs.
+    On CPU every forward pass runs on one thread (torch's, and onnxruntime's): convolution
+    results depend (in the last bit) on the thread count, so parallelism comes from Dask
+    task slots instead, which keeps the output bit-identical whatever the cluster layout.
+    Two one-thread streams are also faster than one two-thread stream on these CPUs.
     """
-    stat = os.stat(path)
-    key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size, device, channels_last)
+    key = (info.path, info.weights, info.member, models.stamp(info.path), device, channels_last)
     model = _MODELS.get(key)
     if model is None:
         if device == "cpu":
             torch.set_num_threads(1)
-        model = model_from_payload(read_checkpoint(path), path).eval().to(device)
-        if channels_last:
-            fmt = torch.channels_last if model.dims == 2 else torch.channels_last_3d
-            model = model.to(memory_format=fmt)
-        _MODELS.clear()  # one model per process: a new checkpoint replaces the old one
+        model = models.load(info, device, channels_last, threads=1 if device == "cpu" else None)
+        _MODELS.clear()  # one model per process: a new model replaces the old one
         _MODELS[key] = model
     return model
 
 
-_GEOMETRY: dict[tuple[Any, ...], UNet] = {}
+_DESCRIBED: dict[tuple[Any, ...], models.ModelInfo] = {}
 
 
-def model_geometry(path: str) -> UNet:
-    """The model on the CPU, for its size arithmetic and normalisation only: what a read task
-    needs, which may run on a worker without a GPU (its weights are never used there)."""
-    stat = os.stat(path)
-    key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
-    if key not in _GEOMETRY:
-        _GEOMETRY.clear()
-        _GEOMETRY[key] = model_from_payload(read_checkpoint(path), path)
-    return _GEOMETRY[key]
+def model_geometry(path: str, dims: int = 2, channels: int = 1) -> models.ModelInfo:
+    """The model's :class:`~pipeline.models.ModelInfo` (kind, geometry, normalisation, how it
+    is tiled), described once per process and file: a study of many slides probes a foreign
+    model once. ``dims`` and ``channels``: the image's, for a model whose file leaves them open."""
+    key = (str(Path(path).resolve()), models.stamp(path), dims, channels)
+    if key not in _DESCRIBED:
+        _DESCRIBED.clear()
+        _DESCRIBED[key] = models.describe(path, dims=dims, channels=channels)[0]
+    return _DESCRIBED[key]
 
 
 # A compiled forward pass pays for itself after this many blocks per task slot: on 2 CPU
@@ -92,7 +85,7 @@ _COMPILED: dict[int, tuple[torch.nn.Module, set[tuple[int, ...]]]] = {}
 _COMPILE_FAILED: list[str] = []
 
 
-def compiled_runner(model: UNet, shape: tuple[int, ...], autocast: torch.dtype | None = None) -> tuple[Any, float, str]:
+def compiled_runner(model: torch.nn.Module, shape: tuple[int, ...], autocast: torch.dtype | None = None) -> tuple[Any, float, str]:
     """A runner (as :func:`run_tiles`) through ``torch.compile`` of the cached ``model``,
     compiled once per worker process and reused across blocks, and the seconds spent now
     compiling for this batch ``shape`` (0 once a shape is known; a new shape recompiles).

@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 from pydantic import Field
 
-from pipeline import storage
+from pipeline import models, storage
 from pipeline.clusters import scheduler_setting
 from pipeline.errors import InputError
 from pipeline.jobs import blockwise
@@ -37,7 +37,6 @@ from pipeline.jobs.tissue import TissueMethod, tissue_mask
 from pipeline.numerics.downsample import level_shapes
 from pipeline.numerics.geometry import Block, Box, block_at, block_grid
 from pipeline.numerics.tiling import plan_tiles, predict_region, read_mirrored, softmax
-from pipeline.numerics.unet import model_from_payload, read_checkpoint
 
 OutputKind = Literal["probabilities", "labels"]
 
@@ -47,11 +46,13 @@ class PredictSettings(blockwise.BlockwiseSettings):
 
     input: str = Field(description="Input image: a Zarr array, an OME-Zarr image, or a TIFF-based slide (SVS, NDPI, OME-TIFF) read in place (path or URL)")
     output: str = Field(description="Output OME-Zarr image to write (path or URL); IMAGE/labels/NAME makes labels an NGFF label image of the input")
-    model: str = Field(description="U-Net checkpoint file written by overtile")
+    model: str = Field(description="The model: an overtile checkpoint, a TorchScript or ONNX file, or a bioimage.io "
+                       "package (zip, folder or rdf.yaml); the kind is read from the file")
     axes: blockwise.Axes = Field(None, description="Axes of a plain Zarr array, e.g. yx, cyx, zyx, czyx, yxc")
     block_size: blockwise.BlockSize = None
     tile_size: int | None = Field(None, ge=8, description="Largest tile input edge for one forward pass (default 1212 in 2D)")
-    overlap: float = Field(0.5, ge=0.0, lt=1.0, description="Same-padding models only: fraction of a tile shared with its neighbour (blended)")
+    overlap: float = Field(0.5, ge=0.0, lt=1.0, description="Blended models only (same padding, or not translation "
+                           "equivariant): fraction of a tile shared with its neighbour")
     batch_size: int = Field(1, ge=1, description="Tiles per forward pass")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs")
     workers: blockwise.Workers = None
@@ -87,6 +88,7 @@ class PredictJob(blockwise.BlockwiseJob):
     kind: ClassVar[str] = "predict"
 
     settings: PredictSettings
+    model: models.ModelInfo  # kind, geometry, normalisation (statistics fixed from the image), tiling
     device: str
     spatial_shape: tuple[int, ...]
     block_shape: tuple[int, ...]
@@ -120,12 +122,11 @@ class PredictJob(blockwise.BlockwiseJob):
         which may run on any worker (it needs no GPU)."""
         s = self.settings
         source = storage.cached_image(s.input, s.axes, self.fingerprint)
-        model = model_geometry(s.model)
-        plan = plan_tiles(model, block.write, self.tile_size, s.overlap)
+        plan = plan_tiles(self.model, block.write, self.tile_size, s.overlap)
         raw = read_mirrored(source.read, plan.read, self.spatial_shape, s.mirror)
         if raw.dtype.kind == "f" and not np.isfinite(raw).all():
             raise InputError(f"{s.input}: NaN or Inf values near block {block.write}")
-        return model.normalization(raw)
+        return self.model.normalization(raw)
 
     def run_block(self, block: Block, image: np.ndarray | None = None) -> dict[str, Any]:
         """Read the block and its context (unless read-ahead passed ``image``), run its tiles,
@@ -134,8 +135,8 @@ class PredictJob(blockwise.BlockwiseJob):
         started = time.time()
         watch = blockwise.Stopwatch()
         with watch("load"):
-            model = cached_model(s.model, self.device, s.channels_last)
-        plan = plan_tiles(model, block.write, self.tile_size, s.overlap)
+            model = cached_model(self.model, self.device, s.channels_last)
+        plan = plan_tiles(self.model, block.write, self.tile_size, s.overlap)
         if image is None:
             with watch("read"):
                 image = self.read_block(block)
@@ -145,7 +146,7 @@ class PredictJob(blockwise.BlockwiseJob):
             runner, compiling, compile_note = compiled_runner(model, shape, AUTOCAST[s.autocast])
         with watch("compute"):
             logits = predict_region(model, plan, image, s.batch_size, AUTOCAST[s.autocast], runner=runner)
-            result = encode_output(logits, s.output_kind, self.output_dtype)
+            result = encode_output(logits, s.output_kind, self.output_dtype, self.model.activation)
         with watch("write"):
             array = storage.open_array(self.output_array)
             array[(Ellipsis, *block.write.slices())] = result if array.ndim == result.ndim else result[0]
@@ -181,22 +182,26 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
     """
     settings = blockwise.absolute_paths(settings, "input", "output", "model", "tissue_mask")
     source = storage.open_image(settings.input, settings.axes)
-    model = model_from_payload(read_checkpoint(settings.model), settings.model)
-    cfg = model.config
     nd = len(source.spatial_shape)
-    if cfg.dims != nd:
-        raise InputError(f"{settings.model}: a {cfg.dims}-D model; {settings.input} has {nd} spatial axes ({source.spatial_axes})")
-    if cfg.in_channels != source.channels:
-        raise InputError(f"{settings.model}: the model expects {cfg.in_channels} input channel(s); {settings.input} has {source.channels}")
+    model = model_geometry(settings.model, nd, source.channels)
+    if model.dims != nd:
+        raise InputError(f"{settings.model}: a {model.dims}-D model; {settings.input} has {nd} spatial axes ({source.spatial_axes})")
+    if model.in_channels != source.channels:
+        raise InputError(f"{settings.model}: the model expects {model.in_channels} input channel(s); {settings.input} has {source.channels}")
+    if model.weights == "onnx" and settings.autocast != "none":
+        raise InputError(f"--autocast {settings.autocast}: {settings.model} is an ONNX model, run in float32 by onnxruntime")
     remote = remote or bool(scheduler_setting(settings.scheduler))
-    device = resolve_device(settings.device, remote=remote)
+    device = onnx_device(resolve_device(settings.device, remote=remote), settings, model, remote)
     block_shape = settings.block_shape(source.spatial_shape)
-    tile = settings.tile_size or (1212 if nd == 2 else model.min_input_size(4 * model.factor))
+    g = model.geometry
+    tile = settings.tile_size or (1212 if nd == 2 else g.min_input_size(4 * g.factor))
     try:
         plan_tiles(model, Box.from_shape((max(block_shape),) * nd), tile, settings.overlap)  # validates the tile size
-        tile = model.max_input_size(tile)
+        tile = g.max_input_size(tile)
     except ValueError as exc:
         raise InputError(f"--tile-size {settings.tile_size or tile}: {exc}") from None
+    if model.needs_statistics:  # the package's per-sample statistics, of the whole image (never per tile)
+        model = model.with_statistics(statistics_sample(source))
     into_image = storage.label_parent(settings.input, settings.output)
     if into_image and settings.output_kind != "labels":
         raise InputError(f"{settings.output}: only labels go under an image's labels/ group (use --output labels)")
@@ -204,9 +209,9 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
     if settings.output_kind == "labels":
         out_shape, out_dtype = ((1,) if channel_axis else ()) + tuple(source.spatial_shape), "uint8"
     else:
-        out_shape, out_dtype = (cfg.num_classes, *source.spatial_shape), settings.dtype
-    if settings.output_kind == "labels" and cfg.num_classes > 255:
-        raise InputError(f"{settings.model}: {cfg.num_classes} classes do not fit uint8 labels")
+        out_shape, out_dtype = (model.num_classes, *source.spatial_shape), settings.dtype
+    if settings.output_kind == "labels" and model.num_classes > 255:
+        raise InputError(f"{settings.model}: {model.num_classes} classes do not fit uint8 labels")
     if source.dtype.kind == "f":
         check_finite(source)
     existed = storage.check_output(settings.output, out_shape, out_dtype, settings.overwrite)
@@ -214,22 +219,24 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
     run = blockwise.fingerprint(
         input=settings.input, stamp=storage.stamp(source), model=file_digest(settings.model),
         block=block_shape, tile=tile, kind=settings.output_kind, dtype=out_dtype,
-        overlap=settings.overlap if cfg.padding == "same" else None,  # valid nets ignore it
+        overlap=settings.overlap if g.blend else None,  # exact tiling ignores it
         mirror=settings.mirror, autocast=settings.autocast,
+        **({"weights": model.weights} if model.kind == "bioimageio" else {}),  # a package runs one of its forms
     )
     scale = ([1.0] if channel_axis else []) + [source.scale.get(a, 1.0) for a in source.spatial_axes]
     chunks, shards = settings.output_layout(out_shape, ((out_shape[0],) if channel_axis else ()) + tuple(block_shape), nd)
     storage.create_image(
         settings.output, out_shape, chunks, out_dtype, ("c" if channel_axis else "") + source.spatial_axes,
         name=settings.output_kind, scale=scale, units=source.units, overwrite=settings.overwrite, shards=shards,
-        attrs={"overtile": {"input": settings.input, "model": str(settings.model), "output_kind": settings.output_kind}},
+        attrs={"overtile": {"input": settings.input, "model": str(settings.model), "output_kind": settings.output_kind,
+                            "model_kind": models.KIND_NAMES[model.kind], "tiling": model.tiling}},
     )
     if into_image:
-        storage.register_label(into_image, settings.output, cfg.num_classes)
+        storage.register_label(into_image, settings.output, max(2, model.num_classes))
     grid = block_grid(source.spatial_shape, block_shape)
     ledger = storage.Ledger.prepare(settings.output, grid, run, overwrite=settings.overwrite or not existed)
     done = ledger.done()
-    wanted = np.ones(grid, bool) if mask is None else mask.blocks(source.spatial_shape, block_shape, model.margin + 1)
+    wanted = np.ones(grid, bool) if mask is None else mask.blocks(source.spatial_shape, block_shape, g.margin + 1)
     blocks = [block_at(index, source.spatial_shape, block_shape) for index in np.argwhere(wanted & ~done)]
     tissue = "" if mask is None else (
         f"{mask.method}{'' if mask.threshold is None else f' > {mask.threshold:.3g}'} on {mask.source}: "
@@ -238,8 +245,9 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
     if compile is None:  # on when every task slot has enough blocks to pay for compiling
         slots = settings.workers or (1 if device == "cuda" else blockwise.default_workers())
         compile = int(wanted.sum()) >= COMPILE_BREAK_EVEN_BLOCKS * slots  # all wanted: a resumed run decides alike
+    compile = compile and model.compilable  # TorchScript and ONNX models run as they are
     job = PredictJob(
-        output=settings.output, ledger=ledger, fingerprint=run, settings=settings, device=device,
+        output=settings.output, ledger=ledger, fingerprint=run, settings=settings, model=model, device=device,
         spatial_shape=source.spatial_shape, block_shape=block_shape, tile_size=tile, output_shape=out_shape,
         output_dtype=out_dtype, tissue=tissue, tissue_fraction=1.0 if mask is None else mask.fraction,
         compile=compile,
@@ -269,14 +277,52 @@ def compile_report(records: list[dict[str, Any]]) -> str:
             f"paid once per process and tile shape")
 
 
-def encode_output(logits: np.ndarray, kind: str, dtype: str) -> np.ndarray:
-    """Logits ``(K, ...)`` to what is stored: probabilities in ``dtype`` or uint8 argmax labels."""
-    if kind == "labels":
+def encode_output(logits: np.ndarray, kind: str, dtype: str, activation: str = "softmax") -> np.ndarray:
+    """Model outputs ``(K, ...)`` to what is stored: probabilities in ``dtype`` or uint8 labels.
+
+    ``activation`` makes the outputs probabilities: ``softmax`` of logits (overtile's own
+    models), ``sigmoid`` (one logit per class), or ``none`` (they already are). Labels are the
+    argmax of several classes, or probability above 0.5 for one.
+    """
+    if kind == "labels" and len(logits) > 1:  # every activation keeps the order of the classes
         return logits.argmax(axis=0).astype(np.uint8)[None]
-    p = softmax(logits)
+    if activation == "softmax":
+        p = softmax(logits)
+    elif activation == "sigmoid":
+        p = 1.0 / (1.0 + np.exp(-logits))
+    else:
+        p = logits
+    if kind == "labels":
+        return (p > 0.5).astype(np.uint8)
     if dtype == "uint8":
-        return np.rint(p * 255).astype(np.uint8)
+        return np.rint(np.clip(p, 0, 1) * 255).astype(np.uint8)
     return p.astype(dtype)
+
+
+def onnx_device(device: str, settings: PredictSettings, model: models.ModelInfo, remote: bool) -> str:
+    """An ONNX model runs where onnxruntime can: on CUDA only with its CUDA provider installed
+    (``onnxruntime-gpu``); ``auto`` then falls back to the CPU."""
+    if model.weights != "onnx" or device != "cuda" or remote:
+        return device
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return device
+    if settings.device == "cuda":
+        raise InputError(f"--device cuda: {settings.model} is an ONNX model and this onnxruntime has no CUDA provider "
+                         f"(install onnxruntime-gpu)")
+    return "cpu"
+
+
+def statistics_sample(source: storage.ImageSource, limit: int = 1 << 24) -> np.ndarray:
+    """The image, or a regular subsample of at most about ``limit`` values, channel first: what
+    a package's per-sample statistics (mean and std, percentiles) are taken from, once for the
+    whole image. The coarsest stored level of at least 4096 px is read where there is one."""
+    level, _ = source.overview(4096)
+    array = level.to_dask()
+    nd = array.ndim - 1
+    stride = max(1, int(np.ceil((array.size / limit) ** (1 / nd))))
+    return np.asarray(array[(slice(None), *(slice(None, None, stride),) * nd)].compute(scheduler="threads"))
 
 
 def predict(

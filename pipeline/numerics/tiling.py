@@ -14,21 +14,85 @@ image, whatever the block or tile size; :func:`predict_whole` is that pass.
 Same-padding nets are not equivariant at their tile borders (zero padding), so their tiles
 lie on a fixed global grid with overlap and are blended with a Gaussian window (as nnU-Net
 and MONAI do); the blend is independent of the block partition too.
+
+Any model is tiled through its :class:`TileGeometry` (``model.geometry``): overtile's U-Net
+computes its own, models from elsewhere get theirs from a probe (:mod:`pipeline.models`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from pipeline.numerics.geometry import Box, mirror_indices
-from pipeline.numerics.unet import UNet
 
 Reader = Callable[[Box], np.ndarray]
 Runner = Callable[[torch.nn.Module, Sequence[np.ndarray], 'torch.dtype | None'], list[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """How a model's output relates to its input along each spatial axis, and how it is tiled.
+
+    A model that crops reads ``margin`` pixels of context per side: its output for an input of
+    ``n`` pixels is ``n - 2 * margin``. Valid outputs are the sizes ``≡ remainder (mod factor)``
+    from ``smallest`` up; ``factor`` is also the shift under which the model is translation
+    equivariant, so tiles whose outputs start on the global ``factor`` grid are exact. With
+    ``blend``, tiles overlap and are blended instead (same padding, or a model whose shifted
+    tiles disagree).
+
+    Examples
+    --------
+    >>> paper = TileGeometry(margin=92, factor=16, remainder=4, smallest=4)
+    >>> paper.output_size(572), paper.min_input_size(388), paper.max_input_size(580)
+    (388, 572, 572)
+    """
+
+    margin: int
+    factor: int
+    remainder: int
+    smallest: int
+    blend: bool = False
+
+    def is_valid_input(self, size: int) -> bool:
+        out = size - 2 * self.margin
+        return out >= self.smallest and (out - self.remainder) % self.factor == 0
+
+    def output_size(self, size: int) -> int:
+        """Output size along one axis for an input of ``size``; raises if not valid."""
+        if not self.is_valid_input(size):
+            raise ValueError(
+                f"{size} is not a valid input size for this model "
+                f"(next valid: {self.min_input_size(max(1, size - 2 * self.margin))})"
+            )
+        return size - 2 * self.margin
+
+    def min_input_size(self, output: int) -> int:
+        """Smallest valid input whose output is at least ``output`` pixels."""
+        r, f = self.remainder, self.factor
+        out = max(output, self.smallest)
+        return r + -(-(out - r) // f) * f + 2 * self.margin
+
+    def max_input_size(self, limit: int) -> int:
+        """Largest valid input size not above ``limit``; raises if there is none."""
+        r, f = self.remainder, self.factor
+        out = limit - 2 * self.margin
+        if out < self.smallest:
+            raise ValueError(
+                f"tile size {limit} is too small for this model; "
+                f"the smallest valid tile is {self.min_input_size(1)}"
+            )
+        return r + ((out - r) // f) * f + 2 * self.margin
+
+
+class TiledModel(Protocol):
+    """What tiling needs of a model: its geometry. Forward passes go through a runner."""
+
+    @property
+    def geometry(self) -> TileGeometry: ...
 
 
 @dataclass(frozen=True)
@@ -69,13 +133,13 @@ def _axis_tiles_same(a: int, b: int, size: int, overlap: int) -> list[tuple[int,
 
 
 def plan_tiles(
-    model: UNet, region: Box, tile_size: int | Sequence[int], overlap: float = 0.5
+    model: TiledModel, region: Box, tile_size: int | Sequence[int], overlap: float = 0.5
 ) -> TilePlan:
     """Plan the tiles that predict ``region`` (spatial coordinates of the image).
 
     Parameters
     ----------
-    model : UNet
+    model : UNet, or any model with a :class:`TileGeometry`
     region : Box
         The output region to predict, e.g. a block's write box.
     tile_size : int or sequence of int
@@ -83,7 +147,7 @@ def plan_tiles(
         valid size. For valid nets, tiles are then shrunk to cover ``region`` with the
         least waste, so all tiles of a plan have one shape (one batch).
     overlap : float
-        Same-padding nets only: the fraction of a tile shared with its neighbour.
+        Blended models only: the fraction of a tile's output shared with its neighbour.
 
     Examples
     --------
@@ -96,23 +160,25 @@ def plan_tiles(
     sizes = (tile_size,) * nd if isinstance(tile_size, (int, np.integer)) else tuple(tile_size)
     if len(sizes) != nd:
         raise ValueError(f"tile_size has {len(sizes)} values for {nd} spatial axes")
-    m, f = model.margin, model.factor
-    smallest = model.min_input_size(f + model.output_remainder)  # tiles must step on the f grid
+    g = model.geometry
+    m, f = g.margin, g.factor
+    smallest = g.min_input_size(f + g.remainder)  # tiles must step on the f grid
     if min(sizes) < smallest:
-        raise ValueError(f"tile size {min(sizes)} is too small for this U-Net; the smallest is {smallest}")
-    sizes = tuple(model.max_input_size(int(s)) for s in sizes)
-    if model.config.padding == "valid":
+        raise ValueError(f"tile size {min(sizes)} is too small for this model; the smallest is {smallest}")
+    sizes = tuple(g.max_input_size(int(s)) for s in sizes)
+    if not g.blend:
         axes = [
-            _axis_tiles_valid(a, b, s - 2 * m, f, model.output_remainder)
+            _axis_tiles_valid(a, b, s - 2 * m, f, g.remainder)
             for a, b, s in zip(region.offset, region.stop, sizes)
         ]
     else:
         axes = []
         for a, b, s in zip(region.offset, region.stop, sizes):
-            ov = int(round(s * overlap / f)) * f
-            if not 0 <= ov < s:
+            out = s - 2 * m  # blended tiles overlap by a share of their output
+            ov = int(round(out * overlap / f)) * f
+            if not 0 <= ov < out:
                 raise ValueError(f"overlap {overlap} leaves no step for tile size {s}")
-            axes.append(_axis_tiles_same(a, b, s, ov))
+            axes.append(_axis_tiles_same(a, b, out, ov))
     tiles = []
     for combo in np.ndindex(*(len(a) for a in axes)):
         out = Box(tuple(axes[d][i][0] for d, i in enumerate(combo)),
@@ -121,7 +187,7 @@ def plan_tiles(
     read = tiles[0].input
     for t in tiles[1:]:
         read = read.union(t.input)
-    return TilePlan(region, tuple(tiles), read, blend=model.config.padding == "same")
+    return TilePlan(region, tuple(tiles), read, blend=g.blend)
 
 
 def read_mirrored(reader: Reader, box: Box, image_shape: Sequence[int], mode: str = "reflect") -> np.ndarray:
@@ -151,7 +217,11 @@ def gaussian_window(shape: Sequence[int], sigma_scale: float = 0.125) -> np.ndar
 
 
 def model_device(model: torch.nn.Module) -> tuple[torch.device, torch.memory_format]:
-    weight = next(model.parameters())
+    """Where ``model`` runs and the memory format of its weights (the CPU for a model without
+    torch weights, such as an ONNX model run by onnxruntime)."""
+    weight = next(model.parameters(), None)
+    if weight is None:
+        return torch.device("cpu"), torch.contiguous_format
     fmt = torch.contiguous_format
     if weight.ndim == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
         fmt = torch.channels_last
@@ -182,7 +252,7 @@ def run_tiles(
 
 
 def predict_region(
-    model: UNet,
+    model: torch.nn.Module,
     plan: TilePlan,
     image: np.ndarray,
     batch_size: int = 1,
@@ -194,8 +264,9 @@ def predict_region(
     ``runner`` forwards the batches (default :func:`run_tiles`); the device code of the jobs
     passes its own.
 
-    Valid nets: tile outputs are cropped and placed (overlaps agree exactly). Same-padding
-    nets: tile outputs are blended with :func:`gaussian_window`.
+    Exact models (valid nets): tile outputs are placed (overlaps agree exactly). Blended ones
+    (same padding, or not translation equivariant): tile outputs are blended with
+    :func:`gaussian_window`.
     """
     region = plan.region
     crops = [image[(slice(None), *t.input.relative_to(plan.read))] for t in plan.tiles]
@@ -222,7 +293,7 @@ def predict_region(
 
 
 def overlap_tile(
-    model: UNet,
+    model: torch.nn.Module,
     image: np.ndarray,
     tile_size: int | Sequence[int] = 572,
     batch_size: int = 1,
@@ -231,7 +302,7 @@ def overlap_tile(
 ) -> np.ndarray:
     """Overlap-tile prediction of a whole in-memory image; logits ``(K, *spatial)``.
 
-    ``image`` is ``(C, *spatial)`` and already normalised (see :class:`pipeline.unet.Normalization`).
+    ``image`` is ``(C, *spatial)`` and already normalised (see :class:`pipeline.numerics.unet.Normalization`).
 
     Examples
     --------
@@ -249,20 +320,16 @@ def overlap_tile(
     return predict_region(model, plan, padded, batch_size)
 
 
-def predict_whole(model: UNet, image: np.ndarray, mirror: str = "reflect", context: int = 0) -> np.ndarray:
+def predict_whole(model: torch.nn.Module, image: np.ndarray, mirror: str = "reflect", context: int = 0) -> np.ndarray:
     """One forward pass over the whole mirror-padded image: the reference for :func:`overlap_tile`.
 
-    Valid nets: the image is padded by the margin on each side, plus what the end of each axis
-    needs for a valid size, and the output cropped to the image. Same-padding nets: padded by
-    ``context`` and up to a multiple of the pooling factor.
+    The image is padded by the margin on each side (plus ``context``, for blended models),
+    plus what the end of each axis needs for a valid size, and the output cropped to the image.
     """
     spatial = image.shape[1:]
-    m = model.margin
-    if model.config.padding == "valid":
-        stops = [model.min_input_size(n) - m for n in spatial]
-        box = Box.from_bounds((-m,) * len(spatial), stops)
-    else:
-        box = Box.from_bounds((-context,) * len(spatial), [model.min_input_size(n + 2 * context) - context for n in spatial])
+    g = model.geometry
+    m, c = g.margin, (context if g.blend else 0)
+    box = Box.from_bounds((-m - c,) * len(spatial), [g.min_input_size(n + 2 * c) - m - c for n in spatial])
 
     def reader(inner: Box) -> np.ndarray:
         return image[(slice(None), *inner.slices())]

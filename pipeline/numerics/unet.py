@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import InputError
+from pipeline.numerics.tiling import TileGeometry
 
 CHECKPOINT_FORMAT = "overtile-unet"
 CHECKPOINT_VERSION = 1
@@ -244,44 +245,27 @@ class UNet(nn.Module):
         """Valid output sizes are ≡ this modulo the factor (4 for the paper's net)."""
         return 0 if self.config.padding == "same" else (-4 * (self.factor - 1)) % self.factor
 
+    @property
+    def geometry(self) -> TileGeometry:
+        """The size arithmetic tiling uses: valid nets are tiled exactly on the factor grid,
+        same-padding nets (not equivariant at their zero-padded borders) are blended."""
+        r, f = self.output_remainder, self.factor
+        return TileGeometry(self.margin, f, r, r if r > 0 else f, blend=self.config.padding == "same")
+
     def is_valid_input(self, size: int) -> bool:
-        if self.config.padding == "same":
-            return size >= self.factor and size % self.factor == 0
-        out = size - 2 * self.margin
-        return out >= 1 and (out - self.output_remainder) % self.factor == 0
+        return self.geometry.is_valid_input(size)
 
     def output_size(self, size: int) -> int:
         """Output size along one axis for an input of ``size``; raises if not valid."""
-        if not self.is_valid_input(size):
-            raise ValueError(
-                f"{size} is not a valid input size for this U-Net "
-                f"(next valid: {self.min_input_size(max(1, size - 2 * self.margin))})"
-            )
-        return size - 2 * self.margin
+        return self.geometry.output_size(size)
 
     def min_input_size(self, output: int) -> int:
         """Smallest valid input whose output is at least ``output`` pixels."""
-        if self.config.padding == "same":
-            return max(self.factor, -(-output // self.factor) * self.factor)
-        r, f = self.output_remainder, self.factor
-        out = max(output, r if r > 0 else f)
-        out = r + -(-(out - r) // f) * f
-        return out + 2 * self.margin
+        return self.geometry.min_input_size(output)
 
     def max_input_size(self, limit: int) -> int:
         """Largest valid input size not above ``limit``; raises if there is none."""
-        if self.config.padding == "same":
-            size = (limit // self.factor) * self.factor
-        else:
-            r, f = self.output_remainder, self.factor
-            out = limit - 2 * self.margin
-            size = (r + ((out - r) // f) * f) + 2 * self.margin if out >= max(r, 1) else 0
-        if size < self.min_input_size(1):
-            raise ValueError(
-                f"tile size {limit} is too small for this U-Net; "
-                f"the smallest valid tile is {self.min_input_size(1)}"
-            )
-        return size
+        return self.geometry.max_input_size(limit)
 
 
 def num_parameters(model: nn.Module) -> int:

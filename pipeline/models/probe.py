@@ -1,0 +1,202 @@
+"""The geometry of a model from elsewhere, measured by running it: no trust in what it claims.
+
+A TorchScript or ONNX file says nothing about the input sizes it takes, how much context it
+crops, or whether it may be tiled exactly. :func:`probe` finds out on random input:
+
+1. the valid input sizes: the first sizes it runs at (or the sizes a package declares, each
+   checked), evenly spaced by the *period*;
+2. the output size for an input size: ``n - 2 * margin``, the same margin for every size
+   (anything else, such as a down-sampled output, is refused);
+3. translation equivariance: two tiles of one image, the second shifted by ``d`` pixels,
+   must agree on the part of the image both outputs cover. The smallest ``d`` at which they
+   do (within ``tolerance``) is the step; tiles whose outputs start on that grid then compute
+   exactly what one pass over the whole image computes. A same-padding net (zero padding at
+   its tile border) or a model with a position-dependent term never agrees: it is blended.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from pipeline.errors import InputError
+from pipeline.numerics.tiling import TileGeometry
+
+Forward = Callable[[np.ndarray], np.ndarray]  # (N, C, *spatial) float32 -> (N, K, *spatial)
+
+# Largest input edge the size scan tries: a depth-6 valid U-Net needs 380 px in 2D.
+SCAN_LIMIT = {2: 640, 3: 256}
+# Output edge of the equivariance test: room for shifts up to half of it.
+TEST_OUTPUT = {2: 96, 3: 48}
+
+
+@dataclass(frozen=True)
+class Declared:
+    """Valid input sizes a package declares: ``min + k * step`` (step 0: ``min`` only)."""
+
+    min: int
+    step: int
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What :func:`probe` measured. ``step`` is the equivariance step (``None``: not
+    equivariant at any step tried); ``disagreement`` the largest difference of two shifted
+    tiles on their overlap, at ``step`` or, without one, the smallest over the shifts tried."""
+
+    geometry: TileGeometry
+    num_classes: int
+    period: int
+    step: int | None
+    disagreement: float
+    shift: int  # the shift whose disagreement is reported
+
+    @property
+    def exact(self) -> bool:
+        return self.step is not None
+
+    def reason(self) -> str:
+        """Why the model is tiled exactly or blended, in one line."""
+        g = self.geometry
+        crop = f"output = input − {2 * g.margin} px" if g.margin else "output as large as its input"
+        if self.exact:
+            return (f"exact: {crop}, and tiles shifted by {self.step} px agree on their overlap "
+                    f"(max difference {self.disagreement:.1e}); tiles on the {g.factor}-px grid")
+        why = "zero padding at tile borders" if not g.margin else "not translation equivariant"
+        return (f"blended: {crop}; tiles shifted by {self.shift} px disagree by up to {self.disagreement:.2g} "
+                f"on their overlap ({why})")
+
+
+def _run(forward: Forward, x: np.ndarray) -> np.ndarray | None:
+    try:
+        y = np.asarray(forward(x))
+    except Exception:  # noqa: BLE001 - any failure of a foreign model at a size: not a valid size
+        return None
+    return y
+
+
+def _loss(n: int, y: np.ndarray, dims: int, source: str) -> tuple[int, int]:
+    """What the model crops from an ``n`` px input (both sides together), and its classes."""
+    if y.ndim != dims + 2 or y.shape[0] != 1:
+        raise InputError(f"{source}: output of shape {y.shape} for an input of {n} px per axis; "
+                         f"expected (batch, classes, {', '.join('zyx'[-dims:])})")
+    spatial = set(y.shape[2:])
+    if len(spatial) > 1 or max(spatial) > n:
+        raise InputError(f"{source}: output {'×'.join(map(str, y.shape[2:]))} px for {n} px input: not a crop of "
+                         f"the input, so overtile cannot tile it")
+    return n - spatial.pop(), y.shape[1]
+
+
+def _sizes(forward: Forward, dims: int, channels: int, source: str, declared: Declared | None) -> tuple[list[int], int, int]:
+    """Three valid input sizes, evenly spaced; the margin per side; the classes.
+
+    A valid size is one the model runs at with the smallest crop it makes: a U-Net that
+    crops its skip connections also runs at sizes its poolings do not divide, but loses
+    more than its margin there (and its tiles no longer line up).
+    """
+    def run(n: int) -> np.ndarray | None:
+        return _run(forward, np.zeros((1, channels) + (n,) * dims, np.float32))
+
+    found: dict[int, tuple[int, int]] = {}  # size -> (crop, classes)
+    if declared is not None:
+        for n in (declared.min + k * declared.step for k in range(3 if declared.step else 1)):
+            y = run(n)
+            if y is None:
+                raise InputError(f"{source}: declares input sizes {declared.min} + k·{declared.step} px, "
+                                 f"but the model fails at {n} px")
+            found[n] = _loss(n, y, dims, source)
+        sizes = sorted(found)
+    else:
+        sizes = []
+        for n in range(1, SCAN_LIMIT[dims] + 1):
+            y = run(n)
+            if y is None:
+                continue
+            found[n] = _loss(n, y, dims, source)
+            least = min(c for c, _ in found.values())
+            sizes = [k for k, (c, _) in found.items() if c == least]
+            if len(sizes) >= 3 and n >= sizes[2] + (sizes[1] - sizes[0]):  # one period past: no smaller crop
+                break
+        if not found:
+            raise InputError(f"{source}: the model runs at no {dims}-D input size from 1 to {SCAN_LIMIT[dims]} px "
+                             f"with {channels} channel(s)")
+        sizes = sizes[:3]
+        if len(sizes) < 3 or sizes[2] - sizes[1] != sizes[1] - sizes[0]:
+            raise InputError(f"{source}: the model's input sizes with the least crop are {', '.join(map(str, sizes))} px: "
+                             f"not evenly spaced, so overtile cannot tile it")
+    crops = {found[n][0] for n in sizes}
+    classes = {found[n][1] for n in sizes}
+    if len(crops) > 1 and declared is not None:
+        seen = ", ".join(f"{found[n][0]} px at {n} px" for n in sizes)
+        raise InputError(f"{source}: declares input sizes {declared.min} + k·{declared.step} px, but the model crops {seen}")
+    if len(crops) > 1:
+        raise InputError(f"{source}: the output is smaller than the input by {sorted(crops)} px at input sizes "
+                         f"{sizes}: not a fixed margin, so overtile cannot tile it")
+    if len(classes) > 1:
+        raise InputError(f"{source}: the number of output channels changes with the input size ({sorted(classes)})")
+    crop = crops.pop()
+    if crop % 2:
+        raise InputError(f"{source}: the output is {crop} px smaller than the input: not the same crop on each side")
+    return sizes, crop // 2, classes.pop()
+
+
+def _disagreement(a: np.ndarray, b: np.ndarray, shift: int, dims: int) -> float:
+    """Largest difference of two tile outputs on what both cover, the second shifted by ``shift``
+    along every axis; relative to the outputs' scale where that is above 1."""
+    o = a.shape[-1]
+    first = a[(Ellipsis, *(slice(shift, o),) * dims)]
+    second = b[(Ellipsis, *(slice(0, o - shift),) * dims)]
+    scale = max(1.0, float(np.abs(first).max()))
+    return float(np.abs(first - second).max()) / scale
+
+
+def probe(forward: Forward, dims: int, channels: int, source: str, declared: Declared | None = None,
+          tolerance: float = 1e-4, seed: int = 0) -> Probe:
+    """Measure the valid input sizes, the margin and the equivariance step of ``forward``.
+
+    Parameters
+    ----------
+    forward : callable
+        ``(N, C, *spatial)`` float32 in, ``(N, K, *spatial)`` out, as tiles are run.
+    dims, channels : int
+        Spatial axes and input channels of the model.
+    source : str
+        The model's name in error messages.
+    declared : Declared, optional
+        The input sizes a package declares: checked (each must run), not searched.
+    tolerance : float
+        Shifted tiles agree when they differ by at most this (relative to outputs above 1).
+    """
+    sizes, margin, classes = _sizes(forward, dims, channels, source, declared)
+    period = sizes[1] - sizes[0] if len(sizes) > 1 else 0
+    if period == 0:
+        raise InputError(f"{source}: takes only {sizes[0]} px tiles; overtile needs a model that takes a range of tile sizes")
+    first = sizes[0]
+    size = first + -(-max(0, TEST_OUTPUT[dims] - (first - 2 * margin)) // period) * period
+    out = size - 2 * margin
+    shifts = sorted({1, 2, 4, 8, 16, 32, 64, period, 2 * period} & set(range(1, out // 2 + 1)))
+    rng = np.random.default_rng(seed)
+    image = rng.standard_normal((1, channels) + (size + shifts[-1],) * dims).astype(np.float32)
+    reference = _run(forward, image[(Ellipsis, *(slice(0, size),) * dims)])
+    if reference is None:
+        raise InputError(f"{source}: the model fails at {size} px, between sizes it runs at")
+    found: dict[int, float] = {}
+    for shift in shifts:
+        moved = _run(forward, image[(Ellipsis, *(slice(shift, shift + size),) * dims)])
+        if moved is None:
+            raise InputError(f"{source}: the model fails at {size} px, between sizes it runs at")
+        found[shift] = _disagreement(reference, moved, shift, dims)
+    agree = [s for s in shifts if found[s] <= tolerance]
+    # the step: the smallest shift that agrees and whose double, where tried, agrees too
+    step = next((s for s in agree if 2 * s not in found or found[2 * s] <= tolerance), None)
+    r0 = first - 2 * margin
+    if step is None:
+        shift = min(found, key=found.__getitem__)
+        geometry = TileGeometry(margin, period, r0 % period, r0, blend=True)
+        return Probe(geometry, classes, period, None, found[shift], shift)
+    factor = math.lcm(period, step)
+    geometry = TileGeometry(margin, factor, r0 % factor, r0, blend=False)
+    return Probe(geometry, classes, period, step, found[step], step)

@@ -1,0 +1,356 @@
+"""Models of every kind: TorchScript, ONNX and bioimage.io packages run through ``overtile
+predict`` as overtile's own checkpoints do, exactly where the probe finds them translation
+equivariant and blended where not; exported forms give the native output; corrupt or
+mismatched model files are one clear line and exit status 2. Every model and image is made
+here (tiny nets)."""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import cells, make_model, write_zarr
+from torch import nn
+
+from pipeline.cli import main
+from pipeline.errors import InputError
+from pipeline.jobs.inference import file_digest
+from pipeline.models import describe, detect, export
+from pipeline.models.preprocessing import Preprocessing, ScaleRange, ZeroMeanUnitVariance
+from pipeline.models.probe import Declared, probe
+from pipeline.numerics.geometry import Box
+from pipeline.numerics.tiling import overlap_tile, plan_tiles, predict_whole
+from pipeline.numerics.unet import Normalization, UNet, save_model
+
+NOWHERE = "tcp://127.0.0.1:9"  # a scheduler: so a run that fails while planning starts no cluster
+
+
+def checkpoint(path: Path, **kwargs) -> Path:
+    """A depth-4 valid U-Net (8-px grid, margin 44) with a normalisation that is not the default."""
+    torch.manual_seed(kwargs.pop("seed", 0))
+    net = UNet(**{"depth": 4, "base_channels": 2, **kwargs})
+    net.normalization = Normalization(mean=0.2, std=0.5)
+    save_model(net, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return checkpoint(tmp_path_factory.mktemp("models") / "unet.pt")
+
+
+@pytest.fixture(scope="module")
+def torchscript(ckpt) -> Path:
+    out = ckpt.with_name("unet.ts")
+    export(str(ckpt), str(out), "torchscript")
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnx_file(ckpt) -> Path:
+    out = ckpt.with_name("unet.onnx")
+    export(str(ckpt), str(out), "onnx")
+    return out
+
+
+@pytest.fixture(scope="module")
+def package(ckpt) -> Path:
+    out = ckpt.with_name("unet.zip")
+    export(str(ckpt), str(out), "bioimageio")
+    return out
+
+
+def run_predict(capsys, image: str, model: Path, out: Path, client, *extra: str) -> tuple[np.ndarray, str, str]:
+    code = main(["predict", image, str(out), "--model", str(model), "--block-size", "512", "--tile-size", "300",
+                 "--scheduler", client.scheduler.address, "--quiet", *extra])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return zarr.open_group(str(out), mode="r")["0"][...], captured.out, captured.err
+
+
+# --- kinds ------------------------------------------------------------------------------------
+
+
+def test_the_kind_is_read_from_the_file_not_its_name(ckpt, torchscript, tmp_path):
+    disguised = tmp_path / "model.onnx"
+    shutil.copy(torchscript, disguised)
+    assert detect(ckpt) == "overtile" and detect(torchscript) == "torchscript" and detect(disguised) == "torchscript"
+    info, _ = describe(disguised)
+    assert info.kind == "torchscript" and (info.dims, info.in_channels, info.num_classes) == (2, 1, 2)
+
+
+def test_the_probe_finds_the_geometry_of_a_traced_unet(torchscript, ckpt):
+    """A TorchScript file says nothing about its sizes: the probe measures the U-Net's own
+    arithmetic (margin 44, 8-px grid, outputs ≡ 4 mod 8) and finds it translation equivariant."""
+    info, _ = describe(torchscript)
+    native, _ = describe(ckpt)
+    assert info.geometry == native.geometry and info.exact
+    assert info.tiling.startswith("exact: output = input − 88 px, and tiles shifted by 8 px agree")
+
+
+def test_a_declared_step_or_crop_that_the_model_does_not_have_is_an_error(tmp_path):
+    """Declared sizes are run, not trusted: a U-Net that runs at every size (it crops its skip
+    connections) but crops more off-grid is caught, and so is a wrong declared crop."""
+    torch.manual_seed(0)
+    net = UNet(depth=3, base_channels=2).eval()
+
+    def forward(x):
+        with torch.inference_mode():
+            return net(torch.from_numpy(x)).numpy()
+
+    assert probe(forward, 2, 1, "unet").geometry == net.geometry
+    with pytest.raises(InputError, match=r"declares input sizes 44 \+ k·2 px, but the model crops"):
+        probe(forward, 2, 1, "unet", declared=Declared(44, 2))
+
+
+@pytest.mark.slow
+def test_every_exported_form_predicts_what_the_checkpoint_predicts(ckpt, torchscript, onnx_file, package, client,
+                                                                 tmp_path, capsys):
+    """The round trip: each exported form through ``overtile predict`` on a 1000² uint8 image
+    equals the native checkpoint's output (1e-5; 1e-4 for ONNX), and the closing lines say
+    how the tiles were put together and why."""
+    image = write_zarr(tmp_path / "img.zarr", cells((1000, 1000)), chunks=(256, 256))
+    native, stdout, _ = run_predict(capsys, image, ckpt, tmp_path / "native.zarr", client)
+    assert "tiles exact: a valid U-Net, output = input − 88 px, tiles on its 8-px grid" in stdout
+    for model, tolerance, kind in [(torchscript, 1e-5, "TorchScript model"), (onnx_file, 1e-4, "ONNX model"),
+                                   (package, 1e-5, "bioimage.io package")]:
+        out, stdout, _ = run_predict(capsys, image, model, tmp_path / f"{model.name}.zarr", client)
+        assert np.abs(out - native).max() <= tolerance, model.name
+        assert f"model: {kind}" in stdout and "tiles exact" in stdout
+
+
+@pytest.mark.slow
+def test_a_package_runs_each_of_its_weights_alike(ckpt, package):
+    """The package's state dict, TorchScript and ONNX weights, each with the package's
+    declared preprocessing, tile exactly and agree with the native model."""
+    image = cells((1, 300, 260), dtype=np.uint8)
+    native, net = describe(ckpt)
+    expected = overlap_tile(net, native.normalization(image), tile_size=212)
+    for weights, tolerance in [("pytorch_state_dict", 1e-5), ("torchscript", 1e-5), ("onnx", 1e-4)]:
+        info, model = describe(package, weights=weights)
+        assert info.exact and info.geometry == native.geometry, weights
+        got = overlap_tile(model, info.normalization(image), tile_size=212)
+        assert np.abs(got - expected).max() <= tolerance, weights
+
+
+@pytest.mark.slow
+def test_the_package_validates_and_declares_what_it_needs(package, tmp_path):
+    from bioimageio.spec import load_model_description
+
+    descr = load_model_description(package, perform_io_checks=True)
+    assert descr.validation_summary.status == "valid-format"
+    inp, out = descr.inputs[0], descr.outputs[0]
+    assert [a.type for a in inp.axes] == ["batch", "channel", "space", "space"]
+    assert inp.axes[2].size.min == 92 and inp.axes[2].size.step == 8
+    assert out.axes[2].size.offset == -88  # the crop the model makes: a halo it cuts off itself
+    assert [p.id for p in inp.preprocessing if p.id != "ensure_dtype"] == ["scale_linear"]
+    assert [p.id for p in out.postprocessing if p.id != "ensure_dtype"] == ["softmax"]
+    assert {f for f in ("pytorch_state_dict", "torchscript", "onnx") if getattr(descr.weights, f)} == {
+        "pytorch_state_dict", "torchscript", "onnx"}
+    folder = tmp_path / "package"
+    assert main(["model", "export", str(package.with_name("unet.pt")), str(folder), "--format", "bioimageio",
+                 "--name", "tiny unet"]) == 0
+    assert (folder / "rdf.yaml").is_file() and len(file_digest(folder)) == 64
+    assert describe(folder / "rdf.yaml")[0].geometry == describe(package)[0].geometry
+
+
+@pytest.mark.slow
+def test_bioimageio_core_reproduces_the_test_output(package):
+    """bioimageio.core's own prediction (its preprocessing, its TorchScript and ONNX runs) on
+    the package's test input gives the package's test output."""
+    core = pytest.importorskip("bioimageio.core")
+    descr = core.load_model_description(package)
+    x = np.load(zipfile.ZipFile(package).open("test_input.npy"))
+    y = np.load(zipfile.ZipFile(package).open("test_output.npy"))
+    for weights in ("torchscript", "onnx"):
+        pipeline = core.create_prediction_pipeline(descr, weight_format=weights)
+        got = core.predict(model=pipeline, inputs={"raw": x}).members["probabilities"].data.values
+        assert got.shape == y.shape and np.abs(got - y).max() <= 1e-5, weights
+
+
+# --- exact or blended -------------------------------------------------------------------------
+
+
+class PositionTerm(nn.Module):
+    """A valid 3×3 convolution plus a term that grows with the position inside the tile: it
+    crops like a valid net but is not translation equivariant."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        ramp = torch.arange(y.shape[-1], dtype=y.dtype, device=y.device) * 0.01
+        return y + ramp
+
+
+def test_a_position_dependent_model_is_refused_exact_tiling(tmp_path, capsys):
+    torch.manual_seed(0)
+    path = tmp_path / "position.ts"
+    torch.jit.script(PositionTerm().eval()).save(str(path))
+    info, model = describe(path)
+    assert not info.exact and info.geometry.margin == 1
+    assert "blended" in info.tiling and "not translation equivariant" in info.tiling
+    plan = plan_tiles(model, Box.from_shape((100, 100)), 64)
+    assert plan.blend and len(plan.tiles) > 1
+    assert main(["model", "info", str(path)]) == 0
+    assert "tiles blended" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_non_equivariant_model_runs_blended_with_a_warning(tmp_path, client, capsys):
+    torch.manual_seed(0)
+    path = tmp_path / "position.ts"
+    torch.jit.script(PositionTerm().eval()).save(str(path))
+    image = write_zarr(tmp_path / "img.zarr", cells((200, 180)))
+    out, stdout, stderr = run_predict(capsys, image, path, tmp_path / "p.zarr", client, "--tile-size", "64")
+    assert out.shape == (2, 200, 180) and np.allclose(out.sum(axis=0), 1, atol=1e-5)
+    assert "warning:" in stderr and "not translation equivariant" in stderr
+    assert "tiles blended" in stdout
+
+
+@pytest.mark.slow
+def test_monai_basic_unet_as_torchscript_runs_blended(tmp_path, client, capsys):
+    """A same-padding U-Net from another library: runs at any size, but zero padding at tile
+    borders makes shifted tiles disagree, so it is blended (no warning: that is its design)."""
+    monai = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(0)
+    net = monai.BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4)).eval()
+    path = tmp_path / "monai.pt"
+    torch.jit.script(net).save(str(path))
+    info, model = describe(path)
+    assert not info.exact and info.geometry.margin == 0 and "zero padding" in info.tiling
+    image = write_zarr(tmp_path / "img.zarr", cells((256, 200)))
+    out, stdout, stderr = run_predict(capsys, image, path, tmp_path / "p.zarr", client, "--tile-size", "128")
+    assert "tiles blended: output as large as its input" in stdout and "warning" not in stderr
+    whole = predict_whole(model, Normalization()(cells((256, 200))[None]), context=64)
+    probabilities = np.exp(whole) / np.exp(whole).sum(axis=0)
+    assert np.abs(out - probabilities).mean() < 0.05  # blended tiles stay close to one pass over the image
+
+
+# --- bad model files: one line, exit 2 --------------------------------------------------------
+
+
+@pytest.fixture
+def image(tmp_path) -> str:
+    return write_zarr(tmp_path / "img.zarr", np.zeros((60, 50), np.uint8))
+
+
+def expect_error(capsys, args: list[str], message: str) -> None:
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("overtile: error: ") and err.count("\n") == 1, err
+    assert message in err, err
+
+
+def predict_args(image: str, model: Path, tmp_path: Path) -> list[str]:
+    return ["predict", image, str(tmp_path / "out.zarr"), "--model", str(model), "--scheduler", NOWHERE]
+
+
+def test_corrupt_model_files_are_one_line(tmp_path, image, torchscript, capsys):
+    junk_onnx = tmp_path / "junk.onnx"
+    junk_onnx.write_bytes(b"\x08\x07" + b"not really a protobuf" * 10)
+    expect_error(capsys, predict_args(image, junk_onnx, tmp_path), "junk.onnx: not a readable ONNX model")
+    broken_ts = tmp_path / "broken.ts"
+    with zipfile.ZipFile(torchscript) as src, zipfile.ZipFile(broken_ts, "w") as dst:
+        for name in src.namelist():
+            dst.writestr(name, b"garbage" if name.endswith(".py") or name.endswith("data.pkl") else src.read(name))
+    expect_error(capsys, predict_args(image, broken_ts, tmp_path), "broken.ts: not a readable TorchScript model")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    expect_error(capsys, predict_args(image, folder, tmp_path), "folder: a folder without rdf.yaml")
+    bad_rdf = tmp_path / "bad"
+    bad_rdf.mkdir()
+    (bad_rdf / "rdf.yaml").write_text("type: model\nformat_version: 0.5.4\nname: x\n")
+    expect_error(capsys, ["model", "info", str(bad_rdf)], "bad: not a valid bioimage.io model description")
+    expect_error(capsys, predict_args(image, tmp_path / "missing.onnx", tmp_path), "missing.onnx: no such model file")
+
+
+def test_a_model_that_does_not_fit_the_image_is_one_line(tmp_path, image, capsys):
+    rgb = tmp_path / "rgb.ts"
+    torch.manual_seed(0)
+    torch.jit.trace(UNet(in_channels=3, depth=3, base_channels=2).eval(), torch.zeros(1, 3, 44, 44)).save(str(rgb))
+    expect_error(capsys, predict_args(image, rgb, tmp_path), "rgb.ts: the model expects 3 input channel(s)")
+    flat = tmp_path / "flat.ts"
+    torch.jit.script(nn.Flatten().eval()).save(str(flat))
+    expect_error(capsys, predict_args(image, flat, tmp_path), "flat.ts: output of shape")
+
+
+@pytest.mark.slow
+def test_a_package_whose_declarations_do_not_match_its_model_is_an_error(package, tmp_path, capsys):
+    folder = tmp_path / "package"
+    with zipfile.ZipFile(package) as z:
+        z.extractall(folder)
+    rdf = folder / "rdf.yaml"
+    text = rdf.read_text()
+    rdf.write_text(text.replace("offset: -88", "offset: -80"))
+    expect_error(capsys, ["model", "info", str(folder)], "declares output = input − 80 px, but the model's output is input − 88 px")
+    expect_error(capsys, ["model", "info", str(folder), "--weights", "torchscript"],
+                 "declares output = input − 80 px, but the model's output is input − 88 px")
+    rdf.write_text(text.replace("step: 8", "step: 4"))
+    expect_error(capsys, ["model", "info", str(folder)], "declares input sizes 92 + k·4 px, but its U-Net takes 92 + k·8 px")
+    expect_error(capsys, ["model", "info", str(folder), "--weights", "onnx"], "declares input sizes 92 + k·4 px, but the model")
+
+
+def test_per_sample_statistics_are_taken_once_from_the_whole_image():
+    """A package's zero_mean_unit_variance and scale_range, fixed from the whole image, give
+    every block the arithmetic one pass over the image would: no per-tile statistics, no seams."""
+    image = cells((2, 120, 90), dtype=np.uint16)
+    steps = Preprocessing((ZeroMeanUnitVariance(per_channel=True), ScaleRange(1, 99)))
+    fixed = steps.fixed(image)
+    assert not fixed.needs_statistics and steps.needs_statistics
+    x = image.astype(np.float32)
+    mean, std = x.mean(axis=(1, 2), keepdims=True), x.std(axis=(1, 2), keepdims=True)
+    z = (x - mean) / (std + 1e-6)
+    low, high = np.percentile(z, [1, 99])
+    whole = (z - low) / (high - low + 1e-6)
+    np.testing.assert_allclose(fixed(image), whole, atol=1e-5)
+    np.testing.assert_allclose(fixed(image[:, 30:70, 10:50]), whole[:, 30:70, 10:50], atol=1e-5)  # a block alone
+
+
+@pytest.mark.slow
+def test_a_package_with_statistics_and_a_halo_predicts_through_overtile(tmp_path, client, capsys):
+    """A same-padding U-Net packaged with zero_mean_unit_variance and a declared halo: the
+    statistics come from the whole image, the halo is cropped from every tile, tiles blend."""
+    ckpt = make_model(tmp_path / "same.pt", depth=3, base_channels=2, padding="same")
+    folder = tmp_path / "package"
+    export(str(ckpt), str(folder), "bioimageio")
+    rdf = folder / "rdf.yaml"
+    text = rdf.read_text().replace("    preprocessing:\n", "    preprocessing:\n      - id: zero_mean_unit_variance\n")
+    text = text.replace("min: 4\n", "min: 16\n")  # room for the halo
+    for axis in "yx":  # the output axes: crop 6 px of each tile's output (its zero-padded border)
+        text = text.replace(f"          offset: 0\n        id: {axis}\n        type: space\n",
+                            f"          offset: 0\n        id: {axis}\n        type: space\n        halo: 6\n")
+    rdf.write_text(text)
+    info, model = describe(folder)
+    assert info.halo == 6 and info.geometry.margin == 6 and not info.exact and info.needs_statistics
+    data = cells((150, 130))
+    image = write_zarr(tmp_path / "img.zarr", data)
+    out, stdout, _ = run_predict(capsys, image, folder, tmp_path / "p.zarr", client, "--tile-size", "48")
+    assert "tiles blended: same padding" in stdout
+    x = data.astype(np.float32)[None]
+    expected = overlap_tile(model, (x - x.mean()) / (x.std() + 1e-6), tile_size=48)
+    np.testing.assert_allclose(out, np.exp(expected) / np.exp(expected).sum(axis=0), atol=1e-5)
+
+
+def test_file_digest_covers_a_package_folder(tmp_path, ckpt):
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    (folder / "rdf.yaml").write_text("a")
+    (folder / "weights.pt").write_bytes(ckpt.read_bytes())
+    first = file_digest(folder)
+    (folder / "weights.pt").write_bytes(ckpt.read_bytes() + b"\0")
+    assert file_digest(folder) != first and file_digest(ckpt) != first
+
+
+def test_a_checkpoint_of_overtile_still_needs_no_probe(tmp_path):
+    path = make_model(tmp_path / "m.pt", depth=3, base_channels=2)
+    info, _ = describe(path)
+    assert info.kind == "overtile" and info.weights == "overtile" and info.compilable
+    assert info.tiling.startswith("exact: a valid U-Net")
