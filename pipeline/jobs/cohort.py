@@ -193,16 +193,16 @@ def _stem(url: str) -> str:
 # --- one slide ------------------------------------------------------------------------------
 
 
-def in_place(url: str) -> tuple[bool, str]:
-    """Whether a slide can be read in place, block by block, and if not, why."""
+def in_place(url: str) -> tuple[storage.ImageSource | None, str]:
+    """The slide opened for reading in place, block by block; or None and why it cannot be."""
     if slides.is_picture(url):
-        return False, "a picture (PNG / JPEG) is read whole"
+        return None, "a picture (PNG / JPEG) is read whole"
     source = storage.open_image(url)
     chunks = getattr(source.array, "chunks", None) or source.array.shape
     spatial = [c for c, a in zip(chunks, source.axes) if a in "zyx"]
     if math.prod(spatial) > MAX_IN_PLACE_CHUNK:
-        return False, f"stored in pieces of {'×'.join(map(str, spatial))} px"
-    return True, ""
+        return None, f"stored in pieces of {'×'.join(map(str, spatial))} px"
+    return source, ""
 
 
 class SlideRun:
@@ -251,16 +251,16 @@ def _compute(slide: Slide, settings: CohortSettings, folder: str, client: Callab
     from pipeline.jobs.ingest import IngestSettings, ingest
 
     row: dict[str, Any] = {}
-    readable, why = in_place(slide.url)
+    source, why = in_place(slide.url)
     image = slide.url
-    if readable:
+    if source is not None:
         row["read"] = "in place"
     else:
         image = f"{folder}/{IMAGE}"
         ingest(IngestSettings(slide=slide.url, output=image, block_size=settings.block_size,
                               overwrite=settings.overwrite), client=client(), **report.hooks(slide.name))
         row["read"] = f"ingested ({why})"
-    source = storage.open_image(image)
+        source = storage.open_image(image)
     row["height_px"], row["width_px"] = (int(n) for n in source.spatial_shape[-2:])
     predict_settings = PredictSettings(
         input=image, output=f"{folder}/{PREDICTION}", model=settings.model, tissue=settings.tissue,
