@@ -47,6 +47,7 @@ def summarise(job: PredictJob, summary: RunSummary) -> dict:
         get_run_logger().info("segment: preview written to %s", png)
     return report("segment", summary, {"input": s.input, "output": s.output, "model": s.model,
                                        "model kind": job.model.summary(), "tiles": job.model.tiling,
+                                       "test-time augmentation": job.augmentation or "none",
                                        "output kind": s.output_kind, "device": job.device,
                                        "compiled model": compile_report(summary.records) if job.compile and summary.records
                                        else "no (eager)",

@@ -83,7 +83,8 @@ def _predict(args: argparse.Namespace) -> None:
         f"overtile: done: {summary.done} blocks computed, {summary.skipped} skipped (already done){background}, "
         f"{summary.pixels / 1e6:.1f} MP in {summary.seconds:.1f} s = {summary.megapixels_per_second:.2f} MP/s\n"
         f"overtile: tiles {job.model.tiling}\n"
-        f"overtile: {settings.output_kind} written to {job.output} (array '0', shape {job.output_shape}, {job.output_dtype})"
+        + (f"overtile: test-time augmentation: {job.augmentation}\n" if job.augmented else "")
+        + f"overtile: {settings.output_kind} written to {job.output} (array '0', shape {job.output_shape}, {job.output_dtype})"
     )
     if job.compile and summary.records:
         print(f"overtile: {compile_report(summary.records)}")

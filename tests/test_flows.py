@@ -57,7 +57,7 @@ def test_segment_flow_writes_what_predict_writes_and_reports_it(prefect_api, cli
 
     url, _ = image_2d
     settings = PredictSettings(input=url, output=str(tmp_path / "flow.zarr"), model=str(model_2d), block_size=128,
-                               scheduler=client.scheduler.address)
+                               scheduler=client.scheduler.address, tta="identity,rot90")
     state = segment(settings, return_state=True)
     assert state.is_completed()
     result = state.result()
@@ -72,6 +72,7 @@ def test_segment_flow_writes_what_predict_writes_and_reports_it(prefect_api, cli
     summary = table(artifacts["segment-summary"])
     assert summary[COMPUTED] == "9" and summary[SKIPPED] == "0" and summary["blocks failed"] == "0"
     assert summary["input"] == url and summary["model"] == str(model_2d) and summary["output"] == settings.output
+    assert summary["test-time augmentation"].startswith("2 transforms (identity, rot90) averaged in probability space")
     assert float(summary["megapixels per second"]) > 0
     assert "data:image/jpeg;base64," in artifacts["segment-preview"]["data"]
     assert (tmp_path / "flow.zarr.preview.png").stat().st_size > 1000

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from pipeline.numerics.geometry import Box
 from pipeline.numerics.tta import TRANSFORMS, predict_region_tta, predict_whole_tta, transforms
@@ -77,3 +78,42 @@ def test_a_subset_by_name_and_unknown_names():
     assert len(transforms(3, "all")) == 8 and [t.name for t in transforms(3, "none")] == ["identity"]
     with pytest.raises(ValueError, match="rot90: not a 3-D test-time transform"):
         transforms(3, "rot90")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prefetch", [False, True], ids=["read-in-task", "read-ahead"])
+def test_predict_with_tta_equals_the_whole_image_augmentation(client, image_2d, model_2d, tmp_path, prefetch):
+    """``overtile predict --tta``: blocks of 100² and tiles of 204² (the whole image is one
+    pass per transform), read in the block's task or ahead of it, equal the augmentation of
+    whole-image inference; labels are the argmax of the averaged probabilities."""
+    from pipeline.jobs.predict import PredictSettings, predict
+    from pipeline.numerics.unet import load_model
+
+    url, data = image_2d
+    settings = PredictSettings(input=url, output=str(tmp_path / "p.zarr"), model=str(model_2d), block_size=100,
+                               tile_size=204, tta="all", prefetch=prefetch, pyramid=False)
+    job, summary = predict(settings, client=client)
+    out = zarr.open_array(str(tmp_path / "p.zarr" / "0"), mode="r")[...]
+    model = load_model(model_2d)
+    whole = predict_whole_tta(model, model.normalization(data[None]), transforms(2, "all"))
+    np.testing.assert_allclose(out, whole, atol=1e-5)
+    assert summary.done == 12 and "8 transforms" in job.augmentation and "exact" in job.augmentation
+    if not prefetch:
+        labels_settings = settings.model_copy(update={"output": str(tmp_path / "l.zarr"), "output_kind": "labels"})
+        predict(labels_settings, client=client)
+        np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "l.zarr" / "0"), mode="r")[0], whole.argmax(0))
+
+
+def test_predict_tta_names_are_checked_before_anything_is_written(image_2d, model_2d, tmp_path):
+    from pipeline.errors import InputError
+    from pipeline.jobs.predict import PredictSettings, plan_prediction
+
+    url, _ = image_2d
+    with pytest.raises(InputError, match="--tta: flip_z: not a 2-D test-time transform"):
+        plan_prediction(PredictSettings(input=url, output=str(tmp_path / "p.zarr"), model=str(model_2d), tta="flip_z"))
+    assert not (tmp_path / "p.zarr").exists()
+    job, _ = plan_prediction(PredictSettings(input=url, output=str(tmp_path / "q.zarr"), model=str(model_2d),
+                                             tta="rot90, flip_x"))
+    plain, _ = plan_prediction(PredictSettings(input=url, output=str(tmp_path / "r.zarr"), model=str(model_2d)))
+    assert [t.name for t in job.transforms] == ["rot90", "flip_x"] and plain.augmentation == ""
+    assert job.fingerprint != plain.fingerprint  # a run with another augmentation never resumes into this output

@@ -48,7 +48,7 @@ from pipeline.errors import BlocksFailed, InputError
 from pipeline.jobs import blockwise
 from pipeline.jobs.inference import file_digest, resolve_device
 from pipeline.jobs.objects import ObjectOptions, ObjectSettings, find_objects
-from pipeline.jobs.predict import PredictSettings, predict
+from pipeline.jobs.predict import TTA_HELP, PredictSettings, predict
 from pipeline.jobs.tissue import TissueMethod
 from pipeline.storage import files, slides
 from pipeline.storage.sources import file_stamp
@@ -105,6 +105,7 @@ class CohortSettings(BaseModel):
     block_size: blockwise.BlockSize = None
     tile_size: int | None = Field(None, ge=8, description="Largest tile input edge for one forward pass "
                                   "(default 1212 in 2D)")
+    tta: str = Field("none", description=TTA_HELP)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs")
     slides_in_flight: int = Field(3, ge=1, le=64, description="Slides planned and computed at once on the shared "
                                   "cluster, so workers never wait at a slide's end")
@@ -265,7 +266,7 @@ def _compute(slide: Slide, settings: CohortSettings, folder: str, client: Callab
     predict_settings = PredictSettings(
         input=image, output=f"{folder}/{PREDICTION}", model=settings.model, tissue=settings.tissue,
         tissue_threshold=settings.tissue_threshold, dtype=settings.dtype, block_size=settings.block_size,
-        tile_size=settings.tile_size, device=settings.device, overwrite=settings.overwrite,
+        tile_size=settings.tile_size, tta=settings.tta, device=settings.device, overwrite=settings.overwrite,
         scheduler=settings.scheduler, workers=settings.workers)
     failures: list[str] = []
     job, summary = predict(predict_settings, client=client(), failures=failures, **report.hooks(slide.name))

@@ -37,8 +37,12 @@ from pipeline.jobs.tissue import TissueMethod, tissue_mask
 from pipeline.numerics.downsample import level_shapes
 from pipeline.numerics.geometry import Block, Box, block_at, block_grid
 from pipeline.numerics.tiling import plan_tiles, predict_region, read_mirrored, softmax
+from pipeline.numerics.tta import Transform, predict_region_tta, read_box, transforms
 
 OutputKind = Literal["probabilities", "labels"]
+TTA_HELP = ("Test-time augmentation, averaged in probability space and exact under tiling: none, all (the 8 flips and "
+            "90° rotations in 2-D, the 8 flips in 3-D), or a comma-separated subset such as identity,flip_x,rot90 "
+            "(one forward pass per transform)")
 
 
 class PredictSettings(blockwise.BlockwiseSettings):
@@ -60,6 +64,7 @@ class PredictSettings(blockwise.BlockwiseSettings):
     output_kind: OutputKind = Field("probabilities", description="Softmax probabilities per class, or the argmax labels (uint8)")
     dtype: Literal["float32", "float16", "uint8"] = Field("float32", description="Probability dtype; uint8 stores round(255·p)")
     mirror: Literal["reflect", "symmetric"] = Field("reflect", description="Mirroring at the image border, in numpy's words")
+    tta: str = Field("none", description=TTA_HELP)
     autocast: Literal["none", "bf16", "fp16"] = Field("none", description="Mixed precision (changes the numbers slightly)")
     channels_last: bool = Field(True, description="channels_last memory format (same numbers, about 2× faster on CPU)")
     tissue: TissueMethod = Field("all", description="Which blocks to compute: all, or those with tissue in a low-resolution mask: "
@@ -108,6 +113,30 @@ class PredictJob(blockwise.BlockwiseJob):
         return self.device == "cuda"
 
     @property
+    def transforms(self) -> list[Transform]:
+        """The test-time transforms; just the identity without augmentation."""
+        return transforms(len(self.spatial_shape), self.settings.tta)
+
+    @property
+    def augmented(self) -> bool:
+        return self.settings.tta != "none"
+
+    @property
+    def augmentation(self) -> str:
+        """The test-time augmentation and its cost, in words ("" without one)."""
+        if not self.augmented:
+            return ""
+        names = [t.name for t in self.transforms]
+        how = "each tiled from its own origin (exact)" if self.model.exact else "each tiled and blended"
+        return (f"{len(names)} transforms ({', '.join(names)}) averaged in probability space, {how}: "
+                f"{len(names)}× the forward passes of a plain run")
+
+    def tta_read(self, block: Block) -> Box:
+        """What a block reads under test-time augmentation: every transform's tiles, inside the image."""
+        s = self.settings
+        return read_box(self.model, block.write, self.spatial_shape, self.transforms, self.tile_size, s.overlap, s.mirror)
+
+    @property
     def prefetch(self) -> bool:
         """Read-ahead: by default on CUDA, where the GPU must not wait for the next block."""
         return self.settings.prefetch if self.settings.prefetch is not None else self.gpu
@@ -122,8 +151,11 @@ class PredictJob(blockwise.BlockwiseJob):
         which may run on any worker (it needs no GPU)."""
         s = self.settings
         source = storage.cached_image(s.input, s.axes, self.fingerprint)
-        plan = plan_tiles(self.model, block.write, self.tile_size, s.overlap)
-        raw = read_mirrored(source.read, plan.read, self.spatial_shape, s.mirror)
+        if self.augmented:  # each transform mirrors what it needs from this box (tta.predict_region_tta)
+            raw = source.read(self.tta_read(block))
+        else:
+            raw = read_mirrored(source.read, plan_tiles(self.model, block.write, self.tile_size, s.overlap).read,
+                                self.spatial_shape, s.mirror)
         if raw.dtype.kind == "f" and not np.isfinite(raw).all():
             raise InputError(f"{s.input}: NaN or Inf values near block {block.write}")
         return self.model.normalization(raw)
@@ -145,13 +177,23 @@ class PredictJob(blockwise.BlockwiseJob):
             shape = (min(s.batch_size, len(plan.tiles)), image.shape[0], *plan.tiles[0].input.shape)
             runner, compiling, compile_note = compiled_runner(model, shape, AUTOCAST[s.autocast])
         with watch("compute"):
-            logits = predict_region(model, plan, image, s.batch_size, AUTOCAST[s.autocast], runner=runner)
-            result = encode_output(logits, s.output_kind, self.output_dtype, self.model.activation)
+            if self.augmented:
+                held = self.tta_read(block)
+                p = predict_region_tta(
+                    model, block.write, self.spatial_shape, lambda box: image[(slice(None), *box.relative_to(held))],
+                    self.transforms, self.tile_size, overlap=s.overlap, mirror=s.mirror,
+                    activation=lambda y: activate(y, self.model.activation), batch_size=s.batch_size,
+                    autocast=AUTOCAST[s.autocast], runner=runner)
+                result = encode_output(p, s.output_kind, self.output_dtype, "none")
+            else:
+                logits = predict_region(model, plan, image, s.batch_size, AUTOCAST[s.autocast], runner=runner)
+                result = encode_output(logits, s.output_kind, self.output_dtype, self.model.activation)
         with watch("write"):
             array = storage.open_array(self.output_array)
             array[(Ellipsis, *block.write.slices())] = result if array.ndim == result.ndim else result[0]
             self.ledger.mark(block)
-        return {"block": block.key, "pixels": block.write.size, "tiles": len(plan.tiles), "worker_pid": os.getpid(),
+        return {"block": block.key, "pixels": block.write.size, "tiles": len(plan.tiles) * len(self.transforms),
+                "worker_pid": os.getpid(),
                 "started": started, "finished": time.time(), "compile_s": compiling,
                 **({"compile_note": compile_note} if compile_note else {}),
                 **{f"{k}_s": v for k, v in watch.seconds.items()}}
@@ -188,6 +230,10 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
         raise InputError(f"{settings.model}: a {model.dims}-D model; {settings.input} has {nd} spatial axes ({source.spatial_axes})")
     if model.in_channels != source.channels:
         raise InputError(f"{settings.model}: the model expects {model.in_channels} input channel(s); {settings.input} has {source.channels}")
+    try:
+        augmentation = transforms(nd, settings.tta)
+    except ValueError as exc:
+        raise InputError(f"--tta: {exc}") from None
     if model.weights == "onnx" and settings.autocast != "none":
         raise InputError(f"--autocast {settings.autocast}: {settings.model} is an ONNX model, run in float32 by onnxruntime")
     remote = remote or bool(scheduler_setting(settings.scheduler))
@@ -221,6 +267,7 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
         block=block_shape, tile=tile, kind=settings.output_kind, dtype=out_dtype,
         overlap=settings.overlap if g.blend else None,  # exact tiling ignores it
         mirror=settings.mirror, autocast=settings.autocast,
+        **({"tta": [t.name for t in augmentation]} if settings.tta != "none" else {}),
         **({"weights": model.weights} if model.kind == "bioimageio" else {}),  # a package runs one of its forms
     )
     scale = ([1.0] if channel_axis else []) + [source.scale.get(a, 1.0) for a in source.spatial_axes]
@@ -286,17 +333,22 @@ def encode_output(logits: np.ndarray, kind: str, dtype: str, activation: str = "
     """
     if kind == "labels" and len(logits) > 1:  # every activation keeps the order of the classes
         return logits.argmax(axis=0).astype(np.uint8)[None]
-    if activation == "softmax":
-        p = softmax(logits)
-    elif activation == "sigmoid":
-        p = 1.0 / (1.0 + np.exp(-logits))
-    else:
-        p = logits
+    p = activate(logits, activation)
     if kind == "labels":
         return (p > 0.5).astype(np.uint8)
     if dtype == "uint8":
         return np.rint(np.clip(p, 0, 1) * 255).astype(np.uint8)
     return p.astype(dtype)
+
+
+def activate(logits: np.ndarray, activation: str) -> np.ndarray:
+    """Model outputs ``(K, ...)`` as probabilities: ``softmax`` of logits (overtile's own
+    models), ``sigmoid`` (one logit per class), or ``none`` (they already are)."""
+    if activation == "softmax":
+        return softmax(logits)
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-logits))
+    return logits
 
 
 def onnx_device(device: str, settings: PredictSettings, model: models.ModelInfo, remote: bool) -> str:

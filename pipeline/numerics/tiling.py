@@ -197,12 +197,21 @@ def read_mirrored(reader: Reader, box: Box, image_shape: Sequence[int], mode: st
     image; it is called once, for the smallest box that holds every mirrored coordinate.
     """
     index = [mirror_indices(o, e, n, mode) for o, e, n in zip(box.offset, box.stop, image_shape)]
-    hull = Box.from_bounds([i.min() for i in index], [i.max() + 1 for i in index])
+    hull = _hull(index)
     data = reader(hull)
     if hull == box:
         return data
     local = [i - o for i, o in zip(index, hull.offset)]
     return data[(slice(None), *np.ix_(*local))]
+
+
+def _hull(index: Sequence[np.ndarray]) -> Box:
+    return Box.from_bounds([i.min() for i in index], [i.max() + 1 for i in index])
+
+
+def mirror_hull(box: Box, image_shape: Sequence[int], mode: str = "reflect") -> Box:
+    """The box inside the image that :func:`read_mirrored` reads for ``box``."""
+    return _hull([mirror_indices(o, e, n, mode) for o, e, n in zip(box.offset, box.stop, image_shape)])
 
 
 def gaussian_window(shape: Sequence[int], sigma_scale: float = 0.125) -> np.ndarray:

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pipeline.numerics.geometry import Box
-from pipeline.numerics.tiling import plan_tiles, predict_region, predict_whole, read_mirrored, softmax
+from pipeline.numerics.tiling import mirror_hull, plan_tiles, predict_region, predict_whole, read_mirrored, softmax
 
 Reader = Callable[[Box], np.ndarray]
 
@@ -129,24 +129,37 @@ def predict_region_tta(
     overlap: float = 0.5,
     mirror: str = "reflect",
     normalize: Callable[[np.ndarray], np.ndarray] = lambda a: a,
+    activation: Callable[[np.ndarray], np.ndarray] = softmax,
     **predict: object,
 ) -> np.ndarray:
     """Probabilities ``(K, *region.shape)`` of ``region`` of an image of spatial ``shape``,
     averaged over ``chosen`` transforms, each transformed image tiled from its own origin.
 
-    ``reader(box)`` reads ``(C, *box.shape)`` of the image inside its bounds; ``normalize``
-    is the model's input normalisation; ``predict`` goes to :func:`predict_region`
+    ``reader(box)`` reads ``(C, *box.shape)`` of the image inside its bounds (always inside
+    :func:`read_box`); ``normalize`` is the model's input normalisation; ``activation`` makes
+    the model's outputs probabilities; ``predict`` goes to :func:`predict_region`
     (``batch_size``, ``autocast``, ``runner``).
     """
     total = None
     for t in chosen:
-        inner = t.box(region, shape)
-        plan = plan_tiles(model, inner, tile_size, overlap)
+        plan = plan_tiles(model, t.box(region, shape), tile_size, overlap)
         raw = read_mirrored(lambda box, t=t: t.apply(reader(t.inverse_box(box, shape))), plan.read, t.shape(shape),
                             mirror)
-        p = t.invert(softmax(predict_region(model, plan, normalize(np.ascontiguousarray(raw)), **predict)))
+        p = t.invert(activation(predict_region(model, plan, normalize(np.ascontiguousarray(raw)), **predict)))
         total = p if total is None else total + p
     return (total / len(chosen)).astype(np.float32)
+
+
+def read_box(model: object, region: Box, shape: Sequence[int], chosen: Sequence[Transform],
+             tile_size: int | Sequence[int], overlap: float = 0.5, mirror: str = "reflect") -> Box:
+    """The box of the image (inside its bounds) that :func:`predict_region_tta` reads for
+    ``region`` under all of ``chosen``: read it once, and let the reader cut from it."""
+    found = None
+    for t in chosen:
+        plan = plan_tiles(model, t.box(region, shape), tile_size, overlap)
+        box = t.inverse_box(mirror_hull(plan.read, t.shape(shape), mirror), shape)
+        found = box if found is None else found.union(box)
+    return found
 
 
 def predict_whole_tta(model: object, image: np.ndarray, chosen: Sequence[Transform], mirror: str = "reflect",
