@@ -298,7 +298,9 @@ def _model_info(args: argparse.Namespace) -> None:
               f"{num_parameters(model):,} parameters")
     else:
         print(f"{args.model}: {info.summary()}")
-    if not g.blend:
+    if g.fixed:
+        print(f"  margin {g.margin} px per side; fixed input size {g.input_size} px (output {g.smallest} px)")
+    elif not g.blend:
         sizes = [g.min_input_size(g.factor * k + g.remainder) for k in (1, 8, 16, 32, 64)]
         print(f"  margin {g.margin} px per side; tile sizes e.g. {', '.join(map(str, sizes))} "
               f"(output = input − {2 * g.margin})")

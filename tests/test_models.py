@@ -6,7 +6,12 @@ here (tiny nets)."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -19,13 +24,16 @@ from torch import nn
 
 from pipeline.cli import main
 from pipeline.errors import InputError
+from pipeline.jobs import blockwise
 from pipeline.jobs.inference import file_digest
+from pipeline.jobs.predict import PredictSettings, plan_prediction
 from pipeline.models import describe, detect, export
+from pipeline.models.export import write_onnx
 from pipeline.models.preprocessing import Preprocessing, ScaleRange, ZeroMeanUnitVariance
 from pipeline.models.probe import Declared, probe
 from pipeline.numerics.geometry import Box
-from pipeline.numerics.tiling import overlap_tile, plan_tiles, predict_whole
-from pipeline.numerics.unet import Normalization, UNet, save_model
+from pipeline.numerics.tiling import TileGeometry, overlap_tile, plan_tiles, predict_region, predict_whole, read_mirrored
+from pipeline.numerics.unet import Normalization, UNet, load_model, save_model
 
 NOWHERE = "tcp://127.0.0.1:9"  # a scheduler: so a run that fails while planning starts no cluster
 
@@ -159,18 +167,26 @@ def test_the_package_validates_and_declares_what_it_needs(package, tmp_path):
     assert describe(folder / "rdf.yaml")[0].geometry == describe(package)[0].geometry
 
 
+CORE_PYTHON = Path(sys.prefix) / "bioimageio-core" / "bin" / "python"
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not CORE_PYTHON.exists(), reason=f"no bioimageio.core environment at {CORE_PYTHON.parent.parent} "
+                    "(make test builds it: bioimageio.core pins a bioimageio.spec that needs an older pydantic)")
 def test_bioimageio_core_reproduces_the_test_output(package):
-    """bioimageio.core's own prediction (its preprocessing, its TorchScript and ONNX runs) on
-    the package's test input gives the package's test output."""
-    core = pytest.importorskip("bioimageio.core")
-    descr = core.load_model_description(package)
-    x = np.load(zipfile.ZipFile(package).open("test_input.npy"))
-    y = np.load(zipfile.ZipFile(package).open("test_output.npy"))
-    for weights in ("torchscript", "onnx"):
-        pipeline = core.create_prediction_pipeline(descr, weight_format=weights)
-        got = core.predict(model=pipeline, inputs={"raw": x}).members["probabilities"].data.values
-        assert got.shape == y.shape and np.abs(got - y).max() <= 1e-5, weights
+    """bioimageio.core's own prediction (its preprocessing; its TorchScript, ONNX and state-dict
+    runs) on the package's test input gives the package's test output. bioimageio.core runs in
+    an environment of its own (tests/bioimageio_core_check.py), with overtile on its path for
+    the state-dict form's architecture."""
+    formats = ["torchscript", "onnx", "pytorch_state_dict"]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([str(CORE_PYTHON), str(root / "tests" / "bioimageio_core_check.py"), str(package), *formats],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["weights"] for r in rows] == formats
+    for r in rows:
+        assert r["shape"] == r["expected"] and r["max_abs_diff"] <= 1e-5, r
 
 
 # --- exact or blended -------------------------------------------------------------------------
@@ -232,6 +248,146 @@ def test_monai_basic_unet_as_torchscript_runs_blended(tmp_path, client, capsys):
     whole = predict_whole(model, Normalization()(cells((256, 200))[None]), context=64)
     probabilities = np.exp(whole) / np.exp(whole).sum(axis=0)
     assert np.abs(out - probabilities).mean() < 0.05  # blended tiles stay close to one pass over the image
+
+
+# --- models that take one input size ----------------------------------------------------------
+
+
+def static_onnx(net: nn.Module, shape: tuple[int, ...], path: Path) -> Path:
+    """``net`` exported to ONNX with static axes (no ``dynamic_axes``): it runs at ``shape`` only."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(1, 1, *shape),), str(path), input_names=["input"],
+                          output_names=["logits"], opset_version=17, dynamo=False)
+    return path
+
+
+class OneSize(nn.Module):
+    """A model that refuses every input size but one, as some TorchScript exports do."""
+
+    def __init__(self, net: nn.Module, size: int):
+        super().__init__()
+        self.net = net
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            raise ValueError("this model takes one input size only")
+        return self.net(x)
+
+
+def one_size_torchscript(net: nn.Module, size: int, path: Path) -> Path:
+    with warnings.catch_warnings():  # torch deprecates TorchScript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(net.eval(), torch.zeros(1, 1, size, size), check_trace=False)
+        torch.jit.script(OneSize(traced, size)).save(str(path))
+    return path
+
+
+def test_a_static_onnx_unet_predicts_what_its_dynamic_export_predicts(tmp_path):
+    """An ONNX export with static axes (140 px in, 100 px out) runs through the blockwise job:
+    tiles of its one size on the net's 4-px grid counted from the image origin, reaching past
+    blocks smaller than their output and past the image border. The output equals the dynamic
+    export's for any block size, and --tile-size gives way to the model's size."""
+    torch.manual_seed(1)  # a tiny net whose output varies (seed 0's is almost constant)
+    net = UNet(depth=3, base_channels=2).eval()
+    static = static_onnx(net, (140, 140), tmp_path / "static.onnx")
+    dynamic = tmp_path / "dynamic.onnx"
+    write_onnx(net, torch.zeros(1, 1, 60, 60), dynamic)
+    image = write_zarr(tmp_path / "img.zarr", cells((150, 170)))
+
+    def run(model: Path, block: int, name: str):
+        settings = PredictSettings(input=image, output=str(tmp_path / name), model=str(model), block_size=block,
+                                   tile_size=300, device="cpu", pyramid=False)
+        job, _ = blockwise.execute(plan_prediction, settings, in_process=True)
+        return job, zarr.open_array(job.output_array, mode="r")[...]
+
+    _, expected = run(dynamic, 64, "dynamic.zarr")
+    for block in (50, 128):  # blocks smaller than a tile's output, off its grid; blocks that need two tiles per axis
+        job, out = run(static, block, f"static{block}.zarr")
+        assert np.abs(out - expected).max() <= 1e-4, block
+    assert job.tile_size == 140 and job.model.exact and job.model.geometry.fixed and job.model.geometry.factor == 4
+    assert job.model.tiling.startswith("exact: fixed input size 140 px (every tile that size, whatever --tile-size says)")
+    assert "fixed input size 140 px" in job.model.summary()
+
+
+def test_the_scan_finds_a_model_that_takes_one_size_and_tiles_it_exactly(tmp_path):
+    """A TorchScript model that runs at 76 px and no other size: the scan finds that size, the
+    probe measures the margin and shifted 76 px tiles agree at 4 px. Its tiles equal one pass
+    of the range net over the whole image, also for a region smaller than one tile's output."""
+    torch.manual_seed(1)
+    net = UNet(depth=3, base_channels=2).eval()
+    info, model = describe(one_size_torchscript(net, 76, tmp_path / "one.ts"))
+    assert info.geometry == TileGeometry(20, 4, 0, 36, fixed=True) and info.exact
+    assert info.tiling.startswith("exact: fixed input size 76 px") and "fixed input size 76 px" in info.summary()
+    image = cells((1, 90, 61), dtype=np.float32)
+    whole = predict_whole(net, image)
+    np.testing.assert_allclose(overlap_tile(model, image, tile_size=500), whole, rtol=0, atol=1e-5)
+    region = Box((50, 33), (10, 7))
+    plan = plan_tiles(model, region, 300)
+    assert [t.input.shape for t in plan.tiles] == [(76, 76)] and plan.tiles[0].output.contains(region)
+    padded = read_mirrored(lambda box: image[(slice(None), *box.slices())], plan.read, (90, 61))
+    np.testing.assert_allclose(predict_region(model, plan, padded), whole[(slice(None), *region.slices())], atol=1e-5)
+
+
+def test_a_fixed_size_model_that_is_not_equivariant_is_blended_and_says_so(tmp_path):
+    torch.manual_seed(0)
+    path = one_size_torchscript(PositionTerm(), 40, tmp_path / "position.ts")
+    info, model = describe(path)
+    assert not info.exact and info.geometry.fixed and info.geometry.input_size == 40 and info.geometry.margin == 1
+    assert info.tiling.startswith("blended: fixed input size 40 px") and "not translation equivariant" in info.tiling
+    plan = plan_tiles(model, Box.from_shape((70, 50)), 64)
+    assert plan.blend and len(plan.tiles) > 1 and {t.input.shape for t in plan.tiles} == {(40, 40)}
+    out = overlap_tile(model, cells((1, 70, 50), dtype=np.float32), tile_size=64)
+    assert out.shape == (2, 70, 50) and np.isfinite(out).all()
+
+
+def test_a_fixed_size_too_small_or_not_alike_on_every_axis_is_one_clear_error(tmp_path):
+    def one_size(size: int, keep: int):
+        def forward(x: np.ndarray) -> np.ndarray:
+            if x.shape[-1] != size:
+                raise ValueError("one size only")
+            cut = (size - keep) // 2
+            return x[..., cut : size - cut, cut : size - cut]
+        return forward
+
+    with pytest.raises(InputError, match=r"takes only 12 px tiles, and crops them to nothing \(0 px output\)"):
+        probe(one_size(12, 0), 2, 1, "tiny")
+    with pytest.raises(InputError, match="declares a fixed input size 12 px, but the model fails at 12 px"):
+        probe(one_size(14, 2), 2, 1, "tiny", declared=Declared(12, 0))
+    found = probe(one_size(11, 1), 2, 1, "tiny")  # a 1 px output runs, blended: nothing to compare
+    assert found.geometry.fixed and found.geometry.blend and "too small to test shifted tiles" in found.reason()
+    torch.manual_seed(0)
+    path = static_onnx(UNet(depth=3, base_channels=2).eval(), (76, 80), tmp_path / "oblong.onnx")
+    with pytest.raises(InputError, match="oblong.onnx: an ONNX model with a fixed input size 76×80 px; overtile tiles "
+                                         "alike on every axis"):
+        describe(path)
+
+
+@pytest.mark.slow
+def test_a_package_that_declares_a_fixed_shape_runs_exactly(package, ckpt, tmp_path):
+    """A package whose input axes have one size (124 px), with its ONNX weights exported with
+    static axes: its ONNX and TorchScript weights run at that size only, exactly; the state
+    dict of overtile's own U-Net takes every valid size anyway."""
+    folder = tmp_path / "package"
+    with zipfile.ZipFile(package) as z:
+        z.extractall(folder)
+    rdf = folder / "rdf.yaml"
+    text = rdf.read_text()
+    declared = "      - size:\n          min: 92\n          step: 8\n"
+    assert text.count(declared) == 2
+    rdf.write_text(text.replace(declared, "      - size: 124\n"))
+    static_onnx(load_model(ckpt), (124, 124), folder / "weights.onnx")
+    image = cells((1, 150, 170), dtype=np.uint8)
+    native, net = describe(ckpt)
+    expected = overlap_tile(net, native.normalization(image), tile_size=212)
+    for weights in ("onnx", "torchscript"):
+        info, model = describe(folder, weights=weights)
+        assert info.exact and info.geometry.fixed and (info.geometry.input_size, info.geometry.factor) == (124, 8)
+        assert info.tiling.startswith("exact: fixed input size 124 px"), weights
+        got = overlap_tile(model, info.normalization(image), tile_size=212)
+        assert np.abs(got - expected).max() <= 1e-4, weights
+    assert not describe(folder)[0].geometry.fixed
 
 
 # --- bad model files: one line, exit 2 --------------------------------------------------------

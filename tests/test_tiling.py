@@ -1,18 +1,28 @@
 """Overlap-tile on in-memory arrays against one forward pass over the whole mirror-padded image."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
-from pipeline.numerics.geometry import Box
-from pipeline.numerics.tiling import gaussian_window, overlap_tile, plan_tiles, predict_whole
+from pipeline.numerics.geometry import Box, block_at, block_grid
+from pipeline.numerics.tiling import (
+    TileGeometry,
+    gaussian_window,
+    overlap_tile,
+    plan_tiles,
+    predict_region,
+    predict_whole,
+    read_mirrored,
+)
 from pipeline.numerics.unet import UNet
 
 from conftest import cells
 
 
-def net(**kwargs) -> UNet:
-    torch.manual_seed(0)
+def net(seed: int = 0, **kwargs) -> UNet:
+    torch.manual_seed(seed)
     return UNet(**{"base_channels": 4, **kwargs}).eval()
 
 
@@ -99,3 +109,91 @@ def test_gaussian_window_peaks_in_the_middle_and_is_positive():
     w = gaussian_window((32, 48))
     assert w.max() == w[15:17, 23:25].max() == pytest.approx(1.0, abs=1e-3)
     assert w.min() > 0
+
+
+# --- models that take one input size ------------------------------------------------------------
+
+
+class FixedSize(torch.nn.Module):
+    """A valid U-Net that refuses every input size but one, as an ONNX export with static axes
+    does: its geometry says so (``fixed``), with the net's own margin and grid."""
+
+    def __init__(self, net: UNet, output: int):
+        super().__init__()
+        self.net = net
+        self.size = net.min_input_size(output)
+        assert net.output_size(self.size) == output
+
+    @property
+    def geometry(self) -> TileGeometry:
+        g = self.net.geometry
+        return replace(g, smallest=self.size - 2 * g.margin, fixed=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert all(n == self.size for n in x.shape[2:]), f"input {tuple(x.shape)}: takes {self.size} px only"
+        return self.net(x)
+
+
+class FixedGeometry:
+    """Just a geometry, for plans."""
+
+    def __init__(self, geometry: TileGeometry):
+        self.geometry = geometry
+
+
+def test_a_fixed_size_geometry_has_one_valid_size_whatever_is_asked():
+    g = TileGeometry(margin=92, factor=16, remainder=4, smallest=388, fixed=True)
+    assert g.input_size == 572 and g.is_valid_input(572) and not g.is_valid_input(588)
+    assert g.min_input_size(1) == g.min_input_size(5000) == g.max_input_size(300) == g.max_input_size(5000) == 572
+    assert g.output_size(572) == 388
+    assert PAPER.geometry.input_size is None and not PAPER.geometry.fixed  # range models: as before
+
+
+@pytest.mark.parametrize("region", [Box((0, 0), (2048, 1000)), Box((37, 5), (3, 2)), Box((1000, 993), (390, 50))])
+def test_fixed_size_tiles_have_the_one_size_start_on_the_grid_and_cover_the_region(region):
+    g = TileGeometry(margin=92, factor=16, remainder=4, smallest=388, fixed=True)
+    for tile_size in (204, 572, 1212):  # ignored: the model takes 572 px only
+        plan = plan_tiles(FixedGeometry(g), region, tile_size)
+        assert not plan.blend and {t.input.shape for t in plan.tiles} == {(572, 572)}
+        assert all(o % 16 == 0 for t in plan.tiles for o in t.output.offset)
+        assert all(t.input == t.output.grow(92) for t in plan.tiles)
+        covered = plan.tiles[0].output
+        for t in plan.tiles[1:]:
+            covered = covered.union(t.output)
+        assert covered.contains(region)
+        per_axis = [len({t.output.offset[a] for t in plan.tiles}) for a in range(2)]
+        assert per_axis == [max(1, -(-(n + o % 16 - 388) // 384) + 1) for n, o in zip(region.shape, region.offset)]
+
+
+@pytest.mark.parametrize("shape, output", [((100, 130), 100), ((90, 77), 36), ((37, 90), 100), ((5, 7), 36)])
+def test_fixed_size_tiles_equal_the_whole_image_for_any_block(shape, output):
+    """Tiles of the one size, on the net's 4-px grid from the image origin, equal one pass of
+    the range net over the whole image: blocks larger and smaller than a tile's output, at the
+    image border (mirrored context, many times the image where it is small)."""
+    native = net(depth=3, base_channels=2, seed=1)  # seed 0's tiny net has an almost constant output
+    fixed = FixedSize(native, output)
+    image = cells(shape, dtype=np.float32)[None]
+    whole = predict_whole(native, image)
+    np.testing.assert_allclose(overlap_tile(fixed, image, tile_size=60, batch_size=2), whole, rtol=0, atol=1e-5)
+    blocks = np.zeros_like(whole)
+    for index in np.ndindex(*block_grid(shape, (50, 45))):
+        block = block_at(index, shape, (50, 45))
+        plan = plan_tiles(fixed, block.write, 60)
+        padded = read_mirrored(lambda box: image[(slice(None), *box.slices())], plan.read, shape)
+        blocks[(slice(None), *block.write.slices())] = predict_region(fixed, plan, padded, batch_size=3)
+    np.testing.assert_allclose(blocks, whole, rtol=0, atol=1e-5)
+
+
+def test_fixed_size_tiles_equal_the_whole_image_3d():
+    native = net(dims=3, depth=3, base_channels=2, seed=1)
+    fixed = FixedSize(native, 12)
+    image = cells((13, 22, 9), dtype=np.float32)[None]
+    np.testing.assert_allclose(overlap_tile(fixed, image, 44), predict_whole(native, image), rtol=0, atol=1e-5)
+
+
+def test_a_fixed_size_blended_model_blends_tiles_of_its_one_size():
+    g = TileGeometry(margin=1, factor=1, remainder=0, smallest=38, blend=True, fixed=True)
+    plan = plan_tiles(FixedGeometry(g), Box((10, 0), (100, 7)), 64)
+    assert plan.blend and {t.input.shape for t in plan.tiles} == {(40, 40)}
+    starts = sorted({t.output.offset[0] for t in plan.tiles})
+    assert np.diff(starts).tolist() == [19] * (len(starts) - 1)  # half of the 38 px output shared

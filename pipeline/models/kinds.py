@@ -35,7 +35,7 @@ from torch import nn
 from pipeline.errors import InputError
 from pipeline.models import bioimageio
 from pipeline.models.preprocessing import Preprocessing
-from pipeline.models.probe import Probe, probe
+from pipeline.models.probe import Declared, Probe, probe
 from pipeline.numerics.tiling import TileGeometry
 from pipeline.numerics.unet import Normalization, UNet, model_from_config, model_from_payload, read_checkpoint
 
@@ -131,8 +131,9 @@ class ModelInfo:
         """One line: kind, dimensions, channels, crop and step."""
         g = self.geometry
         weights = f" ({self.weights} weights)" if self.kind == "bioimageio" else ""
+        sizes = f"fixed input size {g.input_size} px" if g.fixed else f"tile sizes {g.min_input_size(1)} + k·{g.factor} px"
         return (f"{KIND_NAMES[self.kind]}{weights}, {self.dims}-D, {self.in_channels} → {self.num_classes} channels "
-                f"({self.activation}), margin {g.margin} px, tile sizes {g.min_input_size(1)} + k·{g.factor} px")
+                f"({self.activation}), margin {g.margin} px, {sizes}")
 
 
 class OnnxNet(nn.Module):
@@ -277,7 +278,7 @@ def _check_declared(package: bioimageio.Package, geometry: TileGeometry, source:
     d = package.declared
     for n in (d.min, d.min + d.step) if sizes else ():
         if not geometry.is_valid_input(n):
-            raise InputError(f"{source}: declares input sizes {d.min} + k·{d.step} px, but its U-Net takes "
+            raise InputError(f"{source}: declares {d}, but its U-Net takes "
                              f"{geometry.min_input_size(1)} + k·{geometry.factor} px")
     if package.halo and 2 * package.halo >= d.min - 2 * package.margin:
         raise InputError(f"{source}: declares a halo of {package.halo} px, as large as its smallest output")
@@ -302,6 +303,7 @@ def describe(path: str | os.PathLike, weights: str | None = None, dims: int = 2,
     if kind == "bioimageio":
         return _describe_package(path, weights)
     data = Path(path).read_bytes()
+    declared = None
     if kind == "torchscript":
         net = _torchscript(data, path)
         weight = _first_weight(net)
@@ -314,15 +316,23 @@ def describe(path: str | os.PathLike, weights: str | None = None, dims: int = 2,
             dims = len(shape) - 2
             if isinstance(shape[1], int):
                 channels = shape[1]
-        spatial = shape[2:]
-        if spatial and all(isinstance(s, int) for s in spatial):
-            raise InputError(f"{path}: an ONNX model with a fixed input size {'×'.join(map(str, spatial))} px; overtile "
-                             f"needs one that takes a range of tile sizes (export it with dynamic axes)")
+        declared = _static_size(shape[2:], path)
     base = ModelInfo(path, kind, kind, dims, channels, 0, TileGeometry(0, 1, 0, 1), Normalization(), "softmax", "")
-    found = probe(_forward(Model(net, base)), dims, channels, path)
+    found = probe(_forward(Model(net, base)), dims, channels, path, declared=declared)
     info = replace(base, num_classes=found.num_classes, geometry=found.geometry, tiling=found.reason(),
                    activation="softmax" if found.num_classes > 1 else "sigmoid")
     return info, Model(net, info)
+
+
+def _static_size(spatial: list[Any], source: str) -> Declared | None:
+    """The one input size of an ONNX model exported with static spatial axes (``None``: the
+    axes are dynamic, the probe scans for the sizes it takes)."""
+    if not spatial or not all(isinstance(n, int) and n > 0 for n in spatial):
+        return None
+    if len(set(spatial)) > 1:
+        raise InputError(f"{source}: an ONNX model with a fixed input size {'×'.join(map(str, spatial))} px; overtile "
+                         f"tiles alike on every axis, so it needs one size on all (or export it with dynamic axes)")
+    return Declared(spatial[0], 0)
 
 
 def _config(net: UNet) -> dict[str, Any]:

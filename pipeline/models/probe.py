@@ -12,6 +12,12 @@ crops, or whether it may be tiled exactly. :func:`probe` finds out on random inp
    do (within ``tolerance``) is the step; tiles whose outputs start on that grid then compute
    exactly what one pass over the whole image computes. A same-padding net (zero padding at
    its tile border) or a model with a position-dependent term never agrees: it is blended.
+
+A model that runs at one size only (declared step 0, or the one size the scan finds: an ONNX
+export with static axes, a package with a fixed shape) is measured at that size: its margin
+and classes there, and equivariance with shifted tiles of that same size. It is then tiled
+with tiles of that size (:attr:`TileGeometry.fixed`), exactly on its step grid where shifted
+tiles agree, blended where not.
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ class Declared:
     min: int
     step: int
 
+    def __str__(self) -> str:
+        return f"input sizes {self.min} + k·{self.step} px" if self.step else f"a fixed input size {self.min} px"
+
 
 @dataclass(frozen=True)
 class Probe:
@@ -62,9 +71,13 @@ class Probe:
         """Why the model is tiled exactly or blended, in one line."""
         g = self.geometry
         crop = f"output = input − {2 * g.margin} px" if g.margin else "output as large as its input"
+        if g.fixed:
+            crop = f"fixed input size {g.input_size} px (every tile that size, whatever --tile-size says), {crop}"
         if self.exact:
             return (f"exact: {crop}, and tiles shifted by {self.step} px agree on their overlap "
                     f"(max difference {self.disagreement:.1e}); tiles on the {g.factor}-px grid")
+        if not self.shift:
+            return f"blended: {crop}; its {g.smallest} px output is too small to test shifted tiles"
         why = "zero padding at tile borders" if not g.margin else "not translation equivariant"
         return (f"blended: {crop}; tiles shifted by {self.shift} px disagree by up to {self.disagreement:.2g} "
                 f"on their overlap ({why})")
@@ -91,7 +104,8 @@ def _loss(n: int, y: np.ndarray, dims: int, source: str) -> tuple[int, int]:
 
 
 def _sizes(forward: Forward, dims: int, channels: int, source: str, declared: Declared | None) -> tuple[list[int], int, int]:
-    """Three valid input sizes, evenly spaced; the margin per side; the classes.
+    """Three valid input sizes, evenly spaced (a fixed-size model: its one size); the margin
+    per side; the classes.
 
     A valid size is one the model runs at with the smallest crop it makes: a U-Net that
     crops its skip connections also runs at sizes its poolings do not divide, but loses
@@ -105,8 +119,7 @@ def _sizes(forward: Forward, dims: int, channels: int, source: str, declared: De
         for n in (declared.min + k * declared.step for k in range(3 if declared.step else 1)):
             y = run(n)
             if y is None:
-                raise InputError(f"{source}: declares input sizes {declared.min} + k·{declared.step} px, "
-                                 f"but the model fails at {n} px")
+                raise InputError(f"{source}: declares {declared}, but the model fails at {n} px")
             found[n] = _loss(n, y, dims, source)
         sizes = sorted(found)
     else:
@@ -124,14 +137,15 @@ def _sizes(forward: Forward, dims: int, channels: int, source: str, declared: De
             raise InputError(f"{source}: the model runs at no {dims}-D input size from 1 to {SCAN_LIMIT[dims]} px "
                              f"with {channels} channel(s)")
         sizes = sizes[:3]
-        if len(sizes) < 3 or sizes[2] - sizes[1] != sizes[1] - sizes[0]:
+        fixed = len(found) == 1  # it runs at one size and no other
+        if not fixed and (len(sizes) < 3 or sizes[2] - sizes[1] != sizes[1] - sizes[0]):
             raise InputError(f"{source}: the model's input sizes with the least crop are {', '.join(map(str, sizes))} px: "
                              f"not evenly spaced, so overtile cannot tile it")
     crops = {found[n][0] for n in sizes}
     classes = {found[n][1] for n in sizes}
     if len(crops) > 1 and declared is not None:
         seen = ", ".join(f"{found[n][0]} px at {n} px" for n in sizes)
-        raise InputError(f"{source}: declares input sizes {declared.min} + k·{declared.step} px, but the model crops {seen}")
+        raise InputError(f"{source}: declares {declared}, but the model crops {seen}")
     if len(crops) > 1:
         raise InputError(f"{source}: the output is smaller than the input by {sorted(crops)} px at input sizes "
                          f"{sizes}: not a fixed margin, so overtile cannot tile it")
@@ -171,13 +185,20 @@ def probe(forward: Forward, dims: int, channels: int, source: str, declared: Dec
         Shifted tiles agree when they differ by at most this (relative to outputs above 1).
     """
     sizes, margin, classes = _sizes(forward, dims, channels, source, declared)
-    period = sizes[1] - sizes[0] if len(sizes) > 1 else 0
-    if period == 0:
-        raise InputError(f"{source}: takes only {sizes[0]} px tiles; overtile needs a model that takes a range of tile sizes")
+    period = sizes[1] - sizes[0] if len(sizes) > 1 else 0  # 0: one size only (fixed)
     first = sizes[0]
-    size = first + -(-max(0, TEST_OUTPUT[dims] - (first - 2 * margin)) // period) * period
+    r0 = first - 2 * margin
+    if period == 0 and r0 < 1:
+        raise InputError(f"{source}: takes only {first} px tiles, and crops them to nothing ({r0} px output); "
+                         f"overtile needs an output of at least 1 px")
+    if period:
+        size = first + -(-max(0, TEST_OUTPUT[dims] - r0) // period) * period
+    else:  # the one size it takes: shifts up to half its own output
+        size = first
     out = size - 2 * margin
-    shifts = sorted({1, 2, 4, 8, 16, 32, 64, period, 2 * period} & set(range(1, out // 2 + 1)))
+    shifts = sorted(({1, 2, 4, 8, 16, 32, 64, period, 2 * period} - {0}) & set(range(1, out // 2 + 1)))
+    if not shifts:  # an output of 1 px: nothing to compare, so blended
+        return Probe(TileGeometry(margin, 1, 0, r0, blend=True, fixed=True), classes, 0, None, float("nan"), 0)
     rng = np.random.default_rng(seed)
     image = rng.standard_normal((1, channels) + (size + shifts[-1],) * dims).astype(np.float32)
     reference = _run(forward, image[(Ellipsis, *(slice(0, size),) * dims)])
@@ -192,11 +213,11 @@ def probe(forward: Forward, dims: int, channels: int, source: str, declared: Dec
     agree = [s for s in shifts if found[s] <= tolerance]
     # the step: the smallest shift that agrees and whose double, where tried, agrees too
     step = next((s for s in agree if 2 * s not in found or found[2 * s] <= tolerance), None)
-    r0 = first - 2 * margin
+    fixed = period == 0
     if step is None:
         shift = min(found, key=found.__getitem__)
-        geometry = TileGeometry(margin, period, r0 % period, r0, blend=True)
+        geometry = TileGeometry(margin, period or 1, r0 % (period or 1), r0, blend=True, fixed=fixed)
         return Probe(geometry, classes, period, None, found[shift], shift)
-    factor = math.lcm(period, step)
-    geometry = TileGeometry(margin, factor, r0 % factor, r0, blend=False)
+    factor = step if fixed else math.lcm(period, step)
+    geometry = TileGeometry(margin, factor, r0 % factor, r0, blend=False, fixed=fixed)
     return Probe(geometry, classes, period, step, found[step], step)

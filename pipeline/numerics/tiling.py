@@ -44,11 +44,19 @@ class TileGeometry:
     ``blend``, tiles overlap and are blended instead (same padding, or a model whose shifted
     tiles disagree).
 
+    With ``fixed``, the model takes one input size only, ``smallest + 2 * margin`` (an ONNX
+    export with static axes, a package that declares one shape): every tile has that size,
+    whatever tile size is asked for, and tiles step by a multiple of ``factor`` smaller than
+    their output (so exact tiles overlap; their overlaps agree).
+
     Examples
     --------
     >>> paper = TileGeometry(margin=92, factor=16, remainder=4, smallest=4)
     >>> paper.output_size(572), paper.min_input_size(388), paper.max_input_size(580)
     (388, 572, 572)
+    >>> static = TileGeometry(margin=92, factor=16, remainder=4, smallest=388, fixed=True)
+    >>> static.input_size, static.min_input_size(1000), static.max_input_size(300)
+    (572, 572, 572)
     """
 
     margin: int
@@ -56,9 +64,17 @@ class TileGeometry:
     remainder: int
     smallest: int
     blend: bool = False
+    fixed: bool = False
+
+    @property
+    def input_size(self) -> int | None:
+        """The one input size of a fixed-size model (``None``: a range of sizes)."""
+        return self.smallest + 2 * self.margin if self.fixed else None
 
     def is_valid_input(self, size: int) -> bool:
         out = size - 2 * self.margin
+        if self.fixed:
+            return out == self.smallest
         return out >= self.smallest and (out - self.remainder) % self.factor == 0
 
     def output_size(self, size: int) -> int:
@@ -71,13 +87,19 @@ class TileGeometry:
         return size - 2 * self.margin
 
     def min_input_size(self, output: int) -> int:
-        """Smallest valid input whose output is at least ``output`` pixels."""
+        """Smallest valid input whose output is at least ``output`` pixels (a fixed-size
+        model: its one size, whose output may be smaller; tiles then cover ``output``)."""
+        if self.fixed:
+            return self.smallest + 2 * self.margin
         r, f = self.remainder, self.factor
         out = max(output, self.smallest)
         return r + -(-(out - r) // f) * f + 2 * self.margin
 
     def max_input_size(self, limit: int) -> int:
-        """Largest valid input size not above ``limit``; raises if there is none."""
+        """Largest valid input size not above ``limit``; raises if there is none. A fixed-size
+        model: its one size, whatever ``limit`` is (it runs at no other)."""
+        if self.fixed:
+            return self.smallest + 2 * self.margin
         r, f = self.remainder, self.factor
         out = limit - 2 * self.margin
         if out < self.smallest:
@@ -123,6 +145,22 @@ def _axis_tiles_valid(a: int, b: int, max_out: int, f: int, r: int) -> list[tupl
     return [(start + i * step, step + r) for i in range(count)]
 
 
+def _axis_tiles_fixed(a: int, b: int, out: int, f: int) -> list[tuple[int, int]]:
+    """Output intervals (origin, ``out``) on the f grid covering [a, b), evenly spaced: a
+    fixed-size model's tiles, which overlap where the region is not a multiple of their step
+    and reach past a region smaller than one of them."""
+    max_step = (out // f) * f
+    if max_step == 0:
+        raise ValueError(f"a fixed tile output of {out} px cannot step on the {f}-px grid")
+    start = (a // f) * f  # snap down to the global grid
+    span = b - start
+    if span <= out:
+        return [(start, out)]
+    steps = -(-(span - out) // max_step)
+    step = -(-(span - out) // (steps * f)) * f
+    return [(start + i * step, out) for i in range(steps + 1)]
+
+
 def _axis_tiles_same(a: int, b: int, size: int, overlap: int) -> list[tuple[int, int]]:
     """Tile intervals on a global grid (step ``size - overlap``, first centred on 0) meeting [a, b)."""
     step = size - overlap
@@ -145,7 +183,9 @@ def plan_tiles(
     tile_size : int or sequence of int
         Largest tile *input* size per axis (GPU memory is the limit); snapped down to a
         valid size. For valid nets, tiles are then shrunk to cover ``region`` with the
-        least waste, so all tiles of a plan have one shape (one batch).
+        least waste, so all tiles of a plan have one shape (one batch). A fixed-size model
+        (``geometry.fixed``) ignores it: its tiles have its one input size, also where the
+        region is smaller than their output (they read more context and are cropped).
     overlap : float
         Blended models only: the fraction of a tile's output shared with its neighbour.
 
@@ -162,11 +202,16 @@ def plan_tiles(
         raise ValueError(f"tile_size has {len(sizes)} values for {nd} spatial axes")
     g = model.geometry
     m, f = g.margin, g.factor
-    smallest = g.min_input_size(f + g.remainder)  # tiles must step on the f grid
-    if min(sizes) < smallest:
-        raise ValueError(f"tile size {min(sizes)} is too small for this model; the smallest is {smallest}")
-    sizes = tuple(g.max_input_size(int(s)) for s in sizes)
-    if not g.blend:
+    if g.fixed:  # the model runs at one size: the tile size asked for does not apply
+        sizes = (g.min_input_size(1),) * nd
+    else:
+        smallest = g.min_input_size(f + g.remainder)  # tiles must step on the f grid
+        if min(sizes) < smallest:
+            raise ValueError(f"tile size {min(sizes)} is too small for this model; the smallest is {smallest}")
+        sizes = tuple(g.max_input_size(int(s)) for s in sizes)
+    if not g.blend and g.fixed:
+        axes = [_axis_tiles_fixed(a, b, g.smallest, f) for a, b in zip(region.offset, region.stop)]
+    elif not g.blend:
         axes = [
             _axis_tiles_valid(a, b, s - 2 * m, f, g.remainder)
             for a, b, s in zip(region.offset, region.stop, sizes)
