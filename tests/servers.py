@@ -100,12 +100,20 @@ class PrefectServer:
         return result.stdout
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
+        """One API call; retried, as Prefect's own client does, while the server answers 429,
+        502 or 503 (its SQLite database busy under load: nothing was written)."""
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"{self.api}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as response:
-            text = response.read()
-        return json.loads(text) if text else None
+        for attempt in range(6):
+            req = urllib.request.Request(f"{self.api}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as response:
+                    text = response.read()
+                return json.loads(text) if text else None
+            except urllib.error.HTTPError as exc:
+                if exc.code not in (429, 502, 503) or attempt == 5:
+                    raise
+                time.sleep(0.5 * 2**attempt)
 
     def wait_for_run(self, run_id: str, timeout: float = 300) -> dict:
         """Poll a flow run until it reaches a final state; return the run."""
