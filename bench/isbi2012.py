@@ -149,7 +149,8 @@ def protocol_seed(seed: int, images: str, labels: str, out: Path, args: argparse
     summary = train(TrainSettings(
         images=images, labels=labels, axes="zyx", dims=2, val_slices=tuple(PROTOCOL["choose"]),
         test_slices=tuple(PROTOCOL["score"]), depth=args.depth, base_channels=args.base_channels,
-        tile_size=args.tile_size, optimizer=args.optimizer, lr=args.lr, w0=args.w0, elastic=not args.no_elastic,
+        tile_size=args.tile_size, optimizer=args.optimizer, lr=args.lr, w0=args.w0, sigma=args.sigma,
+        class_balance=not args.no_class_balance, batch_norm=args.batch_norm, elastic=not args.no_elastic,
         val_tile_size=args.val_tile_size, seed=seed, threads=args.threads, overwrite=True, out=str(run),
         steps=10**6, lr_schedule="cosine", time_limit=args.budget, val_every=args.val_every,
         checkpoint_every=args.val_every))
@@ -214,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizer", choices=["sgd", "adam"], default="adam")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--w0", type=float, default=10.0)
+    parser.add_argument("--sigma", type=float, default=5.0, help="the weight map's border width in px (5 in the paper)")
+    parser.add_argument("--no-class-balance", action="store_true", help="no class-frequency weights in the loss")
+    parser.add_argument("--batch-norm", action="store_true", help="batch normalisation after each convolution")
     parser.add_argument("--no-elastic", action="store_true")
     parser.add_argument("--calibration-steps", type=int, default=8, help="timed steps before the run; the first 3 (warm-up) do not count")
     parser.add_argument("--val-tile-size", type=int, default=700, help="tile for validation and scoring (700: one tile per 512² slice)")
@@ -251,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     base = dict(
         images=images, labels=labels, axes="zyx", dims=2, val_slices=tuple(VAL_SLICES), depth=args.depth,
         base_channels=args.base_channels, tile_size=args.tile_size, optimizer=args.optimizer, lr=args.lr,
-        w0=args.w0, elastic=not args.no_elastic, val_tile_size=args.val_tile_size, seed=args.seed,
+        w0=args.w0, sigma=args.sigma, class_balance=not args.no_class_balance, batch_norm=args.batch_norm,
+        elastic=not args.no_elastic, val_tile_size=args.val_tile_size, seed=args.seed,
         threads=args.threads, overwrite=True,
     )
 
