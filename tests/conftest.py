@@ -61,9 +61,12 @@ def image_2d(tmp_path_factory) -> tuple[str, np.ndarray]:
     return write_zarr(tmp_path_factory.mktemp("images") / "img2d.zarr", data), data
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def client():
-    """A real LocalCluster: two worker processes with one thread each, on 127.0.0.1."""
+    """A real LocalCluster: two worker processes with one thread each, on 127.0.0.1, shared by
+    the whole session (a cluster's start and its workers' imports cost seconds each time).
+    Tests that need a cluster of another shape, or one that sees environment set later (the
+    S3 tests' ``s3_client``), start their own."""
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",

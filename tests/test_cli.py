@@ -20,11 +20,21 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", [[], ["predict"], ["weights"], ["train"], ["ingest"], ["model"], ["model", "init"],
-                                     ["model", "info"]])
-def test_help_on_every_command(command):
-    result = run_cli(*command, "--help")
+def test_the_installed_command_prints_its_help():
+    """The console script itself (pyproject's entry point), once: the rest is in-process."""
+    overtile = Path(sys.executable).with_name("overtile")
+    result = subprocess.run([str(overtile), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "usage: overtile" in result.stdout
+    assert all(c in result.stdout for c in ("predict", "objects", "cohort", "train", "ingest", "model"))
+
+
+@pytest.mark.parametrize("command", [["predict"], ["weights"], ["objects"], ["cohort"], ["train"], ["score"],
+                                     ["ingest"], ["model"], ["model", "init"], ["model", "info"], ["model", "export"]])
+def test_help_on_every_command(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and out.startswith(f"usage: overtile {' '.join(command)}")
 
 
 SETTINGS = {  # command -> (settings model, positional fields)

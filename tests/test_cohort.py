@@ -67,15 +67,16 @@ def write_study(folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    """The study and one clean run of it (objects with outlines), on a 2-worker cluster."""
+def study(tmp_path_factory, client):
+    """The study and one clean run of it (objects with outlines), on the session's 2-worker cluster."""
     base = tmp_path_factory.mktemp("study")
     slides = write_study(base / "slides")
     model = make_model(base / "rgb.pt", in_channels=3, base_channels=2)
     settings = CohortSettings(slides=str(slides), output=str(base / "clean"), model=str(model), block_size=128,
                               workers=2, objects=SlideObjects(geojson="cells.geojson.gz", grow_distance=2))
     blocks: list[tuple[str, dict]] = []
-    rows = run_cohort(settings, report=SlideRun(on_block=lambda name, record: blocks.append((name, record))))
+    rows = run_cohort(settings, report=SlideRun(on_block=lambda name, record: blocks.append((name, record))),
+                      client=lambda: client)
     return {"settings": settings, "rows": {r["name"]: r for r in rows}, "blocks": blocks, "base": base}
 
 
@@ -136,7 +137,7 @@ def test_a_rerun_skips_finished_slides_without_a_cluster(study):
 
 
 @pytest.mark.slow
-def test_a_killed_study_rerun_gives_the_same_outputs(study):
+def test_a_killed_study_rerun_gives_the_same_outputs(study, client):
     """``overtile cohort`` killed (SIGKILL, its Dask workers too) while slides are half done,
     then rerun: every output equals the uninterrupted run's."""
     settings = study["settings"]
@@ -152,7 +153,7 @@ def test_a_killed_study_rerun_gives_the_same_outputs(study):
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()
     assert not (out / "study.csv").exists(), "the study ended before it was killed"
-    rows = {r["name"]: r for r in run_cohort(settings.model_copy(update={"output": str(out)}))}
+    rows = {r["name"]: r for r in run_cohort(settings.model_copy(update={"output": str(out)}), client=lambda: client)}
     assert {n: r["status"] for n, r in rows.items()} == {n: r["status"] for n, r in study["rows"].items()}
     for name in "abcd":
         clean, rerun = study["rows"][name], rows[name]
@@ -202,14 +203,15 @@ def test_a_real_svs_in_a_manifest(tmp_path, client):
 
 
 @pytest.mark.slow
-def test_cohort_flow_runs_each_slide_as_a_sub_flow(prefect_api, study):
+def test_cohort_flow_runs_each_slide_as_a_sub_flow(prefect_api, study, client):
     """Through a real Prefect server: one sub-flow run per slide, named after it, the broken
     slide's failed and the study's run completed, with the study table and progress artifacts;
     a rerun makes no sub-flow runs for the finished slides."""
     from flows.cohort import cohort
     from test_flows import run_id
 
-    settings = study["settings"].model_copy(update={"output": str(study["base"] / "flow"), "objects": None})
+    settings = study["settings"].model_copy(update={"output": str(study["base"] / "flow"), "objects": None,
+                                                   "workers": None, "scheduler": client.scheduler.address})
     state = cohort(settings, return_state=True)
     assert state.is_completed(), state.message
     children = prefect_api.request("POST", "/flow_runs/filter",

@@ -65,7 +65,7 @@ def test_every_deployment_in_prefect_yaml_is_on_the_server(deployed):
     assert cohort["SlideObjects"]["properties"]["output"]["default"] == "cells.zarr"
 
 
-def test_run_through_the_api_then_rerun_skips(deployed):
+def test_run_through_the_api_then_rerun_skips(deployed, client):
     server, d = deployed["server"], deployed
     output = str(d["data"] / "api.zarr")
     first = server.request("POST", f"/deployments/{d['deployment']['id']}/create_flow_run",
@@ -74,7 +74,7 @@ def test_run_through_the_api_then_rerun_skips(deployed):
     assert run["state_type"] == "COMPLETED", (server.home / "worker.log").read_text()[-4000:]
 
     clean = d["data"] / "clean.zarr"
-    predict(PredictSettings(input=d["image"], output=str(clean), model=d["model"], block_size=128, workers=1))
+    predict(PredictSettings(input=d["image"], output=str(clean), model=d["model"], block_size=128), client=client)
     out = zarr.open_array(output + "/0", mode="r")[...]
     assert np.array_equal(out, zarr.open_array(str(clean / "0"), mode="r")[...])
     artifacts = server.artifacts(first["id"])
@@ -218,7 +218,7 @@ def test_a_study_on_s3_killed_then_rerun_from_the_api_skips_the_finished_slides(
     assert {c["name"] for c in children} == set(rows) - finished
 
 
-def test_a_flow_run_on_slurm_picked_by_the_deployments_job_variables(deployed, slurm):
+def test_a_flow_run_on_slurm_picked_by_the_deployments_job_variables(deployed, slurm, client):
     """The segment deployment run through the API with job variables that send its blocks to
     SLURM worker jobs (the site's spec and profile in the run's environment): the run
     completes, its log says where the blocks ran, SLURM allocated jobs for it, and the output
@@ -238,6 +238,6 @@ def test_a_flow_run_on_slurm_picked_by_the_deployments_job_variables(deployed, s
     assert server.logs(run["id"], "Blocks run on SLURM worker jobs (slurm:overtile-cpu, scheduler tls://")
     assert log.read_text().count("Allocate JobId") > allocated
     clean = d["data"] / "slurm-clean.zarr"
-    predict(PredictSettings(input=d["image"], output=str(clean), model=d["model"], block_size=128, workers=1))
+    predict(PredictSettings(input=d["image"], output=str(clean), model=d["model"], block_size=128), client=client)
     np.testing.assert_array_equal(zarr.open_array(output + "/0", mode="r")[...],
                                   zarr.open_array(str(clean / "0"), mode="r")[...])

@@ -215,10 +215,13 @@ def test_overwrite_with_other_blocks_in_the_same_process(tmp_path):
     assert all(np.array_equal(a, channel_first(p)) for a, p in zip(arrays, pyramid, strict=True))
 
 
-@pytest.mark.slow
-def test_ingest_help():
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "usage: overtile ingest" in result.stdout and "--levels" in result.stdout
+def test_ingest_help(capsys):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["ingest", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "usage: overtile ingest" in out and "--levels" in out
 
 
 # --- a tile that does not decode -------------------------------------------------------

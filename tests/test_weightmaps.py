@@ -24,53 +24,44 @@ def touching_cells(shape, seed=0, n=40):
     return labels
 
 
-@pytest.fixture(scope="module")
-def cluster_client():
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as c:
-        yield c
-
-
 @pytest.mark.parametrize("block", [32, 50, 200])
 @pytest.mark.slow
-def test_blockwise_equals_in_memory(cluster_client, tmp_path, block):
+def test_blockwise_equals_in_memory(client, tmp_path, block):
     labels = touching_cells((150, 130))
     url = write_zarr(tmp_path / "labels.zarr", labels, chunks=(32, 32))
-    job, summary = weight_maps(WeightSettings(labels=url, output=str(tmp_path / "w.zarr"), block_size=block), client=cluster_client)
+    job, summary = weight_maps(WeightSettings(labels=url, output=str(tmp_path / "w.zarr"), block_size=block), client=client)
     out = zarr.open_group(str(tmp_path / "w.zarr"), mode="r")["0"][...]
     np.testing.assert_allclose(out, weight_map(labels), atol=1e-4)
     assert out.dtype == np.float32 and summary.done == summary.total
 
 
 @pytest.mark.slow
-def test_3d_blockwise_equals_in_memory(cluster_client, tmp_path):
+def test_3d_blockwise_equals_in_memory(client, tmp_path):
     labels = touching_cells((20, 40, 36), n=15)
     url = write_zarr(tmp_path / "labels.zarr", labels, chunks=(8, 16, 16))
-    weight_maps(WeightSettings(labels=url, output=str(tmp_path / "w.zarr"), axes="zyx", block_size=16, sigma=3), client=cluster_client)
+    weight_maps(WeightSettings(labels=url, output=str(tmp_path / "w.zarr"), axes="zyx", block_size=16, sigma=3), client=client)
     out = zarr.open_group(str(tmp_path / "w.zarr"), mode="r")["0"][...]
     np.testing.assert_allclose(out, weight_map(labels, sigma=3), atol=1e-4)
 
 
 @pytest.mark.slow
-def test_binary_mask_gets_global_instances(cluster_client, tmp_path):
+def test_binary_mask_gets_global_instances(client, tmp_path):
     labels = touching_cells((120, 140), seed=3)
     mask = (labels > 0).astype(np.uint8)
     url = write_zarr(tmp_path / "mask.zarr", mask, chunks=(32, 32))
-    weight_maps(WeightSettings(labels=url, output=str(tmp_path / "w.zarr"), binary=True, block_size=40), client=cluster_client)
+    weight_maps(WeightSettings(labels=url, output=str(tmp_path / "w.zarr"), binary=True, block_size=40), client=client)
     out = zarr.open_group(str(tmp_path / "w.zarr"), mode="r")["0"][...]
     np.testing.assert_allclose(out, weight_map(mask, binary=True), atol=1e-4)
 
 
 @pytest.mark.slow
-def test_rerun_resumes_and_says_so(cluster_client, tmp_path):
+def test_rerun_resumes_and_says_so(client, tmp_path):
     url = write_zarr(tmp_path / "labels.zarr", touching_cells((100, 100)))
     settings = WeightSettings(labels=url, output=str(tmp_path / "w.zarr"), block_size=50)
-    first = weight_maps(settings, client=cluster_client)[1]
+    first = weight_maps(settings, client=client)[1]
     ledger = zarr.open_array(str(tmp_path / "w.zarr" / "ledger"), mode="r+")
     ledger[1, 1] = 0
-    second = weight_maps(settings, client=cluster_client)[1]
+    second = weight_maps(settings, client=client)[1]
     assert first.done == 4 and second.done == 1 and second.skipped == 3
 
 
@@ -97,7 +88,7 @@ def test_cli_all_background_and_preview(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_mask_labelling_across_blocks_matches_whole_image_labelling(cluster_client, tmp_path):
+def test_mask_labelling_across_blocks_matches_whole_image_labelling(client, tmp_path):
     from scipy import ndimage
 
     from pipeline.storage import create_image, open_image
@@ -110,7 +101,7 @@ def test_mask_labelling_across_blocks_matches_whole_image_labelling(cluster_clie
     mask[60:62, 40:42] = 1
     url = write_zarr(tmp_path / "mask.zarr", mask, chunks=(16, 16))
     create_image(str(tmp_path / "out.zarr"), mask.shape, (16, 16), "float32", "yx")
-    instances = zarr.open_array(label_mask(cluster_client, open_image(url), str(tmp_path / "out.zarr"), (16, 16)), mode="r")[...]
+    instances = zarr.open_array(label_mask(client, open_image(url), str(tmp_path / "out.zarr"), (16, 16)), mode="r")[...]
     whole, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(2, 1))
     assert len(np.unique(instances[instances > 0])) == n == 3
     for cell in range(1, n + 1):  # the same partition of the foreground
