@@ -110,11 +110,10 @@ def test_options_that_were_missing_are_there(tmp_path):
 
 
 @pytest.mark.slow
-def test_model_init_then_predict_end_to_end(tmp_path):
+def test_model_init_then_predict_end_to_end(tmp_path, capsys):
     ckpt = tmp_path / "m.pt"
-    result = run_cli("model", "init", str(ckpt), "--base-channels", "4", "--depth", "4")
-    assert result.returncode == 0 and ckpt.exists(), result.stderr
-    assert "margin 44 px" in run_cli("model", "info", str(ckpt)).stdout
+    assert main(["model", "init", str(ckpt), "--base-channels", "4", "--depth", "4"]) == 0 and ckpt.exists()
+    assert main(["model", "info", str(ckpt)]) == 0 and "margin 44 px" in capsys.readouterr().out
     image = write_zarr(tmp_path / "img.zarr", np.random.default_rng(0).integers(0, 255, (150, 170), dtype=np.uint8))
     args = ["predict", image, str(tmp_path / "out.zarr"), "--model", str(ckpt), "--block-size", "64", "--workers", "2"]
     result = run_cli(*args)
