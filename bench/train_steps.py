@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         if "skipped" in r or "skipped" in b:
             print(f"| {config} | skipped: {r.get('skipped') or b.get('skipped')} | | |")
             continue
-        print(f"| {config} | {r['median']:.3f} ({r['min']:.3f}) | {b['median'] / r['median']:.2f}× | "
-              f"{r['first']:.1f} |" if "first" in r else "|")
+        first = f"{r['first']:.1f}" if "first" in r else ""
+        print(f"| {config} | {r['median']:.3f} ({r['min']:.3f}) | {b['median'] / r['median']:.2f}× | {first} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))
