@@ -125,6 +125,15 @@ def score_objects(model_path: Path, images: str, labels: str, out: Path, grow_di
     return rows
 
 
+def training_choices(args: argparse.Namespace, images: str, labels: str) -> dict:
+    """The TrainSettings both runs share, from the command line: data, net, patch, optimiser,
+    loss, augmentation and threads (the split, seed, length and output are each run's own)."""
+    return dict(images=images, labels=labels, axes="zyx", dims=2, depth=args.depth, base_channels=args.base_channels,
+                tile_size=args.tile_size, optimizer=args.optimizer, lr=args.lr, w0=args.w0, sigma=args.sigma,
+                class_balance=not args.no_class_balance, batch_norm=args.batch_norm, elastic=not args.no_elastic,
+                val_tile_size=args.val_tile_size, threads=args.threads, overwrite=True)
+
+
 PROTOCOL = {"train": "0-14", "choose": range(15, 20), "score": range(20, 25)}
 
 
@@ -147,13 +156,9 @@ def protocol_seed(seed: int, images: str, labels: str, out: Path, args: argparse
 
     run = out / f"protocol-seed{seed}"
     summary = train(TrainSettings(
-        images=images, labels=labels, axes="zyx", dims=2, val_slices=tuple(PROTOCOL["choose"]),
-        test_slices=tuple(PROTOCOL["score"]), depth=args.depth, base_channels=args.base_channels,
-        tile_size=args.tile_size, optimizer=args.optimizer, lr=args.lr, w0=args.w0, sigma=args.sigma,
-        class_balance=not args.no_class_balance, batch_norm=args.batch_norm, elastic=not args.no_elastic,
-        val_tile_size=args.val_tile_size, seed=seed, threads=args.threads, overwrite=True, out=str(run),
-        steps=10**6, lr_schedule="cosine", time_limit=args.budget, val_every=args.val_every,
-        checkpoint_every=args.val_every))
+        **training_choices(args, images, labels), val_slices=tuple(PROTOCOL["choose"]),
+        test_slices=tuple(PROTOCOL["score"]), seed=seed, out=str(run), steps=10**6, lr_schedule="cosine",
+        time_limit=args.budget, val_every=args.val_every, checkpoint_every=args.val_every))
     model = load_model(run / "best.pt")
     volume = zarr.open_array(images, mode="r")
     truth = zarr.open_array(labels, mode="r")[...] > 0
@@ -252,13 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         print_protocol(results, args, "python bench/isbi2012.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
                        out)
         return 0
-    base = dict(
-        images=images, labels=labels, axes="zyx", dims=2, val_slices=tuple(VAL_SLICES), depth=args.depth,
-        base_channels=args.base_channels, tile_size=args.tile_size, optimizer=args.optimizer, lr=args.lr,
-        w0=args.w0, sigma=args.sigma, class_balance=not args.no_class_balance, batch_norm=args.batch_norm,
-        elastic=not args.no_elastic, val_tile_size=args.val_tile_size, seed=args.seed,
-        threads=args.threads, overwrite=True,
-    )
+    base = dict(training_choices(args, images, labels), val_slices=tuple(VAL_SLICES), seed=args.seed)
 
     # 1. calibration: time a few steps of the same model (counted in the budget)
     clock = time.perf_counter()
