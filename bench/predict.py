@@ -390,6 +390,8 @@ def child_raw_stream(spec: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"asked torch for {spec['threads']} threads, got {torch.get_num_threads()}")
     fmt = torch.channels_last if spec["format"] == "channels_last" else torch.contiguous_format
     model = load_model(spec["model"]).eval().to(memory_format=fmt)
+    if spec.get("py_threads", 1) > 1:
+        return raw_stream_threads(spec, model, fmt)
     setup = 0.0
     if spec["compiled"]:  # the call itself imports torch._dynamo and inductor (seconds): part of compiling
         t = time.perf_counter()
@@ -429,6 +431,58 @@ def child_raw_stream(spec: dict[str, Any]) -> dict[str, Any]:
             "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}}
 
 
+def raw_stream_threads(spec: dict[str, Any], model: torch.nn.Module, fmt: torch.memory_format) -> dict[str, Any]:
+    """``py_threads`` streams in this one process, each a Python thread forwarding on
+    ``threads`` torch threads, all sharing the one model (eager only): what a Dask worker
+    with that many task slots does with overtile's model, the DIY script's threaded
+    scheduler too. Returns a list of stream results, each as :func:`child_raw_stream`'s."""
+    n, barrier = spec["py_threads"], threading.Barrier(spec["py_threads"] + 1)
+    xs = [np.random.default_rng(i).standard_normal((spec["batch_size"], 1, spec["tile"], spec["tile"])).astype(np.float32)
+          for i in range(n)]
+    streams: list[dict[str, Any]] = [{} for _ in range(n)]
+
+    def forward(x: np.ndarray) -> tuple[int, ...]:
+        with torch.inference_mode():
+            return tuple(model(torch.from_numpy(x).contiguous(memory_format=fmt)).float().numpy().shape)
+
+    def stream(i: int) -> None:
+        warmup = []
+        for _ in range(2):
+            t = time.perf_counter()
+            shape = forward(xs[i])
+            warmup.append(time.perf_counter() - t)
+        barrier.wait()  # warm, then released together by the coordinator's go
+        barrier.wait()
+        runs = []
+        for _ in range(spec["repeats"]):
+            start, seconds = time.time(), []
+            for _ in range(spec["tiles"]):
+                t = time.perf_counter()
+                forward(xs[i])
+                seconds.append(time.perf_counter() - t)
+            runs.append({"start": start, "end": time.time(), "tile_s": seconds})
+        streams[i] = {"runs": runs, "warmup_s": warmup, "out_shape": list(shape)}
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    Path(spec["ready"]).touch()
+    while not Path(spec["go"]).exists():
+        time.sleep(0.005)
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    barrier.wait()
+    for t in threads:
+        t.join()
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    common = {"compile_s": None, "torch_threads": torch.get_num_threads(), "pid": os.getpid(),
+              "timed_cpu_s": ((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)) / n,
+              "timed_sys_s": (cpu1.ru_stime - cpu0.ru_stime) / n, "timed_minflt": (cpu1.ru_minflt - cpu0.ru_minflt) / n,
+              "maxrss_mib": maxrss_mib(),
+              "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}}
+    return {"streams": [{**common, **st} for st in streams]}
+
+
 def child_raw(spec: dict[str, Any]) -> dict[str, Any]:
     """(a) one configuration: ``streams`` plain processes started with the allocator ``env``,
     released together once all are warm; MP/s per repeat over the streams' common window."""
@@ -461,7 +515,10 @@ def child_raw(spec: dict[str, Any]) -> dict[str, Any]:
                 p.wait()
     if any(codes):
         raise RuntimeError(f"raw streams exited with {codes}")
-    res = [json.loads((tmp / f"{i}.result.json").read_text()) for i in range(len(procs))]
+    res = []
+    for i in range(len(procs)):  # a process of several Python-thread streams gives one entry per stream
+        r = json.loads((tmp / f"{i}.result.json").read_text())
+        res.extend(r.get("streams", [r]))
     shutil.rmtree(tmp, ignore_errors=True)
     own = sum(r["timed_cpu_s"] for r in res)
     foreign = max(0.0, busy1 - busy0 - own) / ((wall1 - wall0) * len(os.sched_getaffinity(0)))
@@ -483,15 +540,21 @@ def child_raw(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def raw_configs(args: argparse.Namespace, cores: int) -> list[dict[str, Any]]:
-    """Every configuration of (a): format × layout × allocator, eager, then compiled channels_last."""
-    layouts = [(cores, 1), (1, cores)] if cores > 1 else [(1, 1)]
+    """Every configuration of (a): format × layout × allocator, eager, then compiled channels_last.
+
+    The layouts: ``cores`` processes of one thread, one process of ``cores`` torch threads,
+    and (eager) one process of ``cores`` one-thread streams in Python threads, sharing the model.
+    """
+    layouts = [(cores, 1, 1), (1, cores, 1), (1, 1, cores)] if cores > 1 else [(1, 1, 1)]
     rows = []
     for allocator in args.allocators:
         for compiled in ([False, True] if args.compile else [False]):
             for fmt in (["channels_last"] if compiled else ["channels_last", "nchw"]):
-                for streams, threads in layouts:
+                for streams, threads, py_threads in layouts:
+                    if compiled and py_threads > 1:
+                        continue
                     rows.append({"format": fmt, "compiled": compiled, "streams": streams, "threads": threads,
-                                 "allocator": allocator})
+                                 "py_threads": py_threads, "allocator": allocator})
     if args.quick:  # every code path once
         wanted = [("channels_last", False, 1, "keep"), ("nchw", False, cores, "keep"),
                   ("channels_last", False, 1, "default"), ("channels_last", True, 1, "keep")]
@@ -501,6 +564,8 @@ def raw_configs(args: argparse.Namespace, cores: int) -> list[dict[str, Any]]:
 
 def raw_label(c: dict[str, Any]) -> str:
     fmt = ("compiled " if c["compiled"] else "") + ("channels_last" if c["format"] == "channels_last" else "NCHW")
+    if c.get("py_threads", 1) > 1:
+        return f"{fmt}, {c['streams']} proc × {c['py_threads']} one-thread streams, {c['allocator']} allocator"
     return f"{fmt}, {c['streams']} proc × {c['threads']} thr, {c['allocator']} allocator"
 
 
