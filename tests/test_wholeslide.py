@@ -121,6 +121,22 @@ def test_otsu_on_saturation_finds_the_tissue(tmp_path):
         compute_mask(storage.open_image(write_zarr(tmp_path / "gray.zarr", cells((64, 64)))), "saturation")
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_otsu_equals_scikit_image(seed):
+    """overtile's numpy Otsu (no skimage import on the plan's path) against skimage's, on
+    bimodal, skewed and unset-pixel feature maps like the tissue features."""
+    from skimage.filters import threshold_otsu
+
+    from pipeline.numerics.threshold import otsu
+
+    rng = np.random.default_rng(seed)
+    values = np.concatenate([rng.normal(0.1, 0.05, 5000 * (seed + 1)), rng.gamma(2.0, 0.1, 3000)]).astype(np.float32)
+    assert otsu(values) == pytest.approx(float(threshold_otsu(values)), rel=1e-6, abs=1e-7)
+    values[:100] = np.nan  # unset: ignored by overtile's, dropped before skimage's
+    assert otsu(values) == pytest.approx(float(threshold_otsu(values[100:])), rel=1e-6, abs=1e-7)
+    assert otsu(np.full(10, 0.3, np.float32)) == np.inf  # one value: nothing to separate
+
+
 @pytest.mark.slow
 def test_user_mask_at_low_resolution_and_cli_summary(client, tmp_path, rgb_model, capsys):
     url, _ = rgb_slide(tmp_path / "slide.zarr")
