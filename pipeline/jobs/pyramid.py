@@ -161,9 +161,8 @@ def downsample_present(parts: Sequence[tuple[Box, np.ndarray]], read: Box, write
     ``read`` that hold data, with their values (``lead`` axes first); the rest is ``fill``.
 
     Only the windows over the parts are computed: a window of fill alone gives the fill's
-    downsampled value. The box computed is snapped to whole windows and is never one window
-    wide where ``read`` is wider: numpy then sums a window's four values in another order,
-    and the last bit of a float mean would differ.
+    downsampled value. The box computed is snapped to whole windows; ``downsample`` sums a
+    window's values in one order whatever the box's width, so the values are bit for bit.
     """
     fill_down = downsample(np.full((1,) * len(lead) + tuple(factor), fill, dtype), factor, kind).flat[0]
     out = np.full((*lead, *write.shape), fill_down, dtype)
@@ -173,11 +172,6 @@ def downsample_present(parts: Sequence[tuple[Box, np.ndarray]], read: Box, write
     for b, _ in parts[1:]:
         box = box.union(b)
     box = box.snap(factor).intersect(read)
-    start, stop = list(box.offset), list(box.stop)
-    for axis, f in enumerate(factor):
-        if -(-box.shape[axis] // f) == 1 < -(-read.shape[axis] // f):
-            start[axis], stop[axis] = read.offset[axis], read.stop[axis]
-    box = Box.from_bounds(start, stop)
     piece = np.full((*lead, *box.shape), fill, dtype)
     for b, values in parts:
         piece[(Ellipsis, *b.relative_to(box))] = values
