@@ -445,35 +445,52 @@ def raw_stream_threads(spec: dict[str, Any], model: torch.nn.Module, fmt: torch.
         with torch.inference_mode():
             return tuple(model(torch.from_numpy(x).contiguous(memory_format=fmt)).float().numpy().shape)
 
+    failed: list[BaseException] = []
+
     def stream(i: int) -> None:
-        warmup = []
-        for _ in range(2):
-            t = time.perf_counter()
-            shape = forward(xs[i])
-            warmup.append(time.perf_counter() - t)
-        barrier.wait()  # warm, then released together by the coordinator's go
-        barrier.wait()
-        runs = []
-        for _ in range(spec["repeats"]):
-            start, seconds = time.time(), []
-            for _ in range(spec["tiles"]):
+        try:
+            warmup = []
+            for _ in range(2):
                 t = time.perf_counter()
-                forward(xs[i])
-                seconds.append(time.perf_counter() - t)
-            runs.append({"start": start, "end": time.time(), "tile_s": seconds})
-        streams[i] = {"runs": runs, "warmup_s": warmup, "out_shape": list(shape)}
+                shape = forward(xs[i])
+                warmup.append(time.perf_counter() - t)
+            barrier.wait()  # warm, then released together by the coordinator's go
+            barrier.wait()
+            runs = []
+            for _ in range(spec["repeats"]):
+                start, seconds = time.time(), []
+                for _ in range(spec["tiles"]):
+                    t = time.perf_counter()
+                    forward(xs[i])
+                    seconds.append(time.perf_counter() - t)
+                runs.append({"start": start, "end": time.time(), "tile_s": seconds})
+            streams[i] = {"runs": runs, "warmup_s": warmup, "out_shape": list(shape)}
+        except BaseException as exc:  # the others and the coordinator must not wait for this one
+            failed.append(exc)
+            barrier.abort()
+
+    def joined() -> None:
+        for t in threads:
+            t.join()
+        if failed:
+            raise RuntimeError(f"a stream thread failed: {failed[0]!r}") from failed[0]
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
-    barrier.wait()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        joined()
     Path(spec["ready"]).touch()
     while not Path(spec["go"]).exists():
         time.sleep(0.005)
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    barrier.wait()
-    for t in threads:
-        t.join()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        pass
+    joined()
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     common = {"compile_s": None, "torch_threads": torch.get_num_threads(), "pid": os.getpid(),
               "timed_cpu_s": ((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)) / n,
@@ -556,9 +573,10 @@ def raw_configs(args: argparse.Namespace, cores: int) -> list[dict[str, Any]]:
                     rows.append({"format": fmt, "compiled": compiled, "streams": streams, "threads": threads,
                                  "py_threads": py_threads, "allocator": allocator})
     if args.quick:  # every code path once
-        wanted = [("channels_last", False, 1, "keep"), ("nchw", False, cores, "keep"),
-                  ("channels_last", False, 1, "default"), ("channels_last", True, 1, "keep")]
-        rows = [r for r in rows if (r["format"], r["compiled"], r["threads"], r["allocator"]) in wanted]
+        wanted = [("channels_last", False, 1, 1, "keep"), ("nchw", False, cores, 1, "keep"),
+                  ("channels_last", False, 1, 1, "default"), ("channels_last", True, 1, 1, "keep"),
+                  ("channels_last", False, 1, cores, "keep")]
+        rows = [r for r in rows if (r["format"], r["compiled"], r["threads"], r["py_threads"], r["allocator"]) in wanted]
     return rows
 
 

@@ -25,16 +25,18 @@ def windows_mean(data: np.ndarray, factor: tuple[int, ...]) -> np.ndarray:
     return out
 
 
+@pytest.mark.filterwarnings("error")  # an all-NaN window is NaN, without numpy's warnings
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, factor", [((2, 9, 13), (2, 2)), ((3, 8, 7), (1, 2, 2)), ((5, 6), (2, 1))])
-def test_mean_is_the_nan_ignoring_window_mean(shape, factor):
+def test_mean_is_the_nan_ignoring_window_mean(shape, factor, dtype):
     rng = np.random.default_rng(1)
-    data = rng.random(shape, dtype=np.float32)
+    data = rng.random(shape).astype(dtype)
     data[rng.random(shape) < 0.3] = np.nan  # scattered unset pixels
     data[..., :2, :] = np.nan  # whole windows unset: they stay NaN
     got = downsample(data, factor, "mean")
-    assert got.dtype == np.float32
+    assert got.dtype == dtype  # the level's dtype (computed in float32)
     np.testing.assert_allclose(got, windows_mean(data, factor), rtol=1e-6, equal_nan=True)
-    full = rng.random(shape, dtype=np.float32)  # no NaN: the plain mean
+    full = rng.random(shape).astype(dtype)  # no NaN: the plain mean
     np.testing.assert_allclose(downsample(full, factor, "mean"), windows_mean(full, factor), rtol=1e-6)
 
 

@@ -121,19 +121,22 @@ def test_otsu_on_saturation_finds_the_tissue(tmp_path):
         compute_mask(storage.open_image(write_zarr(tmp_path / "gray.zarr", cells((64, 64)))), "saturation")
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_otsu_equals_scikit_image(seed):
-    """overtile's numpy Otsu (no skimage import on the plan's path) against skimage's, on
-    bimodal, skewed and unset-pixel feature maps like the tissue features."""
+def test_otsu_equals_scikit_image():
+    """overtile's numpy Otsu (no skimage import on the plan's path) equals skimage's, to the
+    bit, on bimodal and skewed feature maps like the tissue features (near ties between bins
+    included: 600 draws), with unset pixels, and on a single value."""
     from skimage.filters import threshold_otsu
 
     from pipeline.numerics.threshold import otsu
 
-    rng = np.random.default_rng(seed)
-    values = np.concatenate([rng.normal(0.1, 0.05, 5000 * (seed + 1)), rng.gamma(2.0, 0.1, 3000)]).astype(np.float32)
-    assert otsu(values) == pytest.approx(float(threshold_otsu(values)), rel=1e-6, abs=1e-7)
+    for seed in range(600):  # draws 344 and 550 are near ties: variances in float64 pick the next bin
+        rng = np.random.default_rng(seed)
+        n = int(rng.integers(3000, 8000))
+        values = np.concatenate([rng.normal(rng.uniform(0.1, 0.4), rng.uniform(0.02, 0.1), n),
+                                 rng.normal(rng.uniform(0.5, 0.9), rng.uniform(0.02, 0.1), n)]).astype(np.float32)
+        assert otsu(values) == float(threshold_otsu(values)), seed
     values[:100] = np.nan  # unset: ignored by overtile's, dropped before skimage's
-    assert otsu(values) == pytest.approx(float(threshold_otsu(values[100:])), rel=1e-6, abs=1e-7)
+    assert otsu(values) == float(threshold_otsu(values[100:]))
     assert otsu(np.full(10, 0.3, np.float32)) == np.inf  # one value: nothing to separate
 
 

@@ -54,6 +54,7 @@ def otsu(values: np.ndarray) -> float:
     if values.size == 0 or values.min() == values.max():
         return math.inf
     counts, edges = np.histogram(values, bins=256, range=(values.min(), values.max()))
+    counts = counts.astype(np.float32)  # as skimage: in int64 a near tie can fall to the next bin
     centers = (edges[:-1] + edges[1:]) / 2
     below, above = np.cumsum(counts), np.cumsum(counts[::-1])[::-1]  # pixels at or below, at or above each bin
     mean_below = np.cumsum(counts * centers) / below
