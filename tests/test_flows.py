@@ -220,10 +220,10 @@ def test_killed_flow_process_then_rerun_does_only_the_missing_blocks(prefect_api
 
     from flows.segment import segment
 
-    url = write_zarr(tmp_path / "in.zarr", cells((384, 512), seed=3))
+    url = write_zarr(tmp_path / "in.zarr", cells((768, 512), seed=3))
     settings = PredictSettings(input=url, output=str(tmp_path / "killed.zarr"), model=str(model_2d), block_size=64,
                                workers=2)
-    total = 6 * 8
+    total = 12 * 8  # blocks of a few ms each: enough that the kill lands before the last
     flow = prefect_api.spawn([sys.executable, "-m", "flows.segment", settings.model_dump_json()], "killed-flow.log")
     ledger = tmp_path / "killed.zarr" / "ledger"
     deadline, done = time.monotonic() + 120, 0
@@ -234,9 +234,18 @@ def test_killed_flow_process_then_rerun_does_only_the_missing_blocks(prefect_api
                 break
         time.sleep(0.02)
     assert flow.poll() is None, f"the flow ended before it could be killed: {(prefect_api.home / 'killed-flow.log').read_text()[-3000:]}"
-    children = psutil.Process(flow.pid).children(recursive=True)
+    # Freeze the flow (its scheduler) and its workers at once, then kill the flow: a kill
+    # that lands while the workers run on would let them finish every block first (seen in
+    # the full suite, when this process waited for a core between its look and the kill).
+    flow_process = psutil.Process(flow.pid)
+    flow_process.suspend()
+    children = flow_process.children(recursive=True)
+    for p in children:
+        p.suspend()
     os.kill(flow.pid, signal.SIGKILL)
     flow.wait(10)
+    for p in children:
+        p.resume()  # stopped processes cannot notice that their parent died
     gone, alive = psutil.wait_procs(children, timeout=30)  # the Dask workers notice their parent died
     for p in alive:  # pragma: no cover - never seen; do not leave them behind
         p.kill()
