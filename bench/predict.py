@@ -59,7 +59,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Callable, Self
 
 import numpy as np
 import torch
@@ -405,15 +405,28 @@ def child_raw_stream(spec: dict[str, Any]) -> dict[str, Any]:
             y = model(torch.from_numpy(x).contiguous(memory_format=fmt))
             return tuple(y.float().numpy().shape)
 
-    warmup = []
-    for _ in range(2):  # a compiled model's first pass compiles it; the second settles oneDNN and the heap
-        t = time.perf_counter()
-        shape = forward()
-        warmup.append(time.perf_counter() - t)
+    warmup, shape = warm_up(forward)  # a compiled model's first pass compiles it
     Path(spec["ready"]).touch()
     while not Path(spec["go"]).exists():
         time.sleep(0.005)
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    runs = timed_passes(forward, spec)
+    return {"runs": runs, "warmup_s": warmup, "compile_s": setup + warmup[0] if spec["compiled"] else None,
+            "out_shape": list(shape), **process_usage(cpu0)}
+
+
+def warm_up(forward: Callable[[], tuple[int, ...]]) -> tuple[list[float], tuple[int, ...]]:
+    """Two timed passes before the timed ones (the second settles oneDNN and the heap)."""
+    seconds = []
+    for _ in range(2):
+        t = time.perf_counter()
+        shape = forward()
+        seconds.append(time.perf_counter() - t)
+    return seconds, shape
+
+
+def timed_passes(forward: Callable[[], Any], spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """``repeats`` runs of ``tiles`` timed passes each, with each run's wall-clock window."""
     runs = []
     for _ in range(spec["repeats"]):
         start, seconds = time.time(), []
@@ -422,12 +435,17 @@ def child_raw_stream(spec: dict[str, Any]) -> dict[str, Any]:
             forward()
             seconds.append(time.perf_counter() - t)
         runs.append({"start": start, "end": time.time(), "tile_s": seconds})
+    return runs
+
+
+def process_usage(cpu0: Any, streams: int = 1) -> dict[str, Any]:
+    """This process's CPU, system time and page faults since ``cpu0``, per stream, with its
+    peak memory and allocator settings."""
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    return {"runs": runs, "warmup_s": warmup, "compile_s": setup + warmup[0] if spec["compiled"] else None,
-            "out_shape": list(shape), "torch_threads": torch.get_num_threads(), "pid": os.getpid(),
-            "timed_cpu_s": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
-            "timed_sys_s": cpu1.ru_stime - cpu0.ru_stime, "timed_minflt": cpu1.ru_minflt - cpu0.ru_minflt,
-            "maxrss_mib": maxrss_mib(),
+    return {"torch_threads": torch.get_num_threads(), "pid": os.getpid(),
+            "timed_cpu_s": ((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)) / streams,
+            "timed_sys_s": (cpu1.ru_stime - cpu0.ru_stime) / streams,
+            "timed_minflt": (cpu1.ru_minflt - cpu0.ru_minflt) / streams, "maxrss_mib": maxrss_mib(),
             "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}}
 
 
@@ -449,22 +467,11 @@ def raw_stream_threads(spec: dict[str, Any], model: torch.nn.Module, fmt: torch.
 
     def stream(i: int) -> None:
         try:
-            warmup = []
-            for _ in range(2):
-                t = time.perf_counter()
-                shape = forward(xs[i])
-                warmup.append(time.perf_counter() - t)
+            warmup, shape = warm_up(lambda: forward(xs[i]))
             barrier.wait()  # warm, then released together by the coordinator's go
             barrier.wait()
-            runs = []
-            for _ in range(spec["repeats"]):
-                start, seconds = time.time(), []
-                for _ in range(spec["tiles"]):
-                    t = time.perf_counter()
-                    forward(xs[i])
-                    seconds.append(time.perf_counter() - t)
-                runs.append({"start": start, "end": time.time(), "tile_s": seconds})
-            streams[i] = {"runs": runs, "warmup_s": warmup, "out_shape": list(shape)}
+            streams[i] = {"runs": timed_passes(lambda: forward(xs[i]), spec), "warmup_s": warmup,
+                          "out_shape": list(shape)}
         except BaseException as exc:  # the others and the coordinator must not wait for this one
             failed.append(exc)
             barrier.abort()
@@ -491,12 +498,7 @@ def raw_stream_threads(spec: dict[str, Any], model: torch.nn.Module, fmt: torch.
     except threading.BrokenBarrierError:
         pass
     joined()
-    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    common = {"compile_s": None, "torch_threads": torch.get_num_threads(), "pid": os.getpid(),
-              "timed_cpu_s": ((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)) / n,
-              "timed_sys_s": (cpu1.ru_stime - cpu0.ru_stime) / n, "timed_minflt": (cpu1.ru_minflt - cpu0.ru_minflt) / n,
-              "maxrss_mib": maxrss_mib(),
-              "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}}
+    common = {"compile_s": None, **process_usage(cpu0, n)}
     return {"streams": [{**common, **st} for st in streams]}
 
 
