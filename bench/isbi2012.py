@@ -130,7 +130,8 @@ def training_choices(args: argparse.Namespace, images: str, labels: str) -> dict
     """The TrainSettings both runs share, from the command line: data, net, patch, optimiser,
     loss, augmentation and threads (the split, seed, length and output are each run's own)."""
     return dict(images=images, labels=labels, axes="zyx", dims=2, depth=args.depth, base_channels=args.base_channels,
-                tile_size=args.tile_size, optimizer=args.optimizer, lr=args.lr, w0=args.w0, sigma=args.sigma,
+                tile_size=args.tile_size, optimizer=args.optimizer, lr=args.lr,
+                lr_schedule=args.lr_schedule, w0=args.w0, sigma=args.sigma,
                 class_balance=not args.no_class_balance, batch_norm=args.batch_norm, elastic=not args.no_elastic,
                 val_tile_size=args.val_tile_size, threads=args.threads, overwrite=True)
 
@@ -229,7 +230,7 @@ def protocol_seed(seed: int, images: str, labels: str, out: Path, args: argparse
     run = out / f"protocol-seed{seed}"
     summary = train(TrainSettings(
         **training_choices(args, images, labels), val_slices=tuple(PROTOCOL["choose"]),
-        test_slices=tuple(PROTOCOL["score"]), seed=seed, out=str(run), steps=10**6, lr_schedule="cosine",
+        test_slices=tuple(PROTOCOL["score"]), seed=seed, out=str(run), steps=10**6,
         time_limit=args.budget, val_every=args.val_every, checkpoint_every=args.val_every))
     model = load_model(run / "best.pt")
     volume = zarr.open_array(images, mode="r")
@@ -284,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile-size", type=int, default=572)
     parser.add_argument("--optimizer", choices=["sgd", "adam"], default="adam")
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
+                        help="cosine: anneals to 0 at the end of the time budget (default); constant: no annealing")
     parser.add_argument("--w0", type=float, default=10.0)
     parser.add_argument("--sigma", type=float, default=5.0, help="the weight map's border width in px (5 in the paper)")
     parser.add_argument("--no-class-balance", action="store_true", help="no class-frequency weights in the loss")
@@ -343,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. training, with the remaining budget as a hard stop
     run = out / "run"
-    settings = TrainSettings(**base, out=str(run), steps=steps, lr_schedule="cosine",
+    settings = TrainSettings(**base, out=str(run), steps=steps,
                              val_every=max(1, steps // 6), checkpoint_every=max(1, steps // 6), time_limit=max(1.0, left))
     last_print = [0.0]
 
@@ -374,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} threads",
         f"model: 2-D valid U-Net, depth {args.depth}, {args.base_channels} base channels, "
         f"{num_parameters(model):,} parameters; {args.tile_size}² patches, batch 1, {args.optimizer} "
-        f"(cosine), elastic {'off' if args.no_elastic else 'on'}, w0 {args.w0}",
+        f"({args.lr_schedule}), elastic {'off' if args.no_elastic else 'on'}, w0 {args.w0}",
         f"training: {summary.step} steps in {trained:.0f} s (budget {args.budget:.0f} s, calibration included); "
         f"best.pt from step {summary.best_step}",
         "",
