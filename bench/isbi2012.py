@@ -131,7 +131,7 @@ def training_choices(args: argparse.Namespace, images: str, labels: str) -> dict
     loss, augmentation and threads (the split, seed, length and output are each run's own)."""
     return dict(images=images, labels=labels, axes="zyx", dims=2, depth=args.depth, base_channels=args.base_channels,
                 tile_size=args.tile_size, optimizer=args.optimizer, lr=args.lr,
-                lr_schedule=args.lr_schedule, w0=args.w0, sigma=args.sigma,
+                lr_schedule=args.lr_schedule, ema=args.ema, w0=args.w0, sigma=args.sigma,
                 class_balance=not args.no_class_balance, batch_norm=args.batch_norm, elastic=not args.no_elastic,
                 val_tile_size=args.val_tile_size, threads=args.threads, overwrite=True)
 
@@ -287,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
                         help="cosine: anneals to 0 at the end of the time budget (default); constant: no annealing")
+    parser.add_argument("--ema", type=float, default=0.0,
+                        help="decay of a moving average of the weights that is validated and kept (0: none)")
     parser.add_argument("--w0", type=float, default=10.0)
     parser.add_argument("--sigma", type=float, default=5.0, help="the weight map's border width in px (5 in the paper)")
     parser.add_argument("--no-class-balance", action="store_true", help="no class-frequency weights in the loss")
@@ -377,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} threads",
         f"model: 2-D valid U-Net, depth {args.depth}, {args.base_channels} base channels, "
         f"{num_parameters(model):,} parameters; {args.tile_size}² patches, batch 1, {args.optimizer} "
-        f"({args.lr_schedule}), elastic {'off' if args.no_elastic else 'on'}, w0 {args.w0}",
+        f"({args.lr_schedule}{f', ema {args.ema}' if args.ema else ''}), elastic {'off' if args.no_elastic else 'on'}, w0 {args.w0}",
         f"training: {summary.step} steps in {trained:.0f} s (budget {args.budget:.0f} s, calibration included); "
         f"best.pt from step {summary.best_step}",
         "",

@@ -198,10 +198,11 @@ def test_validation_slices_are_never_trained_on():
 # --- checkpoints and resume ----------------------------------------------------------------
 
 
-def test_resumed_run_follows_the_same_trajectory(data_2d, tmp_path):
+@pytest.mark.parametrize("ema", [0.0, 0.9], ids=["weights", "averaged-weights"])
+def test_resumed_run_follows_the_same_trajectory(data_2d, tmp_path, ema):
     """6 steps straight, or 3, stop, resume to 6: the same losses, step for step (augmentation,
-    dropout and batches of 2 included), and the same weights at the end."""
-    common = dict(dropout=0.3, batch_size=2, checkpoint_every=3, seed=7)
+    dropout and batches of 2 included), and the same weights (and average) at the end."""
+    common = dict(dropout=0.3, batch_size=2, checkpoint_every=3, seed=7, ema=ema)
     train(settings(*data_2d, tmp_path / "straight", steps=6, **common))
     train(settings(*data_2d, tmp_path / "resumed", steps=3, **common))
     train(settings(*data_2d, tmp_path / "resumed", steps=6, resume=True, **common))
@@ -213,6 +214,51 @@ def test_resumed_run_follows_the_same_trajectory(data_2d, tmp_path):
     assert a["training"]["step"] == b["training"]["step"] == 6
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    if ema:
+        for key in a["training"]["weights"]:
+            assert torch.equal(a["training"]["weights"][key], b["training"]["weights"][key]), key
+        assert a["training"]["ema_updates"] == b["training"]["ema_updates"] == 6
+
+
+def test_averaged_weights_are_the_moving_average_of_every_steps_weights(data_2d, tmp_path):
+    """--ema D: last.pt's and best.pt's model is avg_1 = w_1, avg_k = avg_(k-1) + (1 - d_k)
+    (w_k - avg_(k-1)) with d_k = min(D, k / (9 + k)), over the weights w_k after each step;
+    the weights themselves go on training (kept in last.pt to resume)."""
+    decay, steps = 0.5, 5
+    s = settings(*data_2d, tmp_path / "run", steps=steps, ema=decay, optimizer="adam")
+    job = plan_training(s)
+    seen = []
+    train(s, job=job, on_step=lambda row: seen.append({k: v.detach().clone() for k, v in job.model.state_dict().items()}))
+    expected = dict(seen[0])
+    for k, weights in enumerate(seen[1:], start=2):
+        d = min(decay, k / (9 + k))
+        expected = {key: avg + (1 - d) * (weights[key] - avg) for key, avg in expected.items()}
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    for key, value in expected.items():
+        assert torch.allclose(last["state_dict"][key], value, rtol=0, atol=1e-6), key
+        assert torch.equal(best["state_dict"][key], last["state_dict"][key]), key
+        assert torch.equal(last["training"]["weights"][key], seen[-1][key]), key
+    assert any(not torch.allclose(expected[key], seen[-1][key]) for key in expected)  # an average, not the last
+    # the average is an ordinary model: predict loads it
+    assert load_model(tmp_path / "run" / "last.pt").dims == 2
+
+
+def test_validation_scores_the_averaged_model(stack, tmp_path):
+    """With --ema the validation row and best.pt's scores are those of the average, not of the
+    last step's weights."""
+    from pipeline.jobs.train import validate
+
+    s = settings(*stack, tmp_path / "run", axes="zyx", dims=2, val_slices=(3,), steps=4, val_every=4, ema=0.9,
+                 optimizer="adam", lr=0.01)
+    job = plan_training(s)
+    summary = train(s, job=job)
+    row = log_rows(tmp_path / "run")[-1]
+    best = load_model(tmp_path / "run" / "best.pt")
+    scores = validate(best, job.images, job.labels, job.val_regions, job.val_tile_size, "reflect")
+    assert summary.best == pytest.approx(scores) and float(row["rand_error"]) == pytest.approx(scores["rand_error"])
+    raw = validate(job.model, job.images, job.labels, job.val_regions, job.val_tile_size, "reflect")
+    assert raw != scores
 
 
 def test_corrupt_or_incompatible_checkpoint_is_a_clear_error(data_2d, tmp_path):
@@ -344,7 +390,8 @@ def test_the_budget_stops_before_a_step_that_would_not_fit_and_ends_near_progres
 @pytest.mark.slow
 def test_training_killed_between_checkpoints_resumes_to_the_uninterrupted_run(data_2d, tmp_path):
     """``overtile train`` killed with SIGKILL between two checkpoints, then resumed: it goes
-    on from the last checkpoint, and its losses and final weights equal a run never killed."""
+    on from the last checkpoint, and its losses, final weights and their average (--ema)
+    equal a run never killed."""
     import os
     import signal
     import subprocess
@@ -355,7 +402,7 @@ def test_training_killed_between_checkpoints_resumes_to_the_uninterrupted_run(da
     images, labels = data_2d
     args = ["--depth", "2", "--base-channels", "4", "--tile-size", "44", "--threads", "1", "--no-channels-last",
             "--steps", "40", "--checkpoint-every", "10", "--batch-size", "2", "--dropout", "0.3", "--seed", "3",
-            "--quiet"]
+            "--ema", "0.9", "--quiet"]
     cli = [sys.executable, "-m", "pipeline.cli", "train", "--images", images, "--labels", labels]
     subprocess.run(cli + ["--out", str(tmp_path / "straight")] + args, cwd=ROOT, check=True, capture_output=True)
     killed = tmp_path / "killed"
@@ -382,6 +429,9 @@ def test_training_killed_between_checkpoints_resumes_to_the_uninterrupted_run(da
     b = torch.load(killed / "last.pt", weights_only=True)
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for key in a["training"]["weights"]:  # the model saved is the average; the weights trained go on
+        assert torch.equal(a["training"]["weights"][key], b["training"]["weights"][key]), key
+    assert a["training"]["ema_updates"] == b["training"]["ema_updates"] == 40
 
 
 def test_test_slices_are_neither_trained_nor_validated_on(stack, tmp_path):

@@ -17,6 +17,9 @@ one pass over the labels for the class balance), then the loop: data → forward
 - **loss**: pixel-wise softmax and cross-entropy weighted by the weight map of eq. 2
   (:func:`pipeline.numerics.weightmap.weight_map`, computed per patch from the instance labels unless a
   weight array is given), with class weights from one pass over all training labels.
+- **averaged weights** (``ema``, off by default): an exponential moving average of the
+  weights after every step, which validation, ``best.pt`` and the model in ``last.pt`` use:
+  with batches of one patch the weights of any single step are noisy, the average is not.
 - **checkpoints**: ``OUT/last.pt`` every ``checkpoint_every`` steps (model, optimiser, step,
   random states, settings; ``torch.load(weights_only=True)`` reads it) and ``OUT/best.pt``,
   the model with the lowest validation Rand error; both are ordinary model checkpoints that
@@ -45,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 from pipeline import storage
@@ -133,6 +137,9 @@ class TrainSettings(BaseModel):
     val_tta: str = Field("none", description="Test-time augmentation of the validation: none, all (the 8 flips and "
                          "rotations in 2-D, the 8 flips in 3-D), or a comma-separated subset (identity,flip_x,rot90)")
     checkpoint_every: int = Field(100, ge=1, description="Write OUT/last.pt every this many steps (and at the end)")
+    ema: float = Field(0.0, ge=0.0, lt=1.0, description="Decay of an exponential moving average of the weights, "
+                       "updated every step (e.g. 0.995: about the last 200 steps; 0: none); validation, best.pt and "
+                       "the model in last.pt are the average")
     # execution
     seed: int = Field(0, ge=0, description="Seed of the model's initialisation and of every patch")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model trains")
@@ -229,6 +236,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def ema_update(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
+    """The update of :class:`~torch.optim.swa_utils.AveragedModel` for an exponential moving
+    average: ``avg += (1 - d) (w - avg)`` with ``d = min(decay, (1 + n) / (10 + n))`` after
+    ``n`` updates, so the first steps' weights (far from trained) fade quickly instead of
+    weighing ``decay**n``; integer buffers (batch-norm counters) take the model's value."""
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
+        if not averaged[0].is_floating_point():
+            torch._foreach_copy_(averaged, current)
+            return
+        n = float(updates)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+
+    return update
+
+
+def averaged(model: UNet, decay: float) -> AveragedModel | None:
+    """The moving average of ``model``'s weights and buffers (batch-norm statistics), or None."""
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=ema_update(decay), use_buffers=True)
+
+
 def save_checkpoint(path: Path, model: UNet, training: dict[str, Any]) -> None:
     """A model checkpoint (``overtile predict`` reads it) plus the state to resume training."""
     atomic_save({**checkpoint_payload(model), "training": training}, path)
@@ -253,11 +283,16 @@ def read_training_checkpoint(path: Path, settings: TrainSettings, model: UNet) -
 
 
 def restore(payload: dict[str, Any], path: Path, model: UNet, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler) -> None:
-    """Load model, optimiser, scaler and generators from a checked training checkpoint."""
+            scaler: torch.amp.GradScaler, ema: AveragedModel | None) -> None:
+    """Load model, optimiser, scaler, averaged weights and generators from a checked training
+    checkpoint. With an average, the checkpoint's model is the average and the trained weights
+    are in ``training["weights"]``; an average asked for anew starts from the weights."""
     training = payload["training"]
     try:
-        model.load_state_dict(payload["state_dict"])
+        model.load_state_dict(training.get("weights", payload["state_dict"]))
+        if ema is not None and "ema_updates" in training:
+            ema.module.load_state_dict(payload["state_dict"])
+            ema.n_averaged.fill_(int(training["ema_updates"]))
         optimizer.load_state_dict(training["optimizer"])
         if training.get("scaler"):
             scaler.load_state_dict(training["scaler"])
@@ -509,11 +544,13 @@ def train(
         optimizer = torch.optim.Adam(model.parameters(), lr=job.lr, weight_decay=s.weight_decay)
     amp = AUTOCAST[s.autocast] if device.type == "cuda" else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    ema = averaged(model, s.ema)
+    served = ema.module if ema is not None else model  # what is validated and saved as the model
 
-    # resume: model, optimiser, scaler and generators exactly as they were after step `start`
+    # resume: model, optimiser, scaler, average and generators exactly as after step `start`
     start, elapsed, best = 0, 0.0, {}
     if job.resume_payload:
-        restore(job.resume_payload, job.out / "last.pt", model, optimizer, scaler)
+        restore(job.resume_payload, job.out / "last.pt", model, optimizer, scaler, ema)
         start = job.start
         elapsed = float(job.resume_payload["training"].get("seconds", 0.0))
         best = dict(job.resume_payload["training"].get("best", {}))
@@ -526,9 +563,13 @@ def train(
         on_start(job)
 
     def training_state(step: int, seconds: float) -> dict[str, Any]:
-        return {"step": step, "seconds": seconds, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng_state(), "settings": s.model_dump(mode="json"),
-                "best": best, "stats": job.spec.stats.as_dict()}
+        state = {"step": step, "seconds": seconds, "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict(), "rng": rng_state(), "settings": s.model_dump(mode="json"),
+                 "best": best, "stats": job.spec.stats.as_dict()}
+        if ema is not None:
+            state["weights"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            state["ema_updates"] = int(ema.n_averaged)
+        return state
 
     # data: the samples of steps start+1 .. steps, in order; each a function of (seed, index)
     loader = DataLoader(
@@ -559,6 +600,8 @@ def train(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if ema is not None:
+                ema.update_parameters(model)
             loss_value = float(loss.item())
             if not math.isfinite(loss_value):
                 raise RuntimeError(f"step {step}: the loss is {loss_value}; lower --lr (now {lr:g})")
@@ -568,18 +611,18 @@ def train(
             row: dict[str, Any] = {"step": step, "loss": loss_value, "lr": lr, "seconds": round(seconds, 3)}
             # eval
             if job.val_regions and (step % s.val_every == 0 or final):
-                scores = validate(model, job.images, job.labels, job.val_regions, job.val_tile_size, s.mirror,
+                scores = validate(served, job.images, job.labels, job.val_regions, job.val_tile_size, s.mirror,
                                   s.val_tta)
                 row.update(scores)
                 if not best or scores["rand_error"] < best["rand_error"]:
                     best = {"step": step, **scores}
-                    save_checkpoint(job.out / "best.pt", model, {"step": step, "scores": scores})
+                    save_checkpoint(job.out / "best.pt", served, {"step": step, "scores": scores})
             # checkpoint
             if step % s.checkpoint_every == 0 or final:
                 if not job.val_regions:  # nothing to choose by: the best model is the latest
                     best = {"step": step}
-                    save_checkpoint(job.out / "best.pt", model, {"step": step, "scores": {}})
-                save_checkpoint(job.out / "last.pt", model, training_state(step, seconds))
+                    save_checkpoint(job.out / "best.pt", served, {"step": step, "scores": {}})
+                save_checkpoint(job.out / "last.pt", served, training_state(step, seconds))
             log.write(row)
             if "rand_error" in row or final:
                 write_curves(job.out / "curves.png", log.rows)
