@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from pipeline.cli import main
 from pipeline.errors import InputError
 from pipeline.jobs.patches import PatchDataset, data_stats, split_regions
-from pipeline.jobs.train import TrainSettings, plan_training, train, weighted_cross_entropy
+from pipeline.jobs.train import TrainSettings, make_optimizer, plan_training, train, weighted_cross_entropy
 from pipeline.numerics.augment import deform, elastic_field
 from pipeline.numerics.unet import load_model
 
@@ -76,6 +76,20 @@ def test_weighted_loss_equals_hand_computed_value():
     p1 = math.exp(1) / (1 + math.exp(1))  # pixel 1, class 1
     expected = -(3.0 * math.log(p0) + 0.5 * math.log(p1)) / 2
     assert weighted_cross_entropy(logits, target, weight).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_weight_decay_of_adam_is_decoupled_and_of_sgd_is_in_the_gradient(optimizer):
+    """Adam's decay shrinks a weight by lr * decay per step, whatever its gradient's scale
+    (AdamW); an L2 term inside Adam's gradient would be normalised into a step of about lr."""
+    lr, decay = 0.01, 0.1
+    weight = torch.nn.Parameter(torch.full((4,), 2.0))
+    s = TrainSettings(images="i", labels="l", out="o", optimizer=optimizer, weight_decay=decay, momentum=0.0)
+    opt = make_optimizer([weight], s, lr)
+    weight.grad = torch.zeros_like(weight)
+    opt.step()
+    expected = 2.0 * (1 - lr * decay)  # SGD: w - lr * (0 + decay * w), the same number in one step
+    torch.testing.assert_close(weight.detach(), torch.full((4,), expected))
 
 
 def test_training_lowers_the_loss(data_2d, tmp_path):

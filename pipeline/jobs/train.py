@@ -42,7 +42,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -234,6 +234,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(np_state)
     version, internal, gauss = json.loads(state["python"])
     random.setstate((version, tuple(internal), gauss))
+
+
+def make_optimizer(params: Iterable[torch.Tensor], s: TrainSettings, lr: float) -> torch.optim.Optimizer:
+    """SGD with momentum (L2 penalty in the gradient, as the paper's Caffe solver) or Adam with
+    decoupled weight decay (AdamW, Loshchilov & Hutter 2019: an L2 term added to Adam's gradient
+    is rescaled with it, so the weights with large gradients are barely decayed)."""
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=s.weight_decay, decoupled_weight_decay=True)
 
 
 def ema_update(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
@@ -538,10 +547,7 @@ def train(
     if s.channels_last:
         fmt = torch.channels_last if model.dims == 2 else torch.channels_last_3d
         model = model.to(memory_format=fmt)
-    if s.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=job.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=job.lr, weight_decay=s.weight_decay)
+    optimizer = make_optimizer(model.parameters(), s, job.lr)
     amp = AUTOCAST[s.autocast] if device.type == "cuda" else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     ema = averaged(model, s.ema)
