@@ -132,7 +132,8 @@ def training_choices(args: argparse.Namespace, images: str, labels: str) -> dict
     return dict(images=images, labels=labels, axes="zyx", dims=2, depth=args.depth, base_channels=args.base_channels,
                 tile_size=args.tile_size, optimizer=args.optimizer, lr=args.lr,
                 lr_schedule=args.lr_schedule, ema=args.ema, w0=args.w0, sigma=args.sigma,
-                class_balance=not args.no_class_balance, batch_norm=args.batch_norm, elastic=not args.no_elastic,
+                class_balance=not args.no_class_balance, batch_norm=args.batch_norm, dropout=args.dropout,
+                weight_decay=args.weight_decay, elastic=not args.no_elastic,
                 val_tile_size=args.val_tile_size, threads=args.threads, overwrite=True)
 
 
@@ -293,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sigma", type=float, default=5.0, help="the weight map's border width in px (5 in the paper)")
     parser.add_argument("--no-class-balance", action="store_true", help="no class-frequency weights in the loss")
     parser.add_argument("--batch-norm", action="store_true", help="batch normalisation after each convolution")
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout at the end of the contracting path (0.5 in the paper)")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (AdamW) or SGD's L2 penalty")
     parser.add_argument("--no-elastic", action="store_true")
     parser.add_argument("--calibration-steps", type=int, default=8, help="timed steps before the run; the first 3 (warm-up) do not count")
     parser.add_argument("--val-tile-size", type=int, default=700, help="tile for validation and scoring (700: one tile per 512² slice)")
