@@ -241,7 +241,7 @@ def protocol_seed(seed: int, images: str, labels: str, out: Path, args: argparse
         return tiled_probability(model, volume, slices, tta, args.val_tile_size)
 
     choice = {}
-    for tta in ("none", "all"):
+    for tta in ("none", "all") if args.protocol_tta == "choose" else (args.protocol_tta,):
         p = cell_probability(PROTOCOL["choose"], tta)
         s = score_segmentation(p, truth[PROTOCOL["choose"].start:PROTOCOL["choose"].stop])
         choice[tta] = (s.rand_error, s.threshold)
@@ -309,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocol", type=int, nargs="+", default=None, metavar="SEED",
                         help="the honest protocol (train 0-14, choose on 15-19, score 20-24 once) for these seeds, "
                              "each with --budget seconds of training")
+    parser.add_argument("--protocol-tta", choices=["choose", "none", "all"], default="choose",
+                        help="protocol: test-time augmentation chosen on 15-19 (default), or fixed in advance")
     parser.add_argument("--val-every", type=int, default=150, help="validate (and keep best.pt) every N steps")
     args = parser.parse_args(argv)
     if not DATA.exists():
