@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. training: the learning-rate schedule follows the time budget (issue 16), so the run
     # anneals fully and uses all of it; a few timed steps used to guess the step count instead
-    # and left up to a third of the budget unused
+    # and left a third to half of the budget unused
     clock = time.perf_counter()
     run = out / "run"
     settings = TrainSettings(**base, out=str(run), steps=10**6, time_limit=args.budget,

@@ -79,7 +79,7 @@ def test_weighted_loss_equals_hand_computed_value():
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-def test_weight_decay_of_adam_is_decoupled_and_of_sgd_is_in_the_gradient(optimizer):
+def test_weight_decay_shrinks_a_weight_without_gradient_by_lr_times_decay(optimizer):
     """Adam's decay shrinks a weight by lr * decay per step, whatever its gradient's scale
     (AdamW); an L2 term inside Adam's gradient would be normalised into a step of about lr."""
     lr, decay = 0.01, 0.1
