@@ -160,13 +160,14 @@ def cell_rules(checkpoint: Path, images: str, labels: str, tile_size: int) -> st
     :func:`cells_from_probability`); the same seeds grown by a watershed of 1 - p (borders on
     the membrane's ridge), on p as it is or smoothed (σ = 1 px) and with seeds under 50 px
     dropped; a watershed of the distance transform of p > t from its h-maxima (the usual
-    split of touching cells)."""
+    split of touching cells); fragments merged by the mean membrane probability along their
+    borders (:func:`agglomerated_cells`)."""
     import zarr
     from scipy import ndimage
     from skimage.morphology import h_maxima
     from skimage.segmentation import watershed
 
-    from pipeline.numerics.metrics import cells_from_probability, rand_error
+    from pipeline.numerics.metrics import MERGE_THRESHOLDS, agglomerated_cells, cells_from_probability, rand_error
 
     def seeded(p: np.ndarray, t: float, sigma: float, min_size: int) -> np.ndarray:
         q = ndimage.gaussian_filter(p, sigma) if sigma else p
@@ -188,7 +189,9 @@ def cell_rules(checkpoint: Path, images: str, labels: str, tile_size: int) -> st
              "the same, p smoothed (σ 1), seeds ≥ 50 px": [(f"t {t}", lambda p, t=t: seeded(p, t, 1, 50))
                                                          for t in thresholds],
              "distance-transform watershed": [(f"t {t}, h {h}", lambda p, t=t, h=h: split(p, t, h))
-                                              for t in (0.5, 0.7, 0.9) for h in (2, 4, 8)]}
+                                              for t in (0.5, 0.7, 0.9) for h in (2, 4, 8)],
+             "fragments of p > 0.95 (σ 1) merged by their borders": [
+                 (f"merge below {m}", lambda p, m=m: agglomerated_cells(p, m)) for m in MERGE_THRESHOLDS]}
     model = load_model(checkpoint)
     volume = zarr.open_array(images, mode="r")
     truth = zarr.open_array(labels, mode="r")
@@ -221,12 +224,14 @@ def protocol_seed(seed: int, images: str, labels: str, out: Path, args: argparse
         overtile predict I p.zarr --axes zyx --model OUT/best.pt [--tta all]
         overtile score p.zarr L --axes zyx --choose-on 15-19 --slices 20-24
 
-    best.pt is chosen by validation on 15-19; so are the augmentation (none or all 8) and the
-    threshold; slices 20-24 are scored once. Prediction here is the library's tile-exact
+    best.pt is chosen by validation on 15-19; so are the augmentation (none or all 8), the
+    threshold and the merge threshold of agglomerated cells
+    (:func:`pipeline.numerics.metrics.agglomerated_cells`, scored beside the grown ones);
+    slices 20-24 are scored once. Prediction here is the library's tile-exact
     test-time augmentation on each slice, what ``overtile predict --tta`` computes."""
     import zarr
 
-    from pipeline.numerics.metrics import scores_at
+    from pipeline.numerics.metrics import choose_merge_threshold, scores_at
 
     run = out / f"protocol-seed{seed}"
     summary = train(TrainSettings(
@@ -240,18 +245,21 @@ def protocol_seed(seed: int, images: str, labels: str, out: Path, args: argparse
     def cell_probability(slices: range, tta: str) -> np.ndarray:
         return tiled_probability(model, volume, slices, tta, args.val_tile_size)
 
-    choice = {}
+    choice, merge = {}, {}
     for tta in ("none", "all") if args.protocol_tta == "choose" else (args.protocol_tta,):
         p = cell_probability(PROTOCOL["choose"], tta)
-        s = score_segmentation(p, truth[PROTOCOL["choose"].start:PROTOCOL["choose"].stop])
+        t = truth[PROTOCOL["choose"].start:PROTOCOL["choose"].stop]
+        s = score_segmentation(p, t)
         choice[tta] = (s.rand_error, s.threshold)
+        merge[tta] = choose_merge_threshold(p, t)
     tta = min(choice, key=lambda k: choice[k][0])
     threshold = choice[tta][1]
     p = cell_probability(PROTOCOL["score"], tta)
     t = truth[PROTOCOL["score"].start:PROTOCOL["score"].stop]
     return {"seed": seed, "steps": summary.step, "best_step": summary.best_step, "tta": tta, "threshold": threshold,
-            "val_rand_error": {k: v[0] for k, v in choice.items()},
-            "at_0.5": scores_at(p, t, 0.5), "at_chosen": scores_at(p, t, threshold)}
+            "merge_threshold": merge[tta][1], "val_rand_error": {k: v[0] for k, v in choice.items()},
+            "val_rand_error_agglomerated": {k: v[0] for k, v in merge.items()},
+            "at_0.5": scores_at(p, t, 0.5), "at_chosen": scores_at(p, t, threshold, merge_threshold=merge[tta][1])}
 
 
 def print_protocol(results: list[dict], args: argparse.Namespace, command: str, out: Path) -> None:
@@ -262,14 +270,17 @@ def print_protocol(results: list[dict], args: argparse.Namespace, command: str, 
     lines = [f"ISBI 2012 protocol: train 0-14, choose checkpoint, augmentation and threshold on 15-19, score 20-24 "
              f"once; {len(results)} seeds, {args.budget:.0f} s of training each on {os.cpu_count()} cores",
              "", "| seed | steps | best step | augmentation | threshold | Rand error @0.5 | Rand error @t | "
-             "Rand error not grown @t | pixel error @0.5 | pixel error @t |", "| " + " | ".join(["---"] * 10) + " |"]
+             "Rand error not grown @t | merge threshold | Rand error agglomerated | pixel error @0.5 | pixel error @t |",
+             "| " + " | ".join(["---"] * 12) + " |"]
     for r in results:
         a, c = r["at_0.5"], r["at_chosen"]
         lines.append(f"| {r['seed']} | {r['steps']} | {r['best_step']} | {r['tta']} | {r['threshold']:.1f} | "
                      f"{a['rand_error']:.4f} | {c['rand_error']:.4f} | {c['rand_error_raw']:.4f} | "
+                     f"{r['merge_threshold']:.2f} | {c['rand_error_agglomerated']:.4f} | "
                      f"{a['pixel_error']:.4f} | {c['pixel_error']:.4f} |")
     lines.append(f"| mean ± sd | | | | | {spread('at_0.5', 'rand_error')} | {spread('at_chosen', 'rand_error')} | "
-                 f"{spread('at_chosen', 'rand_error_raw')} | {spread('at_0.5', 'pixel_error')} | "
+                 f"{spread('at_chosen', 'rand_error_raw')} | | {spread('at_chosen', 'rand_error_agglomerated')} | "
+                 f"{spread('at_0.5', 'pixel_error')} | "
                  f"{spread('at_chosen', 'pixel_error')} |")
     lines += ["", f"command: `{command}`"]
     text = "\n".join(lines)

@@ -184,6 +184,10 @@ def _score(args: argparse.Namespace) -> None:
     print("| --- | " + " | ".join("---" for _ in names) + " |")
     for label, values in rows:
         print(f"| {label} | " + " | ".join(f"{values[k]:.4f}" for k in names) + " |")
+    if "at_chosen" in result:
+        print(f"Rand error of cells agglomerated by their borders (fragments merged while the mean membrane "
+              f"probability along a border is below {result['merge_threshold']:.2f}, chosen on the same slices): "
+              f"{result['at_chosen']['rand_error_agglomerated']:.4f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from pipeline.numerics.metrics import cells_from_probability, iou, pixel_error, rand_error, score_segmentation
 
@@ -39,3 +40,31 @@ def test_growing_fills_the_membrane_but_keeps_cells_apart():
     grown = cells_from_probability(truth.astype(np.float32), 0.5)
     assert (grown > 0).all() and len(np.unique(grown)) == 2
     assert rand_error(cells_from_probability(truth.astype(np.float32), 0.5, grow=False), grown) == pytest.approx(0, abs=1e-9)
+
+
+def membrane_with_a_gap():
+    """Two true cells side by side, 4-px membranes around them; P(cell) that draws the
+    membrane between them with a 3-px gap, and a faint line across the right-hand cell."""
+    truth = np.zeros((40, 50), bool)
+    truth[4:36, 4:23] = True
+    truth[4:36, 27:46] = True
+    p = np.where(truth, 0.98, 0.02).astype(np.float32)
+    p[18:21, 23:27] = 0.98  # the gap: one component of p > t for any t spans both cells
+    p[24, 27:46] = 0.7  # a faint line inside the right-hand cell, not a border
+    return p, truth
+
+
+def test_agglomeration_keeps_cells_apart_across_a_gap_that_thresholding_merges():
+    from pipeline.numerics.metrics import agglomerated_cells, agglomerated_rand_error, choose_merge_threshold
+
+    p, truth = membrane_with_a_gap()
+    true_cells = ndimage.label(truth)[0]
+    for t in (0.3, 0.5, 0.7, 0.9, 0.95):
+        assert rand_error(true_cells, cells_from_probability(p, t)) > 0.3  # merged, or the faint line splits
+    cells = agglomerated_cells(p, 0.6)
+    assert rand_error(true_cells, cells) == pytest.approx(0, abs=1e-9)
+    assert cells.min() == 1 and len(np.unique(cells[truth])) == 2  # every pixel in a cell; the faint line merged
+    assert rand_error(true_cells, agglomerated_cells(p, 0.99)) > 0.2  # merge nothing: the faint line splits a cell
+    assert agglomerated_rand_error(np.stack([p, p]), np.stack([truth, truth]), 0.6) == pytest.approx(0, abs=1e-9)
+    error, chosen = choose_merge_threshold(p, truth)
+    assert error == pytest.approx(0, abs=1e-9) and chosen in (0.5, 0.55, 0.6, 0.65, 0.7, 0.75)

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline import storage
 from pipeline.cli import main
-from pipeline.numerics.metrics import score_segmentation, scores_at
+from pipeline.numerics.metrics import choose_merge_threshold, score_segmentation, scores_at
 
 from conftest import write_zarr
 from test_train import disks
@@ -42,10 +42,14 @@ def test_score_chooses_on_some_slices_and_scores_others_once(stack, tmp_path, ca
     result = json.loads(result_file.read_text())
     chosen = score_segmentation(p[:3], truth[:3]).threshold
     assert result["threshold"] == chosen and chosen != 0.5
-    assert result["at_chosen"] == pytest.approx(scores_at(p[3:], truth[3:], chosen))
+    merge = choose_merge_threshold(p[:3], truth[:3])[1]
+    assert result["merge_threshold"] == merge
+    assert result["at_chosen"] == pytest.approx(scores_at(p[3:], truth[3:], chosen, merge_threshold=merge))
+    assert 0 <= result["at_chosen"]["rand_error_agglomerated"] < 1
     assert result["at_0.5"] == pytest.approx(scores_at(p[3:], truth[3:], 0.5))
     shown = capsys.readouterr().out
     assert f"| {chosen:.1f} (chosen on 0-2) |" in shown and "Rand error (not grown)" in shown
+    assert f"below {merge:.2f}, chosen on the same slices): {result['at_chosen']['rand_error_agglomerated']:.4f}" in shown
 
 
 def test_a_threshold_chosen_on_the_scored_slices_is_refused(stack, capsys):

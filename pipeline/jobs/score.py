@@ -1,7 +1,8 @@
 """Scoring a prediction against labels as the ISBI 2012 challenge did, honestly: the
 threshold is chosen on some slices (``choose_on``), then the scored slices are scored once,
 at 0.5 and at that threshold (Rand error with cells grown over the membrane and without,
-pixel error, IoU). The CLI's ``overtile score``; with ``overtile train --val-slices
+pixel error, IoU); beside them the Rand error of cells agglomerated by their borders
+(:func:`pipeline.numerics.metrics.agglomerated_cells`), its merge threshold chosen there too. The CLI's ``overtile score``; with ``overtile train --val-slices
 --test-slices`` and ``overtile predict --tta`` it makes the protocol reproducible from the
 command line alone (bench/isbi2012.py runs it over seeds).
 """
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pipeline import storage
 from pipeline.errors import InputError
 from pipeline.jobs.blockwise import Axes
-from pipeline.numerics.metrics import score_segmentation, scores_at
+from pipeline.numerics.metrics import choose_merge_threshold, score_segmentation, scores_at
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -42,8 +43,10 @@ class ScoreSettings(BaseModel):
 
 def score(settings: ScoreSettings) -> dict[str, Any]:
     """Scores of ``settings.slices`` at 0.5 and, with ``choose_on``, at the threshold with the
-    lowest (grown) Rand error there. Returns ``{"threshold": t, "at_0.5": {...}, "at_chosen":
-    {...}}`` (``at_chosen`` absent without ``choose_on``)."""
+    lowest (grown) Rand error there, with the Rand error of agglomerated cells at the merge
+    threshold chosen there (``rand_error_agglomerated``). Returns ``{"threshold": t,
+    "merge_threshold": m, "at_0.5": {...}, "at_chosen": {...}}`` (the last three absent
+    without ``choose_on``)."""
     s = settings
     if set(s.slices) & set(s.choose_on):
         raise InputError(f"--choose-on and --slices share {sorted(set(s.slices) & set(s.choose_on))}: a threshold "
@@ -67,8 +70,11 @@ def score(settings: ScoreSettings) -> dict[str, Any]:
     prob, truth = read(s.slices)
     result: dict[str, Any] = {"slices": list(s.slices), "at_0.5": scores_at(prob, truth, 0.5)}
     if s.choose_on:
-        chosen = score_segmentation(*read(s.choose_on), thresholds=THRESHOLDS).threshold
-        result.update(threshold=chosen, choose_on=list(s.choose_on), at_chosen=scores_at(prob, truth, chosen))
+        choice = read(s.choose_on)
+        chosen = score_segmentation(*choice, thresholds=THRESHOLDS).threshold
+        merge = choose_merge_threshold(*choice)[1]
+        result.update(threshold=chosen, merge_threshold=merge, choose_on=list(s.choose_on),
+                      at_chosen=scores_at(prob, truth, chosen, merge_threshold=merge))
     return result
 
 
