@@ -55,7 +55,8 @@ def membrane_with_a_gap():
 
 
 def test_agglomeration_keeps_cells_apart_across_a_gap_that_thresholding_merges():
-    from pipeline.numerics.metrics import agglomerated_cells, agglomerated_rand_error, choose_merge_threshold
+    from pipeline.numerics.metrics import (MERGE_THRESHOLDS, agglomerated_cells, agglomerated_rand_error,
+                                           choose_merge_threshold)
 
     p, truth = membrane_with_a_gap()
     true_cells = ndimage.label(truth)[0]
@@ -67,4 +68,4 @@ def test_agglomeration_keeps_cells_apart_across_a_gap_that_thresholding_merges()
     assert rand_error(true_cells, agglomerated_cells(p, 0.99)) > 0.2  # merge nothing: the faint line splits a cell
     assert agglomerated_rand_error(np.stack([p, p]), np.stack([truth, truth]), 0.6) == pytest.approx(0, abs=1e-9)
     error, chosen = choose_merge_threshold(p, truth)
-    assert error == pytest.approx(0, abs=1e-9) and chosen in (0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
+    assert error == pytest.approx(0, abs=1e-9) and chosen in MERGE_THRESHOLDS

@@ -44,7 +44,7 @@ def cells_from_probability(cell_probability: np.ndarray, threshold: float, grow:
     return labels
 
 
-MERGE_THRESHOLDS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
+MERGE_THRESHOLDS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
 
 
 def agglomerated_cells(cell_probability: np.ndarray, merge_threshold: float, seed_threshold: float = 0.95,
