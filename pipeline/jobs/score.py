@@ -2,9 +2,10 @@
 threshold is chosen on some slices (``choose_on``), then the scored slices are scored once,
 at 0.5 and at that threshold (Rand error with cells grown over the membrane and without,
 pixel error, IoU); beside them the Rand error of cells agglomerated by their borders
-(:func:`pipeline.numerics.metrics.agglomerated_cells`), its merge threshold chosen there too. The CLI's ``overtile score``; with ``overtile train --val-slices
---test-slices`` and ``overtile predict --tta`` it makes the protocol reproducible from the
-command line alone (bench/isbi2012.py runs it over seeds).
+(:func:`pipeline.numerics.metrics.agglomerated_cells`), its merge threshold chosen there too.
+The CLI's ``overtile score``; with ``overtile train --val-slices --test-slices`` and
+``overtile predict --tta`` it makes the protocol reproducible from the command line alone
+(bench/isbi2012.py runs it over seeds).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ gap of a few pixels in their membrane, where components of ``p > threshold`` mer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -87,15 +87,15 @@ def agglomerated_cells(cell_probability: np.ndarray, merge_threshold: float, see
 
 def agglomerated_rand_error(cell_probability: np.ndarray, truth_cell_mask: np.ndarray, merge_threshold: float) -> float:
     """Rand error of :func:`agglomerated_cells`, each slice of a stack scored and averaged."""
-    prob, truth = _stack(cell_probability, truth_cell_mask)
-    return float(np.mean([rand_error(ndimage.label(t)[0], agglomerated_cells(p, merge_threshold))
-                          for p, t in zip(prob, truth)]))
+    prob, true_cells = _stack_cells(cell_probability, truth_cell_mask)
+    return _mean_rand_error(true_cells, prob, lambda p: agglomerated_cells(p, merge_threshold))
 
 
 def choose_merge_threshold(cell_probability: np.ndarray, truth_cell_mask: np.ndarray,
                            thresholds: Sequence[float] = MERGE_THRESHOLDS) -> tuple[float, float]:
     """``(Rand error, merge threshold)`` of the merge threshold with the lowest Rand error."""
-    return min((agglomerated_rand_error(cell_probability, truth_cell_mask, m), m) for m in thresholds)
+    prob, true_cells = _stack_cells(cell_probability, truth_cell_mask)
+    return min((_mean_rand_error(true_cells, prob, lambda p, m=m: agglomerated_cells(p, m)), m) for m in thresholds)
 
 
 def rand_error(truth_cells: np.ndarray, predicted_cells: np.ndarray) -> float:
@@ -127,14 +127,25 @@ def scores_at(cell_probability: np.ndarray, truth_cell_mask: np.ndarray, thresho
     true_cells = [ndimage.label(t)[0] for t in truth]
     scores = {
         "pixel_error": pixel_error(prob > threshold, truth),
-        "rand_error": float(np.mean([rand_error(tc, cells_from_probability(p, threshold)) for tc, p in zip(true_cells, prob)])),
-        "rand_error_raw": float(np.mean([rand_error(tc, cells_from_probability(p, threshold, grow=False))
-                                         for tc, p in zip(true_cells, prob)])),
+        "rand_error": _mean_rand_error(true_cells, prob, lambda p: cells_from_probability(p, threshold)),
+        "rand_error_raw": _mean_rand_error(true_cells, prob, lambda p: cells_from_probability(p, threshold, grow=False)),
         "iou": iou(prob > threshold, truth),
     }
     if merge_threshold is not None:
-        scores["rand_error_agglomerated"] = agglomerated_rand_error(prob, truth, merge_threshold)
+        scores["rand_error_agglomerated"] = _mean_rand_error(true_cells, prob,
+                                                             lambda p: agglomerated_cells(p, merge_threshold))
     return scores
+
+
+def _mean_rand_error(true_cells: list[np.ndarray], prob: np.ndarray, cells: Callable[[np.ndarray], np.ndarray]) -> float:
+    """The Rand error of the cells a rule draws from each slice, averaged over the slices."""
+    return float(np.mean([rand_error(tc, cells(p)) for tc, p in zip(true_cells, prob)]))
+
+
+def _stack_cells(cell_probability: np.ndarray, truth_cell_mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The probabilities as a stack, and the true cells of each slice (labelled once)."""
+    prob, truth = _stack(cell_probability, truth_cell_mask)
+    return prob, [ndimage.label(t)[0] for t in truth]
 
 
 def _stack(cell_probability: np.ndarray, truth_cell_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -159,8 +170,8 @@ def score_segmentation(
     true_cells = [ndimage.label(t)[0] for t in truth]
     best = (np.inf, np.inf, 0.5)
     for t in thresholds:
-        grown = np.mean([rand_error(tc, cells_from_probability(p, t)) for tc, p in zip(true_cells, prob)])
-        raw = np.mean([rand_error(tc, cells_from_probability(p, t, grow=False)) for tc, p in zip(true_cells, prob)])
+        grown = _mean_rand_error(true_cells, prob, lambda p: cells_from_probability(p, t))
+        raw = _mean_rand_error(true_cells, prob, lambda p: cells_from_probability(p, t, grow=False))
         if grown < best[0]:
             best = (grown, raw, t)
     return Scores(pixel_error(prob > 0.5, truth), float(best[0]), float(best[1]), iou(prob > 0.5, truth), best[2])
