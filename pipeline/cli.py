@@ -188,6 +188,9 @@ def _score(args: argparse.Namespace) -> None:
         print(f"Rand error of cells agglomerated by their borders (fragments merged while the mean membrane "
               f"probability along a border is below {result['merge_threshold']:.2f}, chosen on the same slices): "
               f"{result['at_chosen']['rand_error_agglomerated']:.4f}")
+        on = result["on_choice"]
+        print(f"On {result['choose_on'][0]}-{result['choose_on'][-1]} the Rand error was {on['rand_error']:.4f} "
+              f"grown and {on['rand_error_agglomerated']:.4f} agglomerated: the rule chosen there is {result['rule']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -45,9 +45,12 @@ class ScoreSettings(BaseModel):
 def score(settings: ScoreSettings) -> dict[str, Any]:
     """Scores of ``settings.slices`` at 0.5 and, with ``choose_on``, at the threshold with the
     lowest (grown) Rand error there, with the Rand error of agglomerated cells at the merge
-    threshold chosen there (``rand_error_agglomerated``). Returns ``{"threshold": t,
-    "merge_threshold": m, "at_0.5": {...}, "at_chosen": {...}}`` (the last three absent
-    without ``choose_on``)."""
+    threshold chosen there (``rand_error_agglomerated``), and the rule (grown or agglomerated)
+    whose Rand error on ``choose_on`` is lower. Returns ``{"threshold": t, "merge_threshold": m,
+    "on_choice": {...}, "rule": r, "at_0.5": {...}, "at_chosen": {...}}`` (all but ``at_0.5``
+    absent without ``choose_on``); ``on_choice`` holds both rules' Rand errors on
+    ``choose_on``, so predictions with and without test-time augmentation can be compared
+    there too."""
     s = settings
     if set(s.slices) & set(s.choose_on):
         raise InputError(f"--choose-on and --slices share {sorted(set(s.slices) & set(s.choose_on))}: a threshold "
@@ -72,10 +75,12 @@ def score(settings: ScoreSettings) -> dict[str, Any]:
     result: dict[str, Any] = {"slices": list(s.slices), "at_0.5": scores_at(prob, truth, 0.5)}
     if s.choose_on:
         choice = read(s.choose_on)
-        chosen = score_segmentation(*choice, thresholds=THRESHOLDS).threshold
-        merge = choose_merge_threshold(*choice)[1]
-        result.update(threshold=chosen, merge_threshold=merge, choose_on=list(s.choose_on),
-                      at_chosen=scores_at(prob, truth, chosen, merge_threshold=merge))
+        grown = score_segmentation(*choice, thresholds=THRESHOLDS)
+        merge_error, merge = choose_merge_threshold(*choice)
+        result.update(threshold=grown.threshold, merge_threshold=merge, choose_on=list(s.choose_on),
+                      on_choice={"rand_error": grown.rand_error, "rand_error_agglomerated": merge_error},
+                      rule="agglomerated" if merge_error < grown.rand_error else "grown",
+                      at_chosen=scores_at(prob, truth, grown.threshold, merge_threshold=merge))
     return result
 
 
