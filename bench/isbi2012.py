@@ -28,6 +28,7 @@ Usage::
     .venv/bin/python bench/isbi2012.py --protocol 0 1 2 --budget 1750   # the protocol, 3 seeds
     .venv/bin/python bench/isbi2012.py --budget 120 --no-tta   # a smoke test (about 3 min)
     .venv/bin/python bench/isbi2012.py --cell-rules OUT/protocol-seed0/best.pt   # rules that make cells (5 min)
+    .venv/bin/python bench/isbi2012.py --protocol-rescore OUT --out OUT   # the protocol's choices again, no training
 
 The table is printed and written to ``OUT/result.md``; copy it to ``bench/RESULTS.md`` with
 the command after a full run.
@@ -224,21 +225,34 @@ def protocol_seed(seed: int, images: str, labels: str, out: Path, args: argparse
         overtile predict I p.zarr --axes zyx --model OUT/best.pt [--tta all]
         overtile score p.zarr L --axes zyx --choose-on 15-19 --slices 20-24
 
-    best.pt is chosen by validation on 15-19; so are the augmentation (none or all 8), the
-    threshold and the merge threshold of agglomerated cells
-    (:func:`pipeline.numerics.metrics.agglomerated_cells`, scored beside the grown ones),
-    and, as a second headline, the joint choice of augmentation and rule (grown or
-    agglomerated cells) with the lowest Rand error on 15-19; slices 20-24 are scored once. Prediction here is the library's tile-exact
-    test-time augmentation on each slice, what ``overtile predict --tta`` computes."""
-    import zarr
-
-    from pipeline.numerics.metrics import choose_merge_threshold, scores_at
-
+    best.pt is chosen by validation on 15-19; the rest is :func:`protocol_scores`."""
     run = out / f"protocol-seed{seed}"
-    summary = train(TrainSettings(
+    train(TrainSettings(
         **training_choices(args, images, labels), val_slices=tuple(PROTOCOL["choose"]),
         test_slices=tuple(PROTOCOL["score"]), seed=seed, out=str(run), steps=10**6,
         time_limit=args.budget, val_every=args.val_every, checkpoint_every=args.val_every))
+    return protocol_scores(run, images, labels, args)
+
+
+def protocol_scores(run: Path, images: str, labels: str, args: argparse.Namespace) -> dict:
+    """The protocol's choices on 15-19 and its one score of 20-24 for the run in ``run``
+    (``protocol-seedS/`` with ``best.pt`` and ``log.csv``). Chosen on 15-19: the augmentation
+    (none or all 8) and threshold of grown cells (the headline), the merge threshold of
+    agglomerated cells (:func:`pipeline.numerics.metrics.agglomerated_cells`, scored beside
+    them), the joint choice of augmentation and rule (grown or agglomerated) with the lowest
+    Rand error there, and the threshold with the lowest pixel error. Prediction is the
+    library's tile-exact test-time augmentation on each slice, what ``overtile predict --tta``
+    computes."""
+    import csv
+
+    import zarr
+
+    from pipeline.numerics.metrics import choose_merge_threshold, choose_pixel_threshold, pixel_error, scores_at
+    from pipeline.numerics.unet import read_checkpoint
+
+    with open(run / "log.csv") as f:
+        steps = int(list(csv.DictReader(f))[-1]["step"])
+    best_step = read_checkpoint(run / "best.pt")["training"]["step"]
     model = load_model(run / "best.pt")
     volume = zarr.open_array(images, mode="r")
     truth = zarr.open_array(labels, mode="r")[...] > 0
@@ -248,57 +262,65 @@ def protocol_seed(seed: int, images: str, labels: str, out: Path, args: argparse
 
     choose = truth[PROTOCOL["choose"].start:PROTOCOL["choose"].stop]
     score = truth[PROTOCOL["score"].start:PROTOCOL["score"].stop]
-    choice, merge, probability = {}, {}, {}
+    choice, merge, pixel, probability = {}, {}, {}, {}
     for tta in ("none", "all") if args.protocol_tta == "choose" else (args.protocol_tta,):
         p = cell_probability(PROTOCOL["choose"], tta)
         s = score_segmentation(p, choose)
         choice[tta] = (s.rand_error, s.threshold)
         merge[tta] = choose_merge_threshold(p, choose)
+        pixel[tta] = choose_pixel_threshold(p, choose)
     # the headline's augmentation is the one whose grown cells score best on 15-19; the joint
     # choice takes the augmentation and the rule that makes cells (grown or agglomerated)
-    # with the lowest Rand error there, among all four pairs
+    # with the lowest Rand error there, among all four pairs; pixel error its own pair
     tta = min(choice, key=lambda k: choice[k][0])
     joint_tta, rule = min(((k, r) for k in choice for r in ("grown", "agglomerated")),
                           key=lambda kr: (choice if kr[1] == "grown" else merge)[kr[0]][0])
-    for k in {tta, joint_tta}:
+    pixel_tta = min(pixel, key=lambda k: pixel[k][0])
+    for k in {tta, joint_tta, pixel_tta}:
         probability[k] = cell_probability(PROTOCOL["score"], k)
     threshold = choice[tta][1]
     at_chosen = scores_at(probability[tta], score, threshold, merge_threshold=merge[tta][1])
     joint = scores_at(probability[joint_tta], score, choice[joint_tta][1], merge_threshold=merge[joint_tta][1])
-    return {"seed": seed, "steps": summary.step, "best_step": summary.best_step, "tta": tta, "threshold": threshold,
-            "merge_threshold": merge[tta][1], "val_rand_error": {k: v[0] for k, v in choice.items()},
+    pixel_threshold = pixel[pixel_tta][1]
+    return {"seed": int(run.name.removeprefix("protocol-seed")), "steps": steps, "best_step": best_step, "tta": tta,
+            "threshold": threshold, "merge_threshold": merge[tta][1], "val_rand_error": {k: v[0] for k, v in choice.items()},
             "val_rand_error_agglomerated": {k: v[0] for k, v in merge.items()},
             "at_0.5": scores_at(probability[tta], score, 0.5), "at_chosen": at_chosen,
             "joint": {"tta": joint_tta, "rule": rule,
-                      "rand_error": joint["rand_error" if rule == "grown" else "rand_error_agglomerated"]}}
+                      "rand_error": joint["rand_error" if rule == "grown" else "rand_error_agglomerated"]},
+            "pixel": {"tta": pixel_tta, "threshold": pixel_threshold,
+                      "pixel_error": pixel_error(probability[pixel_tta] > pixel_threshold, score)}}
 
 
-def print_protocol(results: list[dict], args: argparse.Namespace, command: str, out: Path) -> None:
+def print_protocol(results: list[dict], args: argparse.Namespace, command: str, out: Path, name: str) -> None:
     def spread(key: str, measure: str) -> str:
         values = np.array([r[key][measure] for r in results])
         return f"{values.mean():.4f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.4f}"
 
     lines = [f"ISBI 2012 protocol: train 0-14, choose checkpoint, augmentation and threshold on 15-19, score 20-24 "
-             f"once; {len(results)} seeds, {args.budget:.0f} s of training each on {os.cpu_count()} cores",
+             f"once; {len(results)} seeds, " + (f"the runs in {args.protocol_rescore} scored again" if args.protocol_rescore
+                                                 else f"{args.budget:.0f} s of training each on {os.cpu_count()} cores"),
              "", "| seed | steps | best step | augmentation | threshold | Rand error @0.5 | Rand error @t | "
              "Rand error not grown @t | merge threshold | Rand error agglomerated | pixel error @0.5 | pixel error @t | "
-             "joint choice | Rand error, joint choice |",
-             "| " + " | ".join(["---"] * 14) + " |"]
+             "joint choice | Rand error, joint choice | pixel threshold | pixel error @t_px |",
+             "| " + " | ".join(["---"] * 16) + " |"]
     for r in results:
         a, c = r["at_0.5"], r["at_chosen"]
         lines.append(f"| {r['seed']} | {r['steps']} | {r['best_step']} | {r['tta']} | {r['threshold']:.1f} | "
                      f"{a['rand_error']:.4f} | {c['rand_error']:.4f} | {c['rand_error_raw']:.4f} | "
                      f"{r['merge_threshold']:.2f} | {c['rand_error_agglomerated']:.4f} | "
                      f"{a['pixel_error']:.4f} | {c['pixel_error']:.4f} | {r['joint']['rule']}, {r['joint']['tta']} | "
-                     f"{r['joint']['rand_error']:.4f} |")
+                     f"{r['joint']['rand_error']:.4f} | {r['pixel']['threshold']:.2f}, {r['pixel']['tta']} | "
+                     f"{r['pixel']['pixel_error']:.4f} |")
     lines.append(f"| mean ± sd | | | | | {spread('at_0.5', 'rand_error')} | {spread('at_chosen', 'rand_error')} | "
                  f"{spread('at_chosen', 'rand_error_raw')} | | {spread('at_chosen', 'rand_error_agglomerated')} | "
                  f"{spread('at_0.5', 'pixel_error')} | "
-                 f"{spread('at_chosen', 'pixel_error')} | | {spread('joint', 'rand_error')} |")
+                 f"{spread('at_chosen', 'pixel_error')} | | {spread('joint', 'rand_error')} | | "
+                 f"{spread('pixel', 'pixel_error')} |")
     lines += ["", f"command: `{command}`"]
     text = "\n".join(lines)
     print(text)
-    (out / "protocol.md").write_text(text + "\n")
+    (out / f"{name}.md").write_text(text + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocol", type=int, nargs="+", default=None, metavar="SEED",
                         help="the honest protocol (train 0-14, choose on 15-19, score 20-24 once) for these seeds, "
                              "each with --budget seconds of training")
+    parser.add_argument("--protocol-rescore", type=Path, default=None, metavar="OUT",
+                        help="skip training: the protocol's choices and scores again for the runs OUT/protocol-seed*/ "
+                             "of an earlier --protocol (e.g. after a new rule or choice)")
     parser.add_argument("--protocol-tta", choices=["choose", "none", "all"], default="choose",
                         help="protocol: test-time augmentation chosen on 15-19 (default), or fixed in advance")
     parser.add_argument("--val-every", type=int, default=150, help="validate (and keep best.pt) every N steps")
@@ -351,15 +376,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.cell_rules:
         print(cell_rules(args.cell_rules, images, labels, args.val_tile_size))
         return 0
-    if args.protocol:
+    if args.protocol or args.protocol_rescore:
         import json
 
         results = []
-        for seed in args.protocol:
-            results.append(protocol_seed(seed, images, labels, out, args))
-            (out / "protocol.json").write_text(json.dumps(results, indent=1))
+        runs = (sorted(p.parent for p in args.protocol_rescore.glob("protocol-seed*/best.pt")) if args.protocol_rescore
+                else args.protocol)
+        name = "protocol-rescored" if args.protocol_rescore else "protocol"  # the first scores stay
+        for run in runs:
+            if args.protocol_rescore:
+                results.append(protocol_scores(run, images, labels, args))
+            else:
+                results.append(protocol_seed(run, images, labels, out, args))
+            (out / f"{name}.json").write_text(json.dumps(results, indent=1))
         print_protocol(results, args, "python bench/isbi2012.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-                       out)
+                       out, name)
         return 0
     base = dict(training_choices(args, images, labels), val_slices=tuple(VAL_SLICES), seed=args.seed)
 

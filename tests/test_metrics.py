@@ -69,3 +69,16 @@ def test_agglomeration_keeps_cells_apart_across_a_gap_that_thresholding_merges()
     assert agglomerated_rand_error(np.stack([p, p]), np.stack([truth, truth]), 0.6) == pytest.approx(0, abs=1e-9)
     error, chosen = choose_merge_threshold(p, truth)
     assert error == pytest.approx(0, abs=1e-9) and chosen in MERGE_THRESHOLDS
+
+
+def test_the_pixel_threshold_is_the_one_that_draws_membranes_as_thick_as_they_are():
+    from pipeline.numerics.metrics import PIXEL_THRESHOLDS, choose_pixel_threshold
+
+    truth = np.ones((2, 40, 40), bool)
+    truth[:, :, 18:22] = False  # a membrane 4 px wide
+    p = np.where(truth, 0.9, 0.05)
+    p[:, :, 16:18] = p[:, :, 22:24] = 0.4  # the net draws it 8 px wide at 0.5
+    assert pixel_error(p > 0.5, truth) == pytest.approx(4 / 40)
+    error, chosen = choose_pixel_threshold(p, truth)
+    assert error == 0 and chosen in PIXEL_THRESHOLDS and 0.05 <= chosen < 0.4
+    assert choose_pixel_threshold(p, truth, thresholds=(0.5, 0.95)) == (pytest.approx(4 / 40), 0.5)

@@ -11,7 +11,8 @@ import pytest
 
 from pipeline import storage
 from pipeline.cli import main
-from pipeline.numerics.metrics import choose_merge_threshold, score_segmentation, scores_at
+from pipeline.numerics.metrics import (choose_merge_threshold, choose_pixel_threshold, pixel_error,
+                                       score_segmentation, scores_at)
 
 from conftest import write_zarr
 from test_train import disks
@@ -54,6 +55,10 @@ def test_score_chooses_on_some_slices_and_scores_others_once(stack, tmp_path, ca
     assert f"| {chosen:.1f} (chosen on 0-2) |" in shown and "Rand error (not grown)" in shown
     assert f"below {merge:.2f}, chosen on the same slices): {result['at_chosen']['rand_error_agglomerated']:.4f}" in shown
     assert f"{merge_error:.4f} agglomerated: the rule chosen there is {result['rule']}" in shown
+    pixel_threshold = choose_pixel_threshold(p[:3], truth[:3])[1]
+    assert result["pixel_threshold"] == pixel_threshold
+    assert result["pixel_error_at_pixel_threshold"] == pytest.approx(pixel_error(p[3:] > pixel_threshold, truth[3:]))
+    assert f"Pixel error at {pixel_threshold:.2f} " in shown
 
 
 def test_a_threshold_chosen_on_the_scored_slices_is_refused(stack, capsys):

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pipeline import storage
 from pipeline.errors import InputError
 from pipeline.jobs.blockwise import Axes
-from pipeline.numerics.metrics import choose_merge_threshold, score_segmentation, scores_at
+from pipeline.numerics.metrics import (choose_merge_threshold, choose_pixel_threshold, pixel_error,
+                                       score_segmentation, scores_at)
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -50,7 +51,8 @@ def score(settings: ScoreSettings) -> dict[str, Any]:
     "on_choice": {...}, "rule": r, "at_0.5": {...}, "at_chosen": {...}}`` (all but ``at_0.5``
     absent without ``choose_on``); ``on_choice`` holds both rules' Rand errors on
     ``choose_on``, so predictions with and without test-time augmentation can be compared
-    there too."""
+    there too. ``pixel_threshold`` is the threshold with the lowest pixel error on
+    ``choose_on`` (``pixel_error_at_pixel_threshold`` the scored slices' pixel error at it)."""
     s = settings
     if set(s.slices) & set(s.choose_on):
         raise InputError(f"--choose-on and --slices share {sorted(set(s.slices) & set(s.choose_on))}: a threshold "
@@ -81,6 +83,9 @@ def score(settings: ScoreSettings) -> dict[str, Any]:
                       on_choice={"rand_error": grown.rand_error, "rand_error_agglomerated": merge_error},
                       rule="agglomerated" if merge_error < grown.rand_error else "grown",
                       at_chosen=scores_at(prob, truth, grown.threshold, merge_threshold=merge))
+        pixel_threshold = choose_pixel_threshold(*choice)[1]
+        result.update(pixel_threshold=pixel_threshold, pixel_error_at_pixel_threshold=pixel_error(prob > pixel_threshold,
+                                                                                                  truth))
     return result
 
 

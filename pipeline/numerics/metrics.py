@@ -98,6 +98,17 @@ def choose_merge_threshold(cell_probability: np.ndarray, truth_cell_mask: np.nda
     return min((_mean_rand_error(true_cells, prob, lambda p, m=m: agglomerated_cells(p, m)), m) for m in thresholds)
 
 
+PIXEL_THRESHOLDS = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.1, 0.15, ..., 0.9
+
+
+def choose_pixel_threshold(cell_probability: np.ndarray, truth_cell_mask: np.ndarray,
+                           thresholds: Sequence[float] = PIXEL_THRESHOLDS) -> tuple[float, float]:
+    """``(pixel error, threshold)`` of the threshold with the lowest pixel error: the one that
+    draws membranes as thick as they are, usually not the one that keeps cells apart best."""
+    prob, truth = _stack(cell_probability, truth_cell_mask)
+    return min((pixel_error(prob > t, truth), t) for t in thresholds)
+
+
 def rand_error(truth_cells: np.ndarray, predicted_cells: np.ndarray) -> float:
     """Foreground-restricted adapted Rand error: pixels with true label 0 are ignored."""
     from skimage.metrics import adapted_rand_error
