@@ -18,9 +18,11 @@ larva ventral nerve cord, ``../shared/data/isbi2012`` (25 labelled 512² slices;
    raw Rand error, beside the paper's figures (on the challenge's hidden test labels).
 
 With ``--protocol SEED ...`` it runs the honest protocol instead (issue 16): train on slices
-0-14, choose the checkpoint (best.pt by validation), the test-time augmentation and the
-threshold on 15-19, score 20-24 once; per seed and as mean ± sd (:func:`protocol_seed` says
-the CLI commands it equals).
+0-14, choose the checkpoint (best.pt by validation), the test-time augmentation, the
+thresholds and the rule that makes cells on 15-19, score 20-24 once; per seed and as
+mean ± sd, in ``OUT/protocol.md`` (:func:`protocol_seed` says the CLI commands it equals,
+:func:`protocol_scores` what is chosen). ``--protocol-rescore OUT`` makes the choices and
+the score again for those runs without training (``protocol-rescored.md``).
 
 Usage::
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import sys
 import time
@@ -49,7 +52,7 @@ import torch
 from pipeline.numerics.metrics import score_segmentation
 from pipeline.numerics.tiling import overlap_tile, softmax
 from pipeline.jobs.train import TrainSettings, train
-from pipeline.numerics.unet import load_model, num_parameters
+from pipeline.numerics.unet import load_model, num_parameters, read_checkpoint
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isbi2012"
 PAPER = {"pixel_error": 0.0611, "rand_error": 0.0382}  # test set, hidden labels; warping error 0.000353
@@ -231,65 +234,57 @@ def protocol_seed(seed: int, images: str, labels: str, out: Path, args: argparse
         **training_choices(args, images, labels), val_slices=tuple(PROTOCOL["choose"]),
         test_slices=tuple(PROTOCOL["score"]), seed=seed, out=str(run), steps=10**6,
         time_limit=args.budget, val_every=args.val_every, checkpoint_every=args.val_every))
-    return protocol_scores(run, images, labels, args)
+    return protocol_scores(run, seed, images, labels, args)
 
 
-def protocol_scores(run: Path, images: str, labels: str, args: argparse.Namespace) -> dict:
+def protocol_scores(run: Path, seed: int, images: str, labels: str, args: argparse.Namespace) -> dict:
     """The protocol's choices on 15-19 and its one score of 20-24 for the run in ``run``
-    (``protocol-seedS/`` with ``best.pt`` and ``log.csv``). Chosen on 15-19: the augmentation
-    (none or all 8) and threshold of grown cells (the headline), the merge threshold of
-    agglomerated cells (:func:`pipeline.numerics.metrics.agglomerated_cells`, scored beside
-    them), the joint choice of augmentation and rule (grown or agglomerated) with the lowest
-    Rand error there, and the threshold with the lowest pixel error. Prediction is the
-    library's tile-exact test-time augmentation on each slice, what ``overtile predict --tta``
-    computes."""
+    (``best.pt`` and ``log.csv``). For each augmentation tried (none and all 8, or the one
+    ``--protocol-tta`` fixes) every choice of :func:`pipeline.numerics.metrics.choose` is
+    made on 15-19. The headline takes the augmentation whose grown cells score best there,
+    with its threshold (agglomerated cells at its merge threshold beside them); the joint
+    choice takes the augmentation and rule (grown or agglomerated) with the lowest Rand error
+    of the four there; pixel error takes the augmentation and threshold with the lowest pixel
+    error there. Prediction is the library's tile-exact test-time augmentation on each slice,
+    what ``overtile predict --tta`` computes."""
     import csv
 
     import zarr
 
-    from pipeline.numerics.metrics import choose_merge_threshold, choose_pixel_threshold, pixel_error, scores_at
-    from pipeline.numerics.unet import read_checkpoint
+    from pipeline.numerics.metrics import agglomerated_rand_error, choose, pixel_error, scores_at
 
     with open(run / "log.csv") as f:
         steps = int(list(csv.DictReader(f))[-1]["step"])
-    best_step = read_checkpoint(run / "best.pt")["training"]["step"]
-    model = load_model(run / "best.pt")
+    checkpoint = run / "best.pt"
+    best_step = read_checkpoint(checkpoint)["training"]["step"]
+    model = load_model(checkpoint)
     volume = zarr.open_array(images, mode="r")
     truth = zarr.open_array(labels, mode="r")[...] > 0
+    on_choice = truth[PROTOCOL["choose"].start:PROTOCOL["choose"].stop]
+    scored = truth[PROTOCOL["score"].start:PROTOCOL["score"].stop]
 
-    def cell_probability(slices: range, tta: str) -> np.ndarray:
-        return tiled_probability(model, volume, slices, tta, args.val_tile_size)
-
-    choose = truth[PROTOCOL["choose"].start:PROTOCOL["choose"].stop]
-    score = truth[PROTOCOL["score"].start:PROTOCOL["score"].stop]
-    choice, merge, pixel, probability = {}, {}, {}, {}
-    for tta in ("none", "all") if args.protocol_tta == "choose" else (args.protocol_tta,):
-        p = cell_probability(PROTOCOL["choose"], tta)
-        s = score_segmentation(p, choose)
-        choice[tta] = (s.rand_error, s.threshold)
-        merge[tta] = choose_merge_threshold(p, choose)
-        pixel[tta] = choose_pixel_threshold(p, choose)
-    # the headline's augmentation is the one whose grown cells score best on 15-19; the joint
-    # choice takes the augmentation and the rule that makes cells (grown or agglomerated)
-    # with the lowest Rand error there, among all four pairs; pixel error its own pair
-    tta = min(choice, key=lambda k: choice[k][0])
-    joint_tta, rule = min(((k, r) for k in choice for r in ("grown", "agglomerated")),
-                          key=lambda kr: (choice if kr[1] == "grown" else merge)[kr[0]][0])
-    pixel_tta = min(pixel, key=lambda k: pixel[k][0])
-    for k in {tta, joint_tta, pixel_tta}:
-        probability[k] = cell_probability(PROTOCOL["score"], k)
-    threshold = choice[tta][1]
-    at_chosen = scores_at(probability[tta], score, threshold, merge_threshold=merge[tta][1])
-    joint = scores_at(probability[joint_tta], score, choice[joint_tta][1], merge_threshold=merge[joint_tta][1])
-    pixel_threshold = pixel[pixel_tta][1]
-    return {"seed": int(run.name.removeprefix("protocol-seed")), "steps": steps, "best_step": best_step, "tta": tta,
-            "threshold": threshold, "merge_threshold": merge[tta][1], "val_rand_error": {k: v[0] for k, v in choice.items()},
-            "val_rand_error_agglomerated": {k: v[0] for k, v in merge.items()},
-            "at_0.5": scores_at(probability[tta], score, 0.5), "at_chosen": at_chosen,
-            "joint": {"tta": joint_tta, "rule": rule,
-                      "rand_error": joint["rand_error" if rule == "grown" else "rand_error_agglomerated"]},
-            "pixel": {"tta": pixel_tta, "threshold": pixel_threshold,
-                      "pixel_error": pixel_error(probability[pixel_tta] > pixel_threshold, score)}}
+    choices = {tta: choose(tiled_probability(model, volume, PROTOCOL["choose"], tta, args.val_tile_size), on_choice)
+               for tta in (("none", "all") if args.protocol_tta == "choose" else (args.protocol_tta,))}
+    tta = min(choices, key=lambda k: choices[k].rand_error)
+    joint_tta = min(choices, key=lambda k: choices[k].rule_error)
+    pixel_tta = min(choices, key=lambda k: choices[k].pixel_error)
+    probability = {k: tiled_probability(model, volume, PROTOCOL["score"], k, args.val_tile_size)
+                   for k in {tta, joint_tta, pixel_tta}}
+    c, j, px = choices[tta], choices[joint_tta], choices[pixel_tta]
+    at_chosen = scores_at(probability[tta], scored, c.threshold, merge_threshold=c.merge_threshold)
+    if joint_tta == tta:
+        joint = at_chosen["rand_error" if j.rule == "grown" else "rand_error_agglomerated"]
+    elif j.rule == "grown":
+        joint = scores_at(probability[joint_tta], scored, j.threshold)["rand_error"]
+    else:
+        joint = agglomerated_rand_error(probability[joint_tta], scored, j.merge_threshold)
+    return {"seed": seed, "steps": steps, "best_step": best_step, "tta": tta, "threshold": c.threshold,
+            "merge_threshold": c.merge_threshold, "val_rand_error": {k: v.rand_error for k, v in choices.items()},
+            "val_rand_error_agglomerated": {k: v.rand_error_agglomerated for k, v in choices.items()},
+            "at_0.5": scores_at(probability[tta], scored, 0.5), "at_chosen": at_chosen,
+            "joint": {"tta": joint_tta, "rule": j.rule, "rand_error": joint},
+            "pixel": {"tta": pixel_tta, "threshold": px.pixel_threshold,
+                      "pixel_error": pixel_error(probability[pixel_tta] > px.pixel_threshold, scored)}}
 
 
 def print_protocol(results: list[dict], args: argparse.Namespace, command: str, out: Path, name: str) -> None:
@@ -352,12 +347,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cell-rules", type=Path, default=None, metavar="CKPT",
                         help="skip training: what each rule that makes cells from P(cell) buys for this checkpoint "
                              "(chosen on 15-19, scored on 20-24)")
-    parser.add_argument("--protocol", type=int, nargs="+", default=None, metavar="SEED",
-                        help="the honest protocol (train 0-14, choose on 15-19, score 20-24 once) for these seeds, "
-                             "each with --budget seconds of training")
-    parser.add_argument("--protocol-rescore", type=Path, default=None, metavar="OUT",
-                        help="skip training: the protocol's choices and scores again for the runs OUT/protocol-seed*/ "
-                             "of an earlier --protocol (e.g. after a new rule or choice)")
+    protocol = parser.add_mutually_exclusive_group()
+    protocol.add_argument("--protocol", type=int, nargs="+", default=None, metavar="SEED",
+                          help="the honest protocol (train 0-14, choose on 15-19, score 20-24 once) for these seeds, "
+                               "each with --budget seconds of training")
+    protocol.add_argument("--protocol-rescore", type=Path, default=None, metavar="OUT",
+                          help="skip training: the protocol's choices and scores again for the runs "
+                               "OUT/protocol-seedS/ of an earlier --protocol (e.g. after a new rule or choice), "
+                               "with this command's --protocol-tta and --val-tile-size; written to "
+                               "--out as protocol-rescored.md")
     parser.add_argument("--protocol-tta", choices=["choose", "none", "all"], default="choose",
                         help="protocol: test-time augmentation chosen on 15-19 (default), or fixed in advance")
     parser.add_argument("--val-every", type=int, default=150, help="validate (and keep best.pt) every N steps")
@@ -380,14 +378,17 @@ def main(argv: list[str] | None = None) -> int:
         import json
 
         results = []
-        runs = (sorted(p.parent for p in args.protocol_rescore.glob("protocol-seed*/best.pt")) if args.protocol_rescore
-                else args.protocol)
+        if args.protocol_rescore:
+            runs = {int(m[1]): p.parent for p in args.protocol_rescore.glob("protocol-seed*/best.pt")
+                    if (m := re.fullmatch(r"protocol-seed(\d+)", p.parent.name))}
+            if not runs:
+                parser.error(f"--protocol-rescore: no {args.protocol_rescore}/protocol-seedS/best.pt to score")
         name = "protocol-rescored" if args.protocol_rescore else "protocol"  # the first scores stay
-        for run in runs:
+        for seed in sorted(runs) if args.protocol_rescore else args.protocol:
             if args.protocol_rescore:
-                results.append(protocol_scores(run, images, labels, args))
+                results.append(protocol_scores(runs[seed], seed, images, labels, args))
             else:
-                results.append(protocol_seed(run, images, labels, out, args))
+                results.append(protocol_seed(seed, images, labels, out, args))
             (out / f"{name}.json").write_text(json.dumps(results, indent=1))
         print_protocol(results, args, "python bench/isbi2012.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
                        out, name)

@@ -466,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("score", help="score probabilities against labels, ISBI 2012's way, on slices held out",
                         description="Pixel error and foreground-restricted Rand error (cells grown over the membrane, "
                                     "and not grown) of the scored --slices, at 0.5 and at the threshold chosen on "
-                                    "--choose-on (never the scored slices).")
+                                    "--choose-on (never the scored slices); beside them the Rand error of cells "
+                                    "agglomerated by their borders, the rule that scored lower on --choose-on, and "
+                                    "the pixel error at the threshold with the lowest pixel error there.")
     add_settings(sc, ScoreSettings, positional=("probabilities", "labels"))
     sc.add_argument("--json", help="also write the scores to this JSON file")
     sc.set_defaults(func=_score)

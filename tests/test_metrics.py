@@ -82,3 +82,16 @@ def test_the_pixel_threshold_is_the_one_that_draws_membranes_as_thick_as_they_ar
     error, chosen = choose_pixel_threshold(p, truth)
     assert error == 0 and chosen in PIXEL_THRESHOLDS and 0.05 <= chosen < 0.4
     assert choose_pixel_threshold(p, truth, thresholds=(0.5, 0.95)) == (pytest.approx(4 / 40), 0.5)
+
+
+def test_the_choices_on_held_out_slices_take_the_rule_that_keeps_cells_apart():
+    from pipeline.numerics.metrics import choose, choose_merge_threshold, choose_pixel_threshold
+
+    p, truth = membrane_with_a_gap()
+    p, truth = np.stack([p, p]), np.stack([truth, truth])
+    c = choose(p, truth)
+    grown = score_segmentation(p, truth)
+    assert (c.threshold, c.rand_error) == (grown.threshold, pytest.approx(grown.rand_error))
+    assert (c.rand_error_agglomerated, c.merge_threshold) == choose_merge_threshold(p, truth)
+    assert (c.pixel_error, c.pixel_threshold) == choose_pixel_threshold(p, truth)
+    assert c.rand_error > 0.3 and c.rule == "agglomerated" and c.rule_error == pytest.approx(0, abs=1e-9)

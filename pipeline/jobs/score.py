@@ -1,8 +1,10 @@
-"""Scoring a prediction against labels as the ISBI 2012 challenge did, honestly: the
-threshold is chosen on some slices (``choose_on``), then the scored slices are scored once,
-at 0.5 and at that threshold (Rand error with cells grown over the membrane and without,
-pixel error, IoU); beside them the Rand error of cells agglomerated by their borders
-(:func:`pipeline.numerics.metrics.agglomerated_cells`), its merge threshold chosen there too.
+"""Scoring a prediction against labels as the ISBI 2012 challenge did, honestly: every
+choice is made on some slices (``choose_on``), then the scored slices are scored once, at 0.5
+and at the chosen threshold (Rand error with cells grown over the membrane and without, pixel
+error, IoU). Beside them: the Rand error of cells agglomerated by their borders
+(:func:`pipeline.numerics.metrics.agglomerated_cells`) at the merge threshold chosen there,
+the rule (grown or agglomerated) that scored lower there, and the pixel error at the
+threshold with the lowest pixel error there (:func:`pipeline.numerics.metrics.choose`).
 The CLI's ``overtile score``; with ``overtile train --val-slices --test-slices`` and
 ``overtile predict --tta`` it makes the protocol reproducible from the command line alone
 (bench/isbi2012.py runs it over seeds).
@@ -18,11 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pipeline import storage
 from pipeline.errors import InputError
 from pipeline.jobs.blockwise import Axes
-from pipeline.numerics.metrics import (choose_merge_threshold, choose_pixel_threshold, pixel_error,
-                                       score_segmentation, scores_at)
-
-THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
+from pipeline.numerics.metrics import choose, pixel_error, scores_at
 
 class ScoreSettings(BaseModel):
     """What ``overtile score`` compares; shared by the CLI and the Python API."""
@@ -44,15 +42,19 @@ class ScoreSettings(BaseModel):
 
 
 def score(settings: ScoreSettings) -> dict[str, Any]:
-    """Scores of ``settings.slices`` at 0.5 and, with ``choose_on``, at the threshold with the
-    lowest (grown) Rand error there, with the Rand error of agglomerated cells at the merge
-    threshold chosen there (``rand_error_agglomerated``), and the rule (grown or agglomerated)
-    whose Rand error on ``choose_on`` is lower. Returns ``{"threshold": t, "merge_threshold": m,
-    "on_choice": {...}, "rule": r, "at_0.5": {...}, "at_chosen": {...}}`` (all but ``at_0.5``
-    absent without ``choose_on``); ``on_choice`` holds both rules' Rand errors on
-    ``choose_on``, so predictions with and without test-time augmentation can be compared
-    there too. ``pixel_threshold`` is the threshold with the lowest pixel error on
-    ``choose_on`` (``pixel_error_at_pixel_threshold`` the scored slices' pixel error at it)."""
+    """Scores of ``settings.slices``, with every choice made on ``settings.choose_on``.
+
+    Returns
+    -------
+    dict
+        ``slices`` and ``at_0.5`` (:func:`~pipeline.numerics.metrics.scores_at` at 0.5) always;
+        with ``choose_on`` also ``choose_on``, ``threshold`` (the lowest grown Rand error
+        there), ``merge_threshold`` (agglomerated cells' lowest there), ``on_choice`` (both
+        rules' Rand errors there, so predictions with and without test-time augmentation can
+        be compared too), ``rule`` (the lower of the two), ``at_chosen`` (every score at
+        ``threshold``, agglomerated cells at ``merge_threshold``), ``pixel_threshold`` (the
+        lowest pixel error there) and ``pixel_error_at_pixel_threshold``.
+    """
     s = settings
     if set(s.slices) & set(s.choose_on):
         raise InputError(f"--choose-on and --slices share {sorted(set(s.slices) & set(s.choose_on))}: a threshold "
@@ -77,15 +79,12 @@ def score(settings: ScoreSettings) -> dict[str, Any]:
     result: dict[str, Any] = {"slices": list(s.slices), "at_0.5": scores_at(prob, truth, 0.5)}
     if s.choose_on:
         choice = read(s.choose_on)
-        grown = score_segmentation(*choice, thresholds=THRESHOLDS)
-        merge_error, merge = choose_merge_threshold(*choice)
-        result.update(threshold=grown.threshold, merge_threshold=merge, choose_on=list(s.choose_on),
-                      on_choice={"rand_error": grown.rand_error, "rand_error_agglomerated": merge_error},
-                      rule="agglomerated" if merge_error < grown.rand_error else "grown",
-                      at_chosen=scores_at(prob, truth, grown.threshold, merge_threshold=merge))
-        pixel_threshold = choose_pixel_threshold(*choice)[1]
-        result.update(pixel_threshold=pixel_threshold, pixel_error_at_pixel_threshold=pixel_error(prob > pixel_threshold,
-                                                                                                  truth))
+        c = choose(*choice)
+        result.update(threshold=c.threshold, merge_threshold=c.merge_threshold, choose_on=list(s.choose_on),
+                      on_choice={"rand_error": c.rand_error, "rand_error_agglomerated": c.rand_error_agglomerated},
+                      rule=c.rule, at_chosen=scores_at(prob, truth, c.threshold, merge_threshold=c.merge_threshold),
+                      pixel_threshold=c.pixel_threshold,
+                      pixel_error_at_pixel_threshold=pixel_error(prob > c.pixel_threshold, truth))
     return result
 
 

@@ -186,3 +186,34 @@ def score_segmentation(
         if grown < best[0]:
             best = (grown, raw, t)
     return Scores(pixel_error(prob > 0.5, truth), float(best[0]), float(best[1]), iou(prob > 0.5, truth), best[2])
+
+
+@dataclass(frozen=True)
+class Choices:
+    """What a set of choice slices chooses, with each choice's error there: the threshold of
+    grown cells, the merge threshold of agglomerated cells, the threshold with the lowest
+    pixel error, and the rule (grown or agglomerated) whose Rand error is lower."""
+
+    threshold: float
+    rand_error: float
+    merge_threshold: float
+    rand_error_agglomerated: float
+    pixel_threshold: float
+    pixel_error: float
+
+    @property
+    def rule(self) -> str:
+        return "agglomerated" if self.rand_error_agglomerated < self.rand_error else "grown"
+
+    @property
+    def rule_error(self) -> float:
+        return min(self.rand_error, self.rand_error_agglomerated)
+
+
+def choose(cell_probability: np.ndarray, truth_cell_mask: np.ndarray) -> Choices:
+    """Every choice ``overtile score --choose-on`` and the bench's protocol make on the choice
+    slices (never the scored ones)."""
+    grown = score_segmentation(cell_probability, truth_cell_mask)
+    merge_error, merge = choose_merge_threshold(cell_probability, truth_cell_mask)
+    pixel_error_, pixel_threshold = choose_pixel_threshold(cell_probability, truth_cell_mask)
+    return Choices(grown.threshold, grown.rand_error, merge, merge_error, pixel_threshold, pixel_error_)
