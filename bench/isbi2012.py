@@ -39,6 +39,7 @@ the command after a full run.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import shlex
@@ -292,7 +293,7 @@ def print_protocol(results: list[dict], args: argparse.Namespace, command: str, 
         values = np.array([r[key][measure] for r in results])
         return f"{values.mean():.4f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.4f}"
 
-    lines = [f"ISBI 2012 protocol: train 0-14, choose checkpoint, augmentation and threshold on 15-19, score 20-24 "
+    lines = [f"ISBI 2012 protocol: train 0-14, choose checkpoint, augmentation, thresholds and rule on 15-19, score 20-24 "
              f"once; {len(results)} seeds, " + (f"the runs in {args.protocol_rescore} scored again" if args.protocol_rescore
                                                  else f"{args.budget:.0f} s of training each on {os.cpu_count()} cores"),
              "", "| seed | steps | best step | augmentation | threshold | Rand error @0.5 | Rand error @t | "
@@ -383,12 +384,12 @@ def main(argv: list[str] | None = None) -> int:
                     if (m := re.fullmatch(r"protocol-seed(\d+)", p.parent.name))}
             if not runs:
                 parser.error(f"--protocol-rescore: no {args.protocol_rescore}/protocol-seedS/best.pt to score")
+            runs_to_score = [functools.partial(protocol_scores, runs[seed], seed) for seed in sorted(runs)]
+        else:
+            runs_to_score = [functools.partial(protocol_seed, seed, out=out) for seed in args.protocol]
         name = "protocol-rescored" if args.protocol_rescore else "protocol"  # the first scores stay
-        for seed in sorted(runs) if args.protocol_rescore else args.protocol:
-            if args.protocol_rescore:
-                results.append(protocol_scores(runs[seed], seed, images, labels, args))
-            else:
-                results.append(protocol_seed(seed, images, labels, out, args))
+        for run_scores in runs_to_score:
+            results.append(run_scores(images=images, labels=labels, args=args))
             (out / f"{name}.json").write_text(json.dumps(results, indent=1))
         print_protocol(results, args, "python bench/isbi2012.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
                        out, name)

@@ -22,6 +22,7 @@ from pipeline.errors import InputError
 from pipeline.jobs.blockwise import Axes
 from pipeline.numerics.metrics import choose, pixel_error, scores_at
 
+
 class ScoreSettings(BaseModel):
     """What ``overtile score`` compares; shared by the CLI and the Python API."""
 
