@@ -18,7 +18,7 @@ larva ventral nerve cord, ``../shared/data/isbi2012`` (25 labelled 512² slices;
    raw Rand error, beside the paper's figures (on the challenge's hidden test labels).
 
 With ``--protocol SEED ...`` it runs the honest protocol instead (issue 16): train on slices
-0-14, choose the checkpoint (best.pt by validation), the test-time augmentation, the
+0-14, choose the checkpoint (best.pt or last.pt), the test-time augmentation, the
 thresholds and the rule that makes cells on 15-19, score 20-24 once; per seed and as
 mean ± sd, in ``OUT/protocol.md`` (:func:`protocol_seed` says the CLI commands it equals,
 :func:`protocol_scores` what is chosen). ``--protocol-rescore OUT`` makes the choices and
@@ -226,10 +226,11 @@ def protocol_seed(seed: int, images: str, labels: str, out: Path, args: argparse
 
         overtile train --images I --labels L --axes zyx --dims 2 --val-slices 15-19 --test-slices 20-24 \
             --time-limit BUDGET --lr-schedule cosine --steps 1000000 --seed S ...
-        overtile predict I p.zarr --axes zyx --model OUT/best.pt [--tta all]
+        overtile predict I p.zarr --axes zyx --model OUT/{best,last}.pt [--tta all]
         overtile score p.zarr L --axes zyx --choose-on 15-19 --slices 20-24
 
-    best.pt is chosen by validation on 15-19; the rest is :func:`protocol_scores`."""
+    keeping the prediction whose ``on_choice`` errors are lowest; :func:`protocol_scores`
+    says which."""
     run = out / f"protocol-seed{seed}"
     train(TrainSettings(
         **training_choices(args, images, labels), val_slices=tuple(PROTOCOL["choose"]),
@@ -240,13 +241,17 @@ def protocol_seed(seed: int, images: str, labels: str, out: Path, args: argparse
 
 def protocol_scores(run: Path, seed: int, images: str, labels: str, args: argparse.Namespace) -> dict:
     """The protocol's choices on 15-19 and its one score of 20-24 for the run in ``run``
-    (``best.pt`` and ``log.csv``). For each augmentation tried (none and all 8, or the one
-    ``--protocol-tta`` fixes) every choice of :func:`pipeline.numerics.metrics.choose` is
-    made on 15-19. The headline takes the augmentation whose grown cells score best there,
-    with its threshold (agglomerated cells at its merge threshold beside them); the joint
-    choice takes the augmentation and rule (grown or agglomerated) with the lowest Rand error
-    of the four there; pixel error takes the augmentation and threshold with the lowest pixel
-    error there. Prediction is the library's tile-exact test-time augmentation on each slice,
+    (``best.pt``, ``last.pt`` and ``log.csv``). Each candidate is a checkpoint (best.pt, the
+    best validation on 15-19 while training, and last.pt, the end of the budget, or the one
+    ``--protocol-checkpoint`` fixes) with an augmentation (none and all 8, or the one
+    ``--protocol-tta`` fixes); for each, every choice of
+    :func:`pipeline.numerics.metrics.choose` is made on 15-19. The headline takes the
+    candidate whose grown cells score best there, with its threshold (agglomerated cells at
+    its merge threshold beside them); the joint choice takes the candidate and rule (grown or
+    agglomerated) with the lowest Rand error there; pixel error takes the candidate and
+    threshold with the lowest pixel error there. Validation during training sees grown cells
+    at one threshold only, so best.pt can be an early step whose agglomerated cells or pixels
+    lose to the annealed last.pt. Prediction is the library's tile-exact test-time augmentation on each slice,
     what ``overtile predict --tta`` computes."""
     import csv
 
@@ -256,36 +261,46 @@ def protocol_scores(run: Path, seed: int, images: str, labels: str, args: argpar
 
     with open(run / "log.csv") as f:
         steps = int(list(csv.DictReader(f))[-1]["step"])
-    checkpoint = run / "best.pt"
-    best_step = read_checkpoint(checkpoint)["training"]["step"]
-    model = load_model(checkpoint)
+    names = ("best.pt", "last.pt") if args.protocol_checkpoint == "choose" else (f"{args.protocol_checkpoint}.pt",)
+    step_of = {name: read_checkpoint(run / name)["training"]["step"] for name in names}
+    if step_of.get("last.pt", -1) == step_of.get("best.pt"):
+        del step_of["last.pt"]  # best.pt is the end of the budget: the same weights
+    models = {name: load_model(run / name) for name in step_of}
     volume = zarr.open_array(images, mode="r")
     truth = zarr.open_array(labels, mode="r")[...] > 0
     on_choice = truth[PROTOCOL["choose"].start:PROTOCOL["choose"].stop]
     scored = truth[PROTOCOL["score"].start:PROTOCOL["score"].stop]
 
-    choices = {tta: choose(tiled_probability(model, volume, PROTOCOL["choose"], tta, args.val_tile_size), on_choice)
-               for tta in (("none", "all") if args.protocol_tta == "choose" else (args.protocol_tta,))}
-    tta = min(choices, key=lambda k: choices[k].rand_error)
-    joint_tta = min(choices, key=lambda k: choices[k].rule_error)
-    pixel_tta = min(choices, key=lambda k: choices[k].pixel_error)
-    probability = {k: tiled_probability(model, volume, PROTOCOL["score"], k, args.val_tile_size)
-                   for k in {tta, joint_tta, pixel_tta}}
-    c, j, px = choices[tta], choices[joint_tta], choices[pixel_tta]
-    at_chosen = scores_at(probability[tta], scored, c.threshold, merge_threshold=c.merge_threshold)
-    if joint_tta == tta:
+    # one candidate per checkpoint and augmentation; every choice is made among them on 15-19
+    ttas = ("none", "all") if args.protocol_tta == "choose" else (args.protocol_tta,)
+    choices = {(name, tta): choose(tiled_probability(models[name], volume, PROTOCOL["choose"], tta,
+                                                     args.val_tile_size), on_choice)
+               for name in models for tta in ttas}
+    headline = min(choices, key=lambda k: choices[k].rand_error)
+    joint_pick = min(choices, key=lambda k: choices[k].rule_error)
+    pixel_pick = min(choices, key=lambda k: choices[k].pixel_error)
+    probability = {k: tiled_probability(models[k[0]], volume, PROTOCOL["score"], k[1], args.val_tile_size)
+                   for k in {headline, joint_pick, pixel_pick}}
+    c, j, px = choices[headline], choices[joint_pick], choices[pixel_pick]
+    at_chosen = scores_at(probability[headline], scored, c.threshold, merge_threshold=c.merge_threshold)
+    if joint_pick == headline:
         joint = at_chosen["rand_error" if j.rule == "grown" else "rand_error_agglomerated"]
     elif j.rule == "grown":
-        joint = scores_at(probability[joint_tta], scored, j.threshold)["rand_error"]
+        joint = scores_at(probability[joint_pick], scored, j.threshold)["rand_error"]
     else:
-        joint = agglomerated_rand_error(probability[joint_tta], scored, j.merge_threshold)
-    return {"seed": seed, "steps": steps, "best_step": best_step, "tta": tta, "threshold": c.threshold,
-            "merge_threshold": c.merge_threshold, "val_rand_error": {k: v.rand_error for k, v in choices.items()},
-            "val_rand_error_agglomerated": {k: v.rand_error_agglomerated for k, v in choices.items()},
-            "at_0.5": scores_at(probability[tta], scored, 0.5), "at_chosen": at_chosen,
-            "joint": {"tta": joint_tta, "rule": j.rule, "rand_error": joint},
-            "pixel": {"tta": pixel_tta, "threshold": px.pixel_threshold,
-                      "pixel_error": pixel_error(probability[pixel_tta] > px.pixel_threshold, scored)}}
+        joint = agglomerated_rand_error(probability[joint_pick], scored, j.merge_threshold)
+
+    def pick(k: tuple[str, str]) -> dict:
+        return {"checkpoint": k[0], "step": step_of[k[0]], "tta": k[1]}
+
+    return {"seed": seed, "steps": steps, "best_step": step_of.get("best.pt"), **pick(headline), "threshold": c.threshold,
+            "merge_threshold": c.merge_threshold,
+            "on_choice": [{**pick(k), "rand_error": v.rand_error, "rand_error_agglomerated": v.rand_error_agglomerated,
+                           "pixel_error": v.pixel_error} for k, v in choices.items()],
+            "at_0.5": scores_at(probability[headline], scored, 0.5), "at_chosen": at_chosen,
+            "joint": {**pick(joint_pick), "rule": j.rule, "rand_error": joint},
+            "pixel": {**pick(pixel_pick), "threshold": px.pixel_threshold,
+                      "pixel_error": pixel_error(probability[pixel_pick] > px.pixel_threshold, scored)}}
 
 
 def print_protocol(results: list[dict], args: argparse.Namespace, command: str, out: Path, name: str) -> None:
@@ -293,20 +308,24 @@ def print_protocol(results: list[dict], args: argparse.Namespace, command: str, 
         values = np.array([r[key][measure] for r in results])
         return f"{values.mean():.4f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.4f}"
 
+    def picked(choice: dict) -> str:
+        return f"{choice['checkpoint']} ({choice['step']}), {choice['tta']}"
+
     lines = [f"ISBI 2012 protocol: train 0-14, choose checkpoint, augmentation, thresholds and rule on 15-19, score 20-24 "
              f"once; {len(results)} seeds, " + (f"the runs in {args.protocol_rescore} scored again" if args.protocol_rescore
                                                  else f"{args.budget:.0f} s of training each on {os.cpu_count()} cores"),
-             "", "| seed | steps | best step | augmentation | threshold | Rand error @0.5 | Rand error @t | "
+             "", "| seed | steps | best step | checkpoint, augmentation | threshold | Rand error @0.5 | Rand error @t | "
              "Rand error not grown @t | merge threshold | Rand error agglomerated | pixel error @0.5 | pixel error @t | "
-             "joint choice | Rand error, joint choice | pixel threshold | pixel error @t_px |",
+             "joint choice (rule, checkpoint, augmentation) | Rand error, joint choice | pixel threshold, checkpoint, "
+             "augmentation | pixel error @t_px |",
              "| " + " | ".join(["---"] * 16) + " |"]
     for r in results:
         a, c = r["at_0.5"], r["at_chosen"]
-        lines.append(f"| {r['seed']} | {r['steps']} | {r['best_step']} | {r['tta']} | {r['threshold']:.1f} | "
+        lines.append(f"| {r['seed']} | {r['steps']} | {r['best_step']} | {picked(r)} | {r['threshold']:.1f} | "
                      f"{a['rand_error']:.4f} | {c['rand_error']:.4f} | {c['rand_error_raw']:.4f} | "
                      f"{r['merge_threshold']:.2f} | {c['rand_error_agglomerated']:.4f} | "
-                     f"{a['pixel_error']:.4f} | {c['pixel_error']:.4f} | {r['joint']['rule']}, {r['joint']['tta']} | "
-                     f"{r['joint']['rand_error']:.4f} | {r['pixel']['threshold']:.2f}, {r['pixel']['tta']} | "
+                     f"{a['pixel_error']:.4f} | {c['pixel_error']:.4f} | {r['joint']['rule']}, {picked(r['joint'])} | "
+                     f"{r['joint']['rand_error']:.4f} | {r['pixel']['threshold']:.2f}, {picked(r['pixel'])} | "
                      f"{r['pixel']['pixel_error']:.4f} |")
     lines.append(f"| mean ± sd | | | | | {spread('at_0.5', 'rand_error')} | {spread('at_chosen', 'rand_error')} | "
                  f"{spread('at_chosen', 'rand_error_raw')} | | {spread('at_chosen', 'rand_error_agglomerated')} | "
@@ -359,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
                                "--out as protocol-rescored.md")
     parser.add_argument("--protocol-tta", choices=["choose", "none", "all"], default="choose",
                         help="protocol: test-time augmentation chosen on 15-19 (default), or fixed in advance")
+    parser.add_argument("--protocol-checkpoint", choices=["choose", "best", "last"], default="choose",
+                        help="protocol: the checkpoint (best.pt or last.pt) chosen on 15-19 with the augmentation "
+                             "and rule (default), or fixed in advance")
     parser.add_argument("--val-every", type=int, default=150, help="validate (and keep best.pt) every N steps")
     args = parser.parse_args(argv)
     if not DATA.exists():
