@@ -227,10 +227,11 @@ def protocol_seed(seed: int, images: str, labels: str, out: Path, args: argparse
         overtile train --images I --labels L --axes zyx --dims 2 --val-slices 15-19 --test-slices 20-24 \
             --time-limit BUDGET --lr-schedule cosine --steps 1000000 --seed S ...
         overtile predict I p.zarr --axes zyx --model OUT/{best,last}.pt [--tta all]
-        overtile score p.zarr L --axes zyx --choose-on 15-19 --slices 20-24
+        overtile score p.zarr L --axes zyx --choose-on 15-19 --slices 20-24 --json s.json
 
-    keeping the prediction whose ``on_choice`` errors are lowest; :func:`protocol_scores`
-    says which."""
+    for each of the four candidates, reading only their errors on 15-19 (``on_choice``,
+    ``pixel_error`` there) to keep one for each of the headline, the joint choice and pixel
+    error, and only then the kept ones' scores of 20-24; :func:`protocol_scores` says which."""
     run = out / f"protocol-seed{seed}"
     train(TrainSettings(
         **training_choices(args, images, labels), val_slices=tuple(PROTOCOL["choose"]),
@@ -249,10 +250,12 @@ def protocol_scores(run: Path, seed: int, images: str, labels: str, args: argpar
     candidate whose grown cells score best there, with its threshold (agglomerated cells at
     its merge threshold beside them); the joint choice takes the candidate and rule (grown or
     agglomerated) with the lowest Rand error there; pixel error takes the candidate and
-    threshold with the lowest pixel error there. Validation during training sees grown cells
-    at one threshold only, so best.pt can be an early step whose agglomerated cells or pixels
-    lose to the annealed last.pt. Prediction is the library's tile-exact test-time augmentation on each slice,
-    what ``overtile predict --tta`` computes."""
+    threshold with the lowest pixel error there. Validation during training scores grown cells
+    without test-time augmentation only, so best.pt can be an early step that loses to the
+    annealed last.pt with augmentation, agglomerated cells or pixel error. Prediction is the
+    library's tile-exact test-time augmentation on each slice, what ``overtile predict --tta``
+    computes; 2 checkpoints × 2 augmentations are four predictions of 15-19, each with
+    ``choose``'s sweeps (about 5 min a run on 2 cores)."""
     import csv
 
     import zarr
@@ -261,11 +264,14 @@ def protocol_scores(run: Path, seed: int, images: str, labels: str, args: argpar
 
     with open(run / "log.csv") as f:
         steps = int(list(csv.DictReader(f))[-1]["step"])
-    names = ("best.pt", "last.pt") if args.protocol_checkpoint == "choose" else (f"{args.protocol_checkpoint}.pt",)
-    step_of = {name: read_checkpoint(run / name)["training"]["step"] for name in names}
-    if step_of.get("last.pt", -1) == step_of.get("best.pt"):
-        del step_of["last.pt"]  # best.pt is the end of the budget: the same weights
-    models = {name: load_model(run / name) for name in step_of}
+    step_of = {name: read_checkpoint(run / name)["training"]["step"] for name in ("best.pt", "last.pt")}
+    if args.protocol_checkpoint != "choose":
+        checkpoints = [f"{args.protocol_checkpoint}.pt"]
+    elif step_of["best.pt"] == step_of["last.pt"]:
+        checkpoints = ["best.pt"]  # best.pt is the end of the budget: the same weights
+    else:
+        checkpoints = ["best.pt", "last.pt"]
+    models = {name: load_model(run / name) for name in checkpoints}
     volume = zarr.open_array(images, mode="r")
     truth = zarr.open_array(labels, mode="r")[...] > 0
     on_choice = truth[PROTOCOL["choose"].start:PROTOCOL["choose"].stop]
@@ -277,30 +283,30 @@ def protocol_scores(run: Path, seed: int, images: str, labels: str, args: argpar
                                                      args.val_tile_size), on_choice)
                for name in models for tta in ttas}
     headline = min(choices, key=lambda k: choices[k].rand_error)
-    joint_pick = min(choices, key=lambda k: choices[k].rule_error)
-    pixel_pick = min(choices, key=lambda k: choices[k].pixel_error)
+    joint_choice = min(choices, key=lambda k: choices[k].rule_error)
+    pixel_choice = min(choices, key=lambda k: choices[k].pixel_error)
     probability = {k: tiled_probability(models[k[0]], volume, PROTOCOL["score"], k[1], args.val_tile_size)
-                   for k in {headline, joint_pick, pixel_pick}}
-    c, j, px = choices[headline], choices[joint_pick], choices[pixel_pick]
+                   for k in {headline, joint_choice, pixel_choice}}
+    c, j, px = choices[headline], choices[joint_choice], choices[pixel_choice]
     at_chosen = scores_at(probability[headline], scored, c.threshold, merge_threshold=c.merge_threshold)
-    if joint_pick == headline:
+    if joint_choice == headline:
         joint = at_chosen["rand_error" if j.rule == "grown" else "rand_error_agglomerated"]
     elif j.rule == "grown":
-        joint = scores_at(probability[joint_pick], scored, j.threshold)["rand_error"]
+        joint = scores_at(probability[joint_choice], scored, j.threshold)["rand_error"]
     else:
-        joint = agglomerated_rand_error(probability[joint_pick], scored, j.merge_threshold)
+        joint = agglomerated_rand_error(probability[joint_choice], scored, j.merge_threshold)
 
-    def pick(k: tuple[str, str]) -> dict:
+    def candidate(k: tuple[str, str]) -> dict:
         return {"checkpoint": k[0], "step": step_of[k[0]], "tta": k[1]}
 
-    return {"seed": seed, "steps": steps, "best_step": step_of.get("best.pt"), **pick(headline), "threshold": c.threshold,
-            "merge_threshold": c.merge_threshold,
-            "on_choice": [{**pick(k), "rand_error": v.rand_error, "rand_error_agglomerated": v.rand_error_agglomerated,
+    return {"seed": seed, "steps": steps, "best_step": step_of["best.pt"], **candidate(headline),
+            "threshold": c.threshold, "merge_threshold": c.merge_threshold,
+            "on_choice": [{**candidate(k), "rand_error": v.rand_error, "rand_error_agglomerated": v.rand_error_agglomerated,
                            "pixel_error": v.pixel_error} for k, v in choices.items()],
             "at_0.5": scores_at(probability[headline], scored, 0.5), "at_chosen": at_chosen,
-            "joint": {**pick(joint_pick), "rule": j.rule, "rand_error": joint},
-            "pixel": {**pick(pixel_pick), "threshold": px.pixel_threshold,
-                      "pixel_error": pixel_error(probability[pixel_pick] > px.pixel_threshold, scored)}}
+            "joint": {**candidate(joint_choice), "rule": j.rule, "rand_error": joint},
+            "pixel": {**candidate(pixel_choice), "threshold": px.pixel_threshold,
+                      "pixel_error": pixel_error(probability[pixel_choice] > px.pixel_threshold, scored)}}
 
 
 def print_protocol(results: list[dict], args: argparse.Namespace, command: str, out: Path, name: str) -> None:
@@ -308,7 +314,7 @@ def print_protocol(results: list[dict], args: argparse.Namespace, command: str, 
         values = np.array([r[key][measure] for r in results])
         return f"{values.mean():.4f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.4f}"
 
-    def picked(choice: dict) -> str:
+    def described(choice: dict) -> str:
         return f"{choice['checkpoint']} ({choice['step']}), {choice['tta']}"
 
     lines = [f"ISBI 2012 protocol: train 0-14, choose checkpoint, augmentation, thresholds and rule on 15-19, score 20-24 "
@@ -321,11 +327,11 @@ def print_protocol(results: list[dict], args: argparse.Namespace, command: str, 
              "| " + " | ".join(["---"] * 16) + " |"]
     for r in results:
         a, c = r["at_0.5"], r["at_chosen"]
-        lines.append(f"| {r['seed']} | {r['steps']} | {r['best_step']} | {picked(r)} | {r['threshold']:.1f} | "
+        lines.append(f"| {r['seed']} | {r['steps']} | {r['best_step']} | {described(r)} | {r['threshold']:.1f} | "
                      f"{a['rand_error']:.4f} | {c['rand_error']:.4f} | {c['rand_error_raw']:.4f} | "
                      f"{r['merge_threshold']:.2f} | {c['rand_error_agglomerated']:.4f} | "
-                     f"{a['pixel_error']:.4f} | {c['pixel_error']:.4f} | {r['joint']['rule']}, {picked(r['joint'])} | "
-                     f"{r['joint']['rand_error']:.4f} | {r['pixel']['threshold']:.2f}, {picked(r['pixel'])} | "
+                     f"{a['pixel_error']:.4f} | {c['pixel_error']:.4f} | {r['joint']['rule']}, {described(r['joint'])} | "
+                     f"{r['joint']['rand_error']:.4f} | {r['pixel']['threshold']:.2f}, {described(r['pixel'])} | "
                      f"{r['pixel']['pixel_error']:.4f} |")
     lines.append(f"| mean ± sd | | | | | {spread('at_0.5', 'rand_error')} | {spread('at_chosen', 'rand_error')} | "
                  f"{spread('at_chosen', 'rand_error_raw')} | | {spread('at_chosen', 'rand_error_agglomerated')} | "
@@ -374,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     protocol.add_argument("--protocol-rescore", type=Path, default=None, metavar="OUT",
                           help="skip training: the protocol's choices and scores again for the runs "
                                "OUT/protocol-seedS/ of an earlier --protocol (e.g. after a new rule or choice), "
-                               "with this command's --protocol-tta and --val-tile-size; written to "
+                               "with this command's --protocol-tta, --protocol-checkpoint and --val-tile-size; written to "
                                "--out as protocol-rescored.md")
     parser.add_argument("--protocol-tta", choices=["choose", "none", "all"], default="choose",
                         help="protocol: test-time augmentation chosen on 15-19 (default), or fixed in advance")

@@ -192,7 +192,7 @@ def _score(args: argparse.Namespace) -> None:
         print(f"On {result['choose_on'][0]}-{result['choose_on'][-1]} the Rand error was {on['rand_error']:.4f} "
               f"grown and {on['rand_error_agglomerated']:.4f} agglomerated: the rule chosen there is {result['rule']}")
         print(f"Pixel error at {result['pixel_threshold']:.2f} (the threshold with the lowest pixel error on the same "
-              f"slices): {result['pixel_error_at_pixel_threshold']:.4f}")
+              f"slices, {on['pixel_error']:.4f} there): {result['pixel_error_at_pixel_threshold']:.4f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

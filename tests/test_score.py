@@ -46,7 +46,9 @@ def test_score_chooses_on_some_slices_and_scores_others_once(stack, tmp_path, ca
     merge_error, merge = choose_merge_threshold(p[:3], truth[:3])
     assert result["merge_threshold"] == merge
     grown_error = score_segmentation(p[:3], truth[:3]).rand_error
-    assert result["on_choice"] == pytest.approx({"rand_error": grown_error, "rand_error_agglomerated": merge_error})
+    pixel_error_there, pixel_threshold = choose_pixel_threshold(p[:3], truth[:3])
+    assert result["on_choice"] == pytest.approx({"rand_error": grown_error, "rand_error_agglomerated": merge_error,
+                                                 "pixel_error": pixel_error_there})
     assert result["rule"] == ("agglomerated" if merge_error < grown_error else "grown")
     assert result["at_chosen"] == pytest.approx(scores_at(p[3:], truth[3:], chosen, merge_threshold=merge))
     assert 0 <= result["at_chosen"]["rand_error_agglomerated"] < 1
@@ -55,10 +57,9 @@ def test_score_chooses_on_some_slices_and_scores_others_once(stack, tmp_path, ca
     assert f"| {chosen:.1f} (chosen on 0-2) |" in shown and "Rand error (not grown)" in shown
     assert f"below {merge:.2f}, chosen on the same slices): {result['at_chosen']['rand_error_agglomerated']:.4f}" in shown
     assert f"{merge_error:.4f} agglomerated: the rule chosen there is {result['rule']}" in shown
-    pixel_threshold = choose_pixel_threshold(p[:3], truth[:3])[1]
     assert result["pixel_threshold"] == pixel_threshold
     assert result["pixel_error_at_pixel_threshold"] == pytest.approx(pixel_error(p[3:] > pixel_threshold, truth[3:]))
-    assert f"Pixel error at {pixel_threshold:.2f} " in shown
+    assert f"Pixel error at {pixel_threshold:.2f} " in shown and f", {pixel_error_there:.4f} there)" in shown
 
 
 def test_a_threshold_chosen_on_the_scored_slices_is_refused(stack, capsys):

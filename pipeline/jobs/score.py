@@ -51,8 +51,8 @@ def score(settings: ScoreSettings) -> dict[str, Any]:
         ``slices`` and ``at_0.5`` (:func:`~pipeline.numerics.metrics.scores_at` at 0.5) always;
         with ``choose_on`` also ``choose_on``, ``threshold`` (the lowest grown Rand error
         there), ``merge_threshold`` (agglomerated cells' lowest there), ``on_choice`` (both
-        rules' Rand errors there, so predictions with and without test-time augmentation can
-        be compared too), ``rule`` (the lower of the two), ``at_chosen`` (every score at
+        rules' Rand errors there and the lowest pixel error, so predictions from other
+        checkpoints or with test-time augmentation can be compared on those slices alone), ``rule`` (the lower of the two), ``at_chosen`` (every score at
         ``threshold``, agglomerated cells at ``merge_threshold``), ``pixel_threshold`` (the
         lowest pixel error there) and ``pixel_error_at_pixel_threshold``.
     """
@@ -82,7 +82,8 @@ def score(settings: ScoreSettings) -> dict[str, Any]:
         choice = read(s.choose_on)
         c = choose(*choice)
         result.update(threshold=c.threshold, merge_threshold=c.merge_threshold, choose_on=list(s.choose_on),
-                      on_choice={"rand_error": c.rand_error, "rand_error_agglomerated": c.rand_error_agglomerated},
+                      on_choice={"rand_error": c.rand_error, "rand_error_agglomerated": c.rand_error_agglomerated,
+                                 "pixel_error": c.pixel_error},
                       rule=c.rule, at_chosen=scores_at(prob, truth, c.threshold, merge_threshold=c.merge_threshold),
                       pixel_threshold=c.pixel_threshold,
                       pixel_error_at_pixel_threshold=pixel_error(prob > c.pixel_threshold, truth))
