@@ -328,3 +328,29 @@ def test_compile_defaults_to_on_only_for_jobs_long_enough_to_pay_for_it(image_2d
     assert plan_prediction(many)[0].compile == (22 * 17 >= COMPILE_BREAK_EVEN_BLOCKS)
     forced = small.model_copy(update={"output": str(tmp_path / "c.zarr"), "compile": True})
     assert plan_prediction(forced)[0].compile
+
+
+# --- GPU workers (their placement only: no test needs a GPU) ---------------------------------
+
+
+def test_a_local_gpu_cluster_has_workers_per_core_pair_and_per_share_of_gpu_memory():
+    from pipeline.jobs.blockwise import GPU_WORKER_MEMORY_GIB, gpu_workers
+
+    assert gpu_workers(16, [140.0]) == 8  # an H200 on 16 cores: cores decide (bench/gpu.py's best)
+    assert gpu_workers(16, [24.0]) == 24 // GPU_WORKER_MEMORY_GIB  # a 24 GiB card: its memory decides
+    assert gpu_workers(16, [80.0, 80.0]) == 8  # two GPUs share the cores: 4 each
+    assert gpu_workers(64, [80.0] * 2) == 2 * (80 // GPU_WORKER_MEMORY_GIB)
+    assert gpu_workers(2, [8.0]) == 1 and gpu_workers(1, [140.0, 140.0]) == 2  # at least one per GPU
+    assert gpu_workers(16, []) == 1
+
+
+@pytest.mark.slow
+def test_local_cluster_workers_take_the_gpus_in_turn(client):
+    from pipeline.jobs.inference import worker_gpu
+
+    assert worker_gpu(4) == 0  # outside a worker: the first GPU
+    workers = client.scheduler_info()["workers"]  # in a task on each, as the block tasks ask
+    names = {w: info["name"] for w, info in workers.items()}
+    gpus = {w: client.submit(worker_gpu, 2, workers=[w], pure=False).result() for w in workers}
+    assert {names[w]: gpus[w] for w in workers} == {0: 0, 1: 1}
+    assert [client.submit(worker_gpu, 1, workers=[w], pure=False).result() for w in workers] == [0, 0]  # one GPU

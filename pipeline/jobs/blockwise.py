@@ -57,7 +57,7 @@ DEFAULT_BLOCK = {2: 2048, 3: 256}  # px per edge: a terabyte is tens of thousand
 BlockSize = Annotated[int | None, Field(ge=16, description="Block edge in pixels: the unit of distributed work and "
                                         "the output chunk, or shard when sharded (default 2048 in 2-D, 256 in 3-D)")]
 Workers = Annotated[int | None, Field(ge=1, description="Worker processes of the local Dask cluster (default: one per "
-                                      "core, or one per GPU)")]
+                                      "core; on GPUs one per two cores and 12 GiB of GPU memory)")]
 Scheduler = Annotated[str | None, Field(description="Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786, "
                                         "or slurm / slurm:PROFILE for SLURM worker jobs from the SLURM spec "
                                         "(default: $OVERTILE_SCHEDULER, else a local cluster)")]
@@ -262,12 +262,33 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, gpu: b
         yield client
 
 
+# A worker's share of a GPU's memory in a local cluster: the paper-width (64-base) net held
+# about 10 GiB per worker process for batches of four 1212² tiles (bench/gpu.py on an H200).
+GPU_WORKER_MEMORY_GIB = 12
+
+
+def gpu_workers(cores: int, memory_gib: Sequence[float]) -> int:
+    """Worker processes of a local cluster on GPUs of ``memory_gib`` each: per GPU, one for
+    every two cores (a block's host side: reading, cutting tiles, stitching, softmax, encoding
+    and writing, runs on the CPU while the GPU runs other workers' tiles) and every
+    :data:`GPU_WORKER_MEMORY_GIB` of its memory; at least one per GPU.
+
+    Measured on an H200 with 16 cores (bench/gpu.py, bench/RESULTS.md): one worker reached
+    0.31× the raw model with the paper-width net, eight 0.82×.
+    """
+    if not memory_gib:
+        return 1
+    per_core = max(1, cores // (2 * len(memory_gib)))
+    return sum(max(1, min(per_core, int(m // GPU_WORKER_MEMORY_GIB))) for m in memory_gib)
+
+
 def local_cluster(workers: int | None = None, gpu: bool = False, warm: str | None = None) -> Any:
     """A started LocalCluster of worker processes (close it, or use it as a context manager).
 
     On CPU it has one task slot per core, spread over ``workers`` processes (default: one per
-    core); each task computes on one thread. With ``gpu`` it has one worker per GPU (or
-    ``workers``), each offering the Dask resource ``GPU=1``. Workers start with
+    core); each task computes on one thread. With ``gpu`` it has several workers per GPU
+    (:func:`gpu_workers`, or ``workers``), each offering the Dask resource ``GPU=1`` and
+    using the GPU :func:`pipeline.jobs.inference.worker_gpu` gives it. Workers start with
     :data:`WORKER_ENVIRONMENT` (an allocator that keeps freed memory). The dashboard is served
     on 127.0.0.1 only. ``warm``: a module each worker imports in a thread of its own from its
     start (see :func:`warm_preload`).
@@ -278,7 +299,8 @@ def local_cluster(workers: int | None = None, gpu: bool = False, warm: str | Non
     if gpu:
         import torch
 
-        n = workers or max(1, torch.cuda.device_count())
+        memory = [torch.cuda.get_device_properties(i).total_memory / 2**30 for i in range(torch.cuda.device_count())]
+        n = workers or gpu_workers(default_workers(), memory)
         slots, resources = 2, {"GPU": 1}  # GPU=1: one block computes; the other slot reads the next
     else:
         n = workers or default_workers()

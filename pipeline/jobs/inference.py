@@ -19,7 +19,7 @@ from pipeline import models
 from pipeline.errors import InputError
 from pipeline.numerics import tiling
 
-AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST = {"none": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: TF32 off, no autocast
 
 
 def resolve_device(device: str, remote: bool = False) -> str:
@@ -36,6 +36,22 @@ def resolve_device(device: str, remote: bool = False) -> str:
 def file_digest(path: str | os.PathLike) -> str:
     """SHA-256 of a model of any kind, a package folder included: what fingerprints hold."""
     return models.model_digest(path)
+
+
+def worker_gpu(count: int | None = None) -> int:
+    """The GPU this process computes on, of ``count`` visible (default: all). A local
+    cluster's workers, named 0, 1, ..., take the GPUs in turn (worker i: GPU i mod count);
+    elsewhere (a SLURM or Kubernetes worker is given one GPU) the first."""
+    count = torch.cuda.device_count() if count is None else count
+    if count <= 1:
+        return 0
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):  # not in a Dask worker
+        return 0
+    return int(name) % count if str(name).isdigit() else 0
 
 
 _MODELS: dict[tuple[Any, ...], models.Model] = {}
@@ -55,6 +71,8 @@ def cached_model(info: models.ModelInfo, device: str, channels_last: bool) -> mo
     if model is None:
         if device == "cpu":
             torch.set_num_threads(1)
+        elif device == "cuda":  # "cuda" is then this worker's GPU, for the model and its tensors
+            torch.cuda.set_device(worker_gpu())
         model = models.load(info, device, channels_last, threads=1 if device == "cpu" else None)
         _MODELS.clear()  # one model per process: a new model replaces the old one
         _MODELS[key] = model
