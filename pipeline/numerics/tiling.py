@@ -291,17 +291,18 @@ def run_tiles(
 ) -> list[np.ndarray]:
     """Forward each batch ``(N, C, *tile)`` through ``model``; float32 logits back on the host.
 
-    The plain path, for a model on the CPU; :func:`pipeline.jobs.inference.run_tiles` adds
-    the GPU's streams and pinned buffers and falls back to this one.
+    The plain path, on whatever device the model is (the reference of :func:`predict_whole`
+    too); :func:`pipeline.jobs.inference.run_tiles` adds the GPU's streams and pinned buffers
+    and falls back to this one elsewhere.
     """
     device, fmt = model_device(model)
     out = []
     with torch.inference_mode():
         for batch in batches:
-            x = torch.from_numpy(np.ascontiguousarray(batch)).contiguous(memory_format=fmt)
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).contiguous(memory_format=fmt)
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 y = model(x)
-            out.append(y.float().numpy())
+            out.append(y.float().cpu().numpy())
     return out
 
 
@@ -374,7 +375,8 @@ def overlap_tile(
     return predict_region(model, plan, padded, batch_size)
 
 
-def predict_whole(model: torch.nn.Module, image: np.ndarray, mirror: str = "reflect", context: int = 0) -> np.ndarray:
+def predict_whole(model: torch.nn.Module, image: np.ndarray, mirror: str = "reflect", context: int = 0,
+                  autocast: torch.dtype | None = None) -> np.ndarray:
     """One forward pass over the whole mirror-padded image: the reference for :func:`overlap_tile`.
 
     The image is padded by the margin on each side (plus ``context``, for blended models),
@@ -389,7 +391,7 @@ def predict_whole(model: torch.nn.Module, image: np.ndarray, mirror: str = "refl
         return image[(slice(None), *inner.slices())]
 
     padded = read_mirrored(reader, box, spatial, mirror)
-    (y,) = run_tiles(model, [padded[None]])
+    (y,) = run_tiles(model, [padded[None]], autocast)
     out_box = box.grow(-m)
     return y[0][(slice(None), *Box.from_shape(spatial).relative_to(out_box))]
 

@@ -1,0 +1,360 @@
+"""Benchmark overtile end to end against the raw model on the same GPU.
+
+One run, on a synthetic uint8 Zarr image (default 8192²) and overtile's valid U-Net at the
+paper's width (64 base channels) and at 16, each in float32 with TensorFloat-32 convolutions
+(PyTorch's cuDNN default, overtile's ``--autocast none``), bf16 autocast, and on request
+strict float32 (``--precisions fp32``, overtile's ``--autocast fp32``):
+
+(a) the raw limit: forward passes of the model on the tile overtile runs (1212² input),
+    the input already on the GPU and the output left there, in every configuration that
+    could be fastest: {NCHW, channels_last} × batch {1, 4} × cudnn.benchmark {off, on};
+    output megapixels per second after warm-up, timed to a synchronisation. Beside the best
+    row, the same configuration from host memory to host memory through overtile's own
+    forward (:func:`pipeline.jobs.inference.run_tiles`: pinned uploads one batch ahead);
+(b) overtile end to end, Zarr in to Zarr out (:func:`pipeline.jobs.predict.predict`, float32
+    probabilities, no pyramid: the same output as (a)), on a started cluster of 1, 4 and 8
+    GPU workers sharing the one GPU (each worker: 2 task slots, resource GPU=1, so one block
+    computes while the next is read), second run of each (the first loads the model); GPU
+    utilisation sampled through NVML every 50 ms while it runs; the ratio to (a)'s best;
+(c) the same end to end from a cold start for the best configuration (cluster start,
+    worker imports, CUDA initialisation and model loading included), and with labels out;
+(d) a correctness check: overtile's tiled GPU output against one forward pass over the
+    whole (mirror-padded) image on the same GPU, float32 and bf16, max |difference| of the
+    probabilities and the share of pixels whose argmax differs.
+
+Results are written to ``--json`` after every step (a run cut short keeps what it measured);
+steps past ``--deadline`` seconds are skipped and listed.
+
+Usage (on a machine with a CUDA GPU)::
+
+    python bench/gpu.py --json bench/out/gpu.json
+    python bench/gpu.py --size 2048 --workers 1 --bases 16 --device cpu   # the code paths, anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from pipeline.jobs import predict as overtile  # noqa: E402
+from pipeline.jobs.blockwise import dask_client  # noqa: E402
+from pipeline.jobs.inference import AUTOCAST, run_tiles  # noqa: E402
+from pipeline.numerics.tiling import predict_whole, softmax  # noqa: E402
+from pipeline.numerics.unet import UNet, load_model, save_model  # noqa: E402
+from predict import make_image  # noqa: E402  (bench/predict.py: the same synthetic image)
+
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+OUTPUTS = {"probabilities": {}, "uint8": {"dtype": "uint8"}, "labels": {"output_kind": "labels"}}  # what is written
+
+
+class Utilisation(threading.Thread):
+    """Sample the GPU's utilisation (% of time a kernel ran) and memory in use through NVML."""
+
+    def __init__(self, interval: float = 0.05):
+        super().__init__(daemon=True)
+        self.interval, self.samples, self.memory = interval, [], []
+        self._stop_event = threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml, self._handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:  # noqa: BLE001 - no NVML (a CPU run): no figures
+            self._nvml = None
+
+    def run(self) -> None:
+        while self._nvml is not None and not self._stop_event.is_set():
+            self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+            self.memory.append(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used / 2**30)
+            self._stop_event.wait(self.interval)
+
+    def __enter__(self) -> Utilisation:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop_event.set()
+        self.join()
+
+    def figures(self) -> dict[str, Any]:
+        if not self.samples:
+            return {"gpu_util_pct": None, "gpu_mem_gib": None}
+        return {"gpu_util_pct": round(statistics.mean(self.samples), 1), "gpu_mem_gib": round(max(self.memory), 2)}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step: Callable[[], Any], device: torch.device, min_s: float, min_n: int = 5, max_n: int = 200) -> tuple[int, float]:
+    """Passes of ``step`` until ``min_s`` seconds and ``min_n`` passes; (passes, seconds)."""
+    sync(device)
+    start, n = time.perf_counter(), 0
+    while n < min_n or (time.perf_counter() - start < min_s and n < max_n):
+        step()
+        n += 1
+    sync(device)
+    return n, time.perf_counter() - start
+
+
+def raw_row(model_path: str, device: torch.device, fmt: str, batch: int, precision: str, benchmark: bool,
+            tile: int, min_s: float) -> dict[str, Any]:
+    """(a) one configuration: passes on a tile already on the device, output left there."""
+    torch.backends.cudnn.benchmark = benchmark
+    tf32(precision)
+    model = load_model(model_path).to(device).to(memory_format=FORMATS[fmt])
+    dtype = AUTOCAST[precision]
+    x = torch.randn(batch, 1, tile, tile, device=device).contiguous(memory_format=FORMATS[fmt])
+    shape: list[int] = []
+
+    def forward() -> None:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            shape[:] = model(x).shape
+
+    t = time.perf_counter()
+    for _ in range(3):  # cuDNN's algorithm search (benchmark on) and the allocator settle here
+        forward()
+    sync(device)
+    warm = time.perf_counter() - t
+    n, seconds = timed(forward, device, min_s)
+    pixels = n * batch * shape[2] * shape[3]
+    torch.backends.cudnn.benchmark = False
+    return {"format": fmt, "batch": batch, "precision": precision, "cudnn_benchmark": benchmark, "passes": n,
+            "seconds": seconds, "warmup_s": warm, "mp_s": pixels / 1e6 / seconds, "out_tile": shape[2]}
+
+
+def tf32(precision: str) -> None:
+    """TensorFloat-32 convolutions unless strict ``fp32``, as overtile's workers set them."""
+    torch.backends.cudnn.allow_tf32 = precision != "fp32"
+
+
+def host_row(model_path: str, device: torch.device, best: dict[str, Any], tile: int, min_s: float) -> dict[str, Any]:
+    """(a) the best configuration again, from numpy batches to numpy logits through overtile's
+    own forward (pinned uploads one batch ahead of the compute, downloads into pinned memory)."""
+    model = load_model(model_path).to(device).to(memory_format=FORMATS[best["format"]])
+    batches = [np.random.default_rng(i).standard_normal((best["batch"], 1, tile, tile)).astype(np.float32) for i in range(8)]
+    dtype = AUTOCAST[best["precision"]]
+    tf32(best["precision"])
+    run_tiles(model, batches[:2], dtype)
+    n, seconds = timed(lambda: run_tiles(model, batches, dtype), device, min_s, min_n=2)
+    pixels = n * len(batches) * best["batch"] * best["out_tile"] ** 2
+    return {**{k: best[k] for k in ("format", "batch", "precision")}, "cudnn_benchmark": False, "passes": n * len(batches),
+            "seconds": seconds, "mp_s": pixels / 1e6 / seconds}
+
+
+def settings(args: argparse.Namespace, image: str, model: str, out: str, precision: str, cl: bool,
+             **extra: Any) -> overtile.PredictSettings:
+    fields = dict(input=image, output=out, model=model, block_size=args.block, tile_size=args.tile,
+                  batch_size=args.batch_size, device=args.device, autocast=precision, channels_last=cl,
+                  overwrite=True, pyramid=False, compile=False)
+    return overtile.PredictSettings(**{**fields, **extra})
+
+
+def end_to_end(client: Any, s: overtile.PredictSettings) -> dict[str, Any]:
+    """(b)/(c): one predict(); seconds, MP/s, GPU utilisation, and the block records' sums."""
+    shutil.rmtree(s.output, ignore_errors=True)
+    with Utilisation() as use:
+        t = time.perf_counter()
+        job, summary = overtile.predict(s, client=client)
+        seconds = time.perf_counter() - t
+    records = summary.records
+    pixels = sum(r["pixels"] for r in records)
+    phase = {f"{k}_s": round(sum(r.get(f"{k}_s", 0.0) for r in records), 2) for k in ("load", "read", "compute", "write")}
+    return {"seconds": seconds, "mp_s": pixels / 1e6 / seconds, "blocks": summary.done, **use.figures(), **phase,
+            "workers": len({r["worker_pid"] for r in records})}
+
+
+def check(client: Any, args: argparse.Namespace, image: str, model: str, out: str, precision: str) -> dict[str, Any]:
+    """(d): the tiled output on the GPU against one forward pass over the whole image there."""
+    import zarr
+
+    s = settings(args, image, model, out, precision, True, block_size=512)
+    shutil.rmtree(out, ignore_errors=True)
+    overtile.predict(s, client=client)
+    tiled = zarr.open_group(out, mode="r")["0"][...]
+    net = load_model(model).to(torch.device(args.device))
+    data = zarr.open_array(image, mode="r")[...]
+    tf32(precision)
+    whole = softmax(predict_whole(net, net.normalization(data[None]), autocast=AUTOCAST[precision]))
+    return {"precision": precision, "shape": list(data.shape), "block": 512, "max_abs_diff": float(np.abs(tiled - whole).max()),
+            "argmax_differs": float((tiled.argmax(0) != whole.argmax(0)).mean())}
+
+
+class Run:
+    """The results so far, written to ``--json`` after every step; steps past the deadline skipped."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.start = args, time.perf_counter()
+        self.result: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "raw": [], "host": [],
+                                       "end_to_end": [], "checks": [], "skipped": [], "errors": []}
+
+    def step(self, name: str, fn: Callable[[], Any], into: str | None = None) -> Any:
+        if time.perf_counter() - self.start > self.args.deadline:
+            self.result["skipped"].append(name)
+            return None
+        t = time.perf_counter()
+        try:
+            value = fn()
+        except Exception as exc:  # noqa: BLE001 - one failed configuration must not lose the others
+            self.result["errors"].append({"step": name, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+            print(f"  {name}: FAILED {type(exc).__name__}: {exc}"[:500], flush=True)
+            value = None
+        if value is not None and into:
+            self.result[into].append({"step": name, **value, "step_s": round(time.perf_counter() - t, 1)})
+            shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in value.items()}
+            print(f"  {name}: {shown}", flush=True)
+        self.save()
+        return value
+
+    def save(self) -> None:
+        self.result["elapsed_s"] = round(time.perf_counter() - self.start, 1)
+        if self.args.json:
+            self.args.json.parent.mkdir(parents=True, exist_ok=True)
+            self.args.json.write_text(json.dumps(self.result, indent=1))
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "matmul_tf32": torch.backends.cuda.matmul.allow_tf32}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, gpu_mem_gib=round(p.total_memory / 2**30, 1), sms=p.multi_processor_count,
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    return info
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=8192, help="image edge in pixels (default 8192)")
+    p.add_argument("--bases", type=int, nargs="+", default=[64, 16], help="U-Net base channels (default 64 16)")
+    p.add_argument("--precisions", nargs="+", default=["none", "bf16"], choices=list(AUTOCAST),
+                   help="precision of each run (overtile's --autocast): none (float32, TF32 convolutions) and bf16 by "
+                        "default; fp32 is strict float32")
+    p.add_argument("--no-cold", dest="cold", action="store_false", help="skip (c), the cold runs")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 4, 8], help="GPU workers of (b)'s clusters (default 1 4 8; 0: overtile's default)")
+    p.add_argument("--block", type=int, default=2048, help="overtile block edge (default 2048: 2×2 tiles, one batch of 4)")
+    p.add_argument("--tile", type=int, default=1212, help="tile input edge, (a) and (b) (default 1212)")
+    p.add_argument("--batch-size", type=int, default=4, help="overtile's tiles per forward pass (default 4)")
+    p.add_argument("--min-seconds", type=float, default=1.0, help="timed seconds per raw row (default 1)")
+    p.add_argument("--outputs", nargs="+", default=["probabilities"], choices=list(OUTPUTS),
+                   help="(b)'s outputs: float32 probabilities (default; (a)'s output), uint8 probabilities, labels")
+    p.add_argument("--check-size", type=int, default=1500, help="edge of (d)'s image (default 1500; 0 skips (d))")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cuda; cpu only to try the code paths")
+    p.add_argument("--deadline", type=float, default=420, help="skip steps that would start after this many seconds")
+    p.add_argument("--workdir", type=Path, default=None, help="images and outputs (default: a temporary directory)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here (after every step)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    run = Run(args)
+    run.result["environment"] = environment(device)
+    print(json.dumps(run.result["environment"]), flush=True)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="overtile-gpu-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    image, small = str(workdir / "image.zarr"), str(workdir / "small.zarr")
+    t = time.perf_counter()
+    make_image(Path(image), args.size)
+    if args.check_size:
+        make_image(Path(small), args.check_size, seed=1)
+    run.result["image_s"] = round(time.perf_counter() - t, 1)
+    models = {}
+    for base in args.bases:
+        torch.manual_seed(0)
+        models[base] = str(workdir / f"unet{base}.pt")
+        save_model(UNet(base_channels=base), models[base])
+
+    # (a) the raw limit per net and precision; every row kept
+    best: dict[tuple[int, str], dict[str, Any]] = {}
+    for base in args.bases:
+        for precision in args.precisions:
+            rows = []
+            for fmt in FORMATS:
+                for batch in (1, 4):
+                    for bench_on in (False, True):
+                        name = f"raw {base} {precision} {fmt} b{batch}{' cudnn.benchmark' if bench_on else ''}"
+                        r = run.step(name, lambda: {"base": base, **raw_row(models[base], device, fmt, batch, precision,
+                                                                             bench_on, args.tile, args.min_seconds)}, "raw")
+                        if r:
+                            rows.append(r)
+            if rows:
+                best[base, precision] = max(rows, key=lambda r: r["mp_s"])
+                run.step(f"host {base} {precision}", lambda: {"base": base, **host_row(models[base], device,
+                                                                                        best[base, precision], args.tile, args.min_seconds)}, "host")
+    run.result["raw_best"] = [{"base": b, "precision": p, **r} for (b, p), r in best.items()]
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+
+    # (b) warm end to end on clusters of 1, 4, 8 GPU workers; (d) on the first
+    gpu = device.type == "cuda"
+    for n in args.workers:
+        if time.perf_counter() - run.start > args.deadline:
+            run.result["skipped"].append(f"cluster of {n}")
+            continue
+        with dask_client(workers=n or None, gpu=gpu, warm="pipeline.jobs.predict") as client:
+            run.result.setdefault("cluster_workers", {})[n] = len(client.scheduler_info()["workers"])
+            if n == args.workers[0] and args.check_size:
+                for precision in args.precisions:
+                    run.step(f"check {precision}", lambda: {"base": args.bases[-1], **check(
+                        client, args, small, models[args.bases[-1]], str(workdir / "check.zarr"), precision)}, "checks")
+            for base in args.bases:
+                for precision in args.precisions:
+                    if (base, precision) not in best:
+                        continue
+                    cl = best[base, precision]["format"] == "channels_last"
+                    for k, kind in enumerate(args.outputs):
+                        s = settings(args, image, models[base], str(workdir / "out.zarr"), precision, cl, **OUTPUTS[kind])
+                        for i in range(1 if k else 0, 2):  # the first loads the model and warms cuDNN on every worker
+                            name = f"end to end {base} {precision} {kind} workers {n}{'' if i else ' (first)'}"
+                            r = run.step(name, lambda: {"base": base, "precision": precision, "workers_asked": n,
+                                                        "output": kind, "warm": i == 1, **end_to_end(client, s)}, "end_to_end")
+                            if r and i == 1:
+                                r["ratio_to_raw"] = r["mp_s"] / best[base, precision]["mp_s"]
+                                run.result["end_to_end"][-1]["ratio_to_raw"] = r["ratio_to_raw"]
+                                print(f"    → {r['ratio_to_raw']:.2f}× the raw limit", flush=True)
+            run.save()
+
+    # (c) cold: predict() as a user calls it (its own cluster), at the best warm worker count
+    warm = [r for r in run.result["end_to_end"] if r["warm"] and r["output"] == "probabilities"]
+    for base in args.bases if args.cold else []:
+        for precision in args.precisions:
+            mine = [r for r in warm if r["base"] == base and r["precision"] == precision]
+            if not mine:
+                continue
+            top = max(mine, key=lambda r: r["mp_s"])
+            cl = best[base, precision]["format"] == "channels_last"
+            for kind in ("probabilities", "labels") if (base, precision) == (args.bases[-1], args.precisions[-1]) else ("probabilities",):
+                s = settings(args, image, models[base], str(workdir / "cold.zarr"), precision, cl,
+                             workers=top["workers_asked"], output_kind=kind)
+                r = run.step(f"cold {base} {precision} workers {top['workers_asked']} {kind}",
+                             lambda: {"base": base, "precision": precision, "workers_asked": top["workers_asked"],
+                                      "warm": False, "cold": True, "output_kind": kind, **end_to_end(None, s)}, "end_to_end")
+                if r:
+                    run.result["end_to_end"][-1]["ratio_to_raw"] = r["mp_s"] / best[base, precision]["mp_s"]
+    run.save()
+    if not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"done in {run.result['elapsed_s']} s; skipped: {run.result['skipped']}; errors: {len(run.result['errors'])}")
+
+
+if __name__ == "__main__":
+    main()
