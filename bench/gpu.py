@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
             cl = best[base, precision]["format"] == "channels_last"
             for kind in ("probabilities", "labels") if (base, precision) == (args.bases[-1], args.precisions[-1]) else ("probabilities",):
                 s = settings(args, image, models[base], str(workdir / "cold.zarr"), precision, cl,
-                             workers=top["workers_asked"], output_kind=kind)
+                             workers=top["workers_asked"] or None, output_kind=kind)
                 r = run.step(f"cold {base} {precision} workers {top['workers_asked']} {kind}",
                              lambda: {"base": base, "precision": precision, "workers_asked": top["workers_asked"],
                                       "warm": False, "cold": True, "output_kind": kind, **end_to_end(None, s)}, "end_to_end")

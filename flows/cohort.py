@@ -62,7 +62,7 @@ def cohort_slide(slide: str, name: str, settings: CohortSettings) -> dict[str, A
 
 
 def _gpu(settings: CohortSettings) -> bool:
-    """Whether the slides' blocks run on GPU workers (a local cluster then has one per GPU)."""
+    """Whether the slides' blocks run on GPU workers (a local cluster then has several per GPU)."""
     return resolve_device(settings.device, remote=bool(settings.scheduler)) == "cuda"
 
 

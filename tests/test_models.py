@@ -409,6 +409,12 @@ def predict_args(image: str, model: Path, tmp_path: Path) -> list[str]:
     return ["predict", image, str(tmp_path / "out.zarr"), "--model", str(model), "--scheduler", NOWHERE]
 
 
+def test_an_onnx_model_takes_onnxruntimes_float32_only(tmp_path, image, onnx_file, capsys):
+    for precision in ("fp32", "bf16"):  # fp32 would not be strict there: onnxruntime's CUDA uses TF32
+        expect_error(capsys, predict_args(image, onnx_file, tmp_path) + ["--autocast", precision],
+                     f"--autocast {precision}: {onnx_file} is an ONNX model, run in float32 by onnxruntime")
+
+
 def test_corrupt_model_files_are_one_line(tmp_path, image, torchscript, capsys):
     junk_onnx = tmp_path / "junk.onnx"
     junk_onnx.write_bytes(b"\x08\x07" + b"not really a protobuf" * 10)

@@ -231,12 +231,14 @@ BF16_TOLERANCE = 0.02  # max |p_bf16 - p_float32| of a probability, as README st
 
 
 @pytest.mark.slow
-def test_bf16_autocast_stays_within_the_stated_tolerance(client, image_2d, model_2d, tmp_path):
+def test_bf16_autocast_stays_within_the_stated_tolerance_and_fp32_is_float32(client, image_2d, model_2d, tmp_path):
     url, _ = image_2d
     exact, _ = run(client, url, model_2d, tmp_path / "f32.zarr", block_size=128, pyramid=False)
     mixed, _ = run(client, url, model_2d, tmp_path / "bf16.zarr", block_size=128, pyramid=False, autocast="bf16")
     error = np.abs(mixed - exact).max()
     assert 0 < error <= BF16_TOLERANCE
+    strict, _ = run(client, url, model_2d, tmp_path / "strict.zarr", block_size=128, pyramid=False, autocast="fp32")
+    assert np.array_equal(strict, exact)  # on CPU torch's float32 is strict already (no TF32)
 
 
 def test_cuda_is_planned_on_trust_for_a_remote_cluster(image_2d, model_2d, tmp_path):
@@ -334,13 +336,19 @@ def test_compile_defaults_to_on_only_for_jobs_long_enough_to_pay_for_it(image_2d
 
 
 def test_a_local_gpu_cluster_has_workers_per_core_pair_and_per_share_of_gpu_memory():
-    from pipeline.jobs.blockwise import GPU_WORKER_MEMORY_GIB, gpu_workers
+    import torch
 
-    assert gpu_workers(16, [140.0]) == 8  # an H200 on 16 cores: cores decide (bench/gpu.py's best)
-    assert gpu_workers(16, [24.0]) == 24 // GPU_WORKER_MEMORY_GIB  # a 24 GiB card: its memory decides
-    assert gpu_workers(16, [80.0, 80.0]) == 8  # two GPUs share the cores: 4 each
-    assert gpu_workers(64, [80.0] * 2) == 2 * (80 // GPU_WORKER_MEMORY_GIB)
-    assert gpu_workers(2, [8.0]) == 1 and gpu_workers(1, [140.0, 140.0]) == 2  # at least one per GPU
+    from pipeline.jobs.blockwise import GPU_WORKER_MEMORY_GIB, default_gpu_workers, gpu_workers
+
+    if not torch.cuda.is_available():
+        assert default_gpu_workers() == 1
+
+    # memory as torch reports it (total_memory / 2**30), a little under the card's name
+    assert gpu_workers(16, [139.8]) == 8  # an H200 on 16 cores: cores decide (bench/gpu.py's best)
+    assert gpu_workers(16, [23.64]) == 24 // GPU_WORKER_MEMORY_GIB == 2  # a 24 GB card: its memory decides
+    assert gpu_workers(16, [39.6]) == 3 and gpu_workers(16, [79.25]) == 6  # A100s of 40 and 80 GB
+    assert gpu_workers(16, [79.25, 79.25]) == 8  # two GPUs share the cores: 4 each
+    assert gpu_workers(2, [7.8]) == 1 and gpu_workers(1, [139.8, 139.8]) == 2  # at least one per GPU
     assert gpu_workers(16, []) == 1
 
 

@@ -278,8 +278,17 @@ def gpu_workers(cores: int, memory_gib: Sequence[float]) -> int:
     """
     if not memory_gib:
         return 1
-    per_core = max(1, cores // (2 * len(memory_gib)))
-    return sum(max(1, min(per_core, int(m // GPU_WORKER_MEMORY_GIB))) for m in memory_gib)
+    per_core = max(1, cores // (2 * len(memory_gib)))  # torch reports a "24 GB" card as 23.6 GiB: rounded
+    return sum(max(1, min(per_core, round(m) // GPU_WORKER_MEMORY_GIB)) for m in memory_gib)
+
+
+def default_gpu_workers() -> int:
+    """:func:`gpu_workers` for this machine's cores and GPUs (one when it has none)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    memory = [torch.cuda.get_device_properties(i).total_memory / 2**30 for i in range(count)]
+    return gpu_workers(default_workers(), memory)
 
 
 def local_cluster(workers: int | None = None, gpu: bool = False, warm: str | None = None) -> Any:
@@ -297,10 +306,7 @@ def local_cluster(workers: int | None = None, gpu: bool = False, warm: str | Non
     from distributed import LocalCluster
 
     if gpu:
-        import torch
-
-        memory = [torch.cuda.get_device_properties(i).total_memory / 2**30 for i in range(torch.cuda.device_count())]
-        n = workers or gpu_workers(default_workers(), memory)
+        n = workers or default_gpu_workers()
         slots, resources = 2, {"GPU": 1}  # GPU=1: one block computes; the other slot reads the next
     else:
         n = workers or default_workers()

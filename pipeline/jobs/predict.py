@@ -68,8 +68,9 @@ class PredictSettings(blockwise.BlockwiseSettings):
     tta: str = Field("none", description=TTA_HELP)
     autocast: Literal["none", "fp32", "bf16", "fp16"] = Field(
         "none", description="Precision: none (float32 as torch runs it: TensorFloat-32 convolutions on GPUs that have "
-        "them), fp32 (strict float32 on GPUs too, tiled output equal to whole-image inference; about 8x slower for the "
-        "paper-width net on an H200), bf16 or fp16 (mixed precision); all but fp32 change GPU numbers slightly")
+        "them), fp32 (strict float32 on GPUs too: tiled output measured equal to whole-image inference on an H200, "
+        "at about 1/8 the speed for the paper-width net), bf16 or fp16 (mixed precision); all but fp32 change GPU "
+        "numbers slightly; ONNX models take none only")
     channels_last: bool = Field(True, description="channels_last memory format (same numbers, about 2× faster on CPU)")
     tissue: TissueMethod = Field("all", description="Which blocks to compute: all, or those with tissue in a low-resolution mask: "
                                  "saturation (Otsu on HSV saturation; brightfield H&E), bright / dark (Otsu on intensity; "
@@ -240,7 +241,7 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
         augmentation = transforms(nd, settings.tta)
     except ValueError as exc:
         raise InputError(f"--tta: {exc}") from None
-    if model.weights == "onnx" and settings.autocast not in ("none", "fp32"):
+    if model.weights == "onnx" and settings.autocast != "none":
         raise InputError(f"--autocast {settings.autocast}: {settings.model} is an ONNX model, run in float32 by onnxruntime")
     remote = remote or bool(scheduler_setting(settings.scheduler))
     device = onnx_device(resolve_device(settings.device, remote=remote), settings, model, remote)
@@ -296,7 +297,12 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
         f"{100 * mask.fraction:.2g}% tissue")
     compile = settings.compile
     if compile is None:  # on when every task slot has enough blocks to pay for compiling
-        slots = settings.workers or (1 if device == "cuda" else blockwise.default_workers())
+        if settings.workers:
+            slots = settings.workers
+        elif device == "cuda":  # a local cluster's GPU workers; a remote cluster's are unknown here
+            slots = 1 if remote else blockwise.default_gpu_workers()
+        else:
+            slots = blockwise.default_workers()
         compile = int(wanted.sum()) >= COMPILE_BREAK_EVEN_BLOCKS * slots  # all wanted: a resumed run decides alike
     compile = compile and model.compilable  # TorchScript and ONNX models run as they are
     job = PredictJob(

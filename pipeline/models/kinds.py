@@ -154,7 +154,9 @@ class OnnxNet(nn.Module):
             options.inter_op_num_threads = 1
         providers = ["CPUExecutionProvider"]
         if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
+            # the GPU torch's "cuda" means in this process (a worker's, set by inference.cached_model)
+            gpu = torch.cuda.current_device() if torch.cuda.is_available() else 0
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu}))
         try:
             self.session = ort.InferenceSession(data, sess_options=options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
