@@ -75,7 +75,8 @@ class Utilisation(threading.Thread):
             import pynvml
 
             pynvml.nvmlInit()
-            self._nvml, self._handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+            first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]  # NVML counts every GPU
+            self._nvml, self._handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(int(first) if first.isdigit() else 0)
         except Exception:  # noqa: BLE001 - no NVML (a CPU run): no figures
             self._nvml = None
 
