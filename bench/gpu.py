@@ -18,6 +18,11 @@ strict float32 (``--precisions fp32``, overtile's ``--autocast fp32``):
     utilisation sampled through NVML every 50 ms while it runs; the ratio to (a)'s best;
 (c) the same end to end from a cold start for the best configuration (cluster start,
     worker imports, CUDA initialisation and model loading included), and with labels out;
+(e) the host side of one block with an infinitely fast GPU (the tiles' logits handed back at
+    once), on one core, in milliseconds per step: cutting and stitching the tiles, softmax,
+    labels (``np.argmax`` against overtile's ``class_labels``), and writing each output with
+    overtile's codec. It bounds what a GPU worker can do per core whatever the GPU, and runs
+    anywhere: ``--host-only``;
 (d) a correctness check: overtile's tiled GPU output against one forward pass over the
     whole (mirror-padded) image on the same GPU, float32 and bf16, max |difference| of the
     probabilities and the share of pixels whose argmax differs.
@@ -29,6 +34,7 @@ Usage (on a machine with a CUDA GPU)::
 
     python bench/gpu.py --json bench/out/gpu.json
     python bench/gpu.py --size 2048 --workers 1 --bases 16 --device cpu   # the code paths, anywhere
+    python bench/gpu.py --host-only                                      # (e) alone, on any machine
 """
 
 from __future__ import annotations
@@ -56,7 +62,9 @@ if str(HERE) not in sys.path:
 from pipeline.jobs import predict as overtile  # noqa: E402
 from pipeline.jobs.blockwise import dask_client  # noqa: E402
 from pipeline.jobs.inference import AUTOCAST, run_tiles  # noqa: E402
-from pipeline.numerics.tiling import predict_whole, softmax  # noqa: E402
+from pipeline.numerics.geometry import Box  # noqa: E402
+from pipeline.numerics.tiling import class_labels, plan_tiles, predict_region, predict_whole, softmax  # noqa: E402
+from pipeline.storage.images import OUTPUT_CODEC  # noqa: E402
 from pipeline.numerics.unet import UNet, load_model, save_model  # noqa: E402
 from predict import make_image  # noqa: E402  (bench/predict.py: the same synthetic image)
 
@@ -199,13 +207,69 @@ def check(client: Any, args: argparse.Namespace, image: str, model: str, out: st
             "argmax_differs": float((tiled.argmax(0) != whole.argmax(0)).mean())}
 
 
+def host_side(args: argparse.Namespace, workdir: Path, repeats: int = 7) -> dict[str, Any]:
+    """(e): one block's work around the forward passes, medians in ms over ``repeats``."""
+    import zarr
+
+    from pipeline.jobs.predict import encode_output
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core, as one task slot of a worker
+    net = UNet(base_channels=16).eval()  # the geometry only: every base has the same
+    block = Box.from_bounds((args.block,) * 2, (2 * args.block,) * 2)
+    plan = plan_tiles(net, block, args.tile)
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((1, *plan.read.shape)).astype(np.float32)
+    ready: dict[tuple[int, ...], np.ndarray] = {}
+
+    def instant(_: Any, batches: list[np.ndarray], autocast: Any = None) -> list[np.ndarray]:
+        out = []
+        for b in batches:
+            if b.shape not in ready:
+                ready[b.shape] = rng.standard_normal((b.shape[0], 2, *(n - 2 * net.geometry.margin for n in b.shape[2:])),
+                                                     dtype=np.float32)
+            out.append(ready[b.shape].copy())  # as a download from the GPU would be: a fresh array
+        return out
+
+    shape, chunks = (2, 3 * args.block, 3 * args.block), (2, args.block, args.block)
+    stores = {k: zarr.create_array(store=str(workdir / f"host-{k}.zarr"), shape=(c, *shape[1:]), chunks=(c, *chunks[1:]),
+                                   dtype=d, compressors=[OUTPUT_CODEC], overwrite=True)
+              for k, c, d in (("probabilities", 2, "float32"), ("labels", 1, "uint8"))}
+    where = (slice(None), *block.slices())
+    steps: dict[str, Callable[[np.ndarray], Any]] = {
+        "stitch": lambda _: predict_region(net, plan, image, args.batch_size, runner=instant),
+        "softmax (float32 probabilities)": lambda lg: encode_output(lg, "probabilities", "float32"),
+        "labels, np.argmax(axis=0)": lambda lg: lg.argmax(axis=0).astype(np.uint8),
+        "labels, class_labels (overtile's)": class_labels,
+        "write probabilities": lambda lg: stores["probabilities"].__setitem__(where, lg),
+        "write labels": lambda _: stores["labels"].__setitem__(where, labels),
+    }
+    logits = steps["stitch"](None)
+    labels = class_labels(logits)[None]
+    ms = {}
+    for name, step in steps.items():
+        seconds = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            step(logits)
+            seconds.append(time.perf_counter() - t)
+        ms[name] = round(1000 * statistics.median(seconds), 1)
+    torch.set_num_threads(threads)
+    mp = block.size / 1e6
+    probabilities = ms["stitch"] + ms["softmax (float32 probabilities)"] + ms["write probabilities"]
+    to_labels = ms["stitch"] + ms["labels, class_labels (overtile's)"] + ms["write labels"]
+    return {"block": args.block, "tiles": len(plan.tiles), "ms": ms, "labels_speedup": ms["labels, np.argmax(axis=0)"] / max(
+        ms["labels, class_labels (overtile's)"], 1e-9), "mp_s_per_core_probabilities": mp / probabilities * 1000,
+        "mp_s_per_core_labels": mp / to_labels * 1000}
+
+
 class Run:
     """The results so far, written to ``--json`` after every step; steps past the deadline skipped."""
 
     def __init__(self, args: argparse.Namespace):
         self.args, self.start = args, time.perf_counter()
         self.result: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "raw": [], "host": [],
-                                       "end_to_end": [], "checks": [], "skipped": [], "errors": []}
+                                       "end_to_end": [], "checks": [], "host_side": [], "skipped": [], "errors": []}
 
     def step(self, name: str, fn: Callable[[], Any], into: str | None = None) -> Any:
         if time.perf_counter() - self.start > self.args.deadline:
@@ -261,18 +325,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cuda; cpu only to try the code paths")
     p.add_argument("--deadline", type=float, default=420, help="skip steps that would start after this many seconds")
     p.add_argument("--workdir", type=Path, default=None, help="images and outputs (default: a temporary directory)")
+    p.add_argument("--host-only", action="store_true", help="only (e), the host side of a block (any machine)")
     p.add_argument("--json", type=Path, default=None, help="write the results here (after every step)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = torch.device("cpu" if args.host_only else args.device)
     run = Run(args)
     run.result["environment"] = environment(device)
     print(json.dumps(run.result["environment"]), flush=True)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="overtile-gpu-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    run.step("host side of a block", lambda: host_side(args, workdir), "host_side")
+    if args.host_only:
+        return
     image, small = str(workdir / "image.zarr"), str(workdir / "small.zarr")
     t = time.perf_counter()
     make_image(Path(image), args.size)

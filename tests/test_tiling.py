@@ -8,6 +8,7 @@ import torch
 
 from pipeline.numerics.geometry import Box, block_at, block_grid
 from pipeline.numerics.tiling import (
+    class_labels,
     TileGeometry,
     gaussian_window,
     overlap_tile,
@@ -197,3 +198,14 @@ def test_a_fixed_size_blended_model_blends_tiles_of_its_one_size():
     assert plan.blend and {t.input.shape for t in plan.tiles} == {(40, 40)}
     starts = sorted({t.output.offset[0] for t in plan.tiles})
     assert np.diff(starts).tolist() == [19] * (len(starts) - 1)  # half of the 38 px output shared
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, 5])
+def test_class_labels_are_numpys_argmax_ties_included(classes):
+    rng = np.random.default_rng(classes)
+    scores = rng.integers(-2, 3, (classes, 2, 40, 30)).astype(np.float32)  # few values: many ties
+    labels = class_labels(scores)
+    assert labels.dtype == np.uint8 and labels.shape == scores.shape[1:]
+    np.testing.assert_array_equal(labels, scores.argmax(axis=0))
+    with pytest.raises(ValueError, match="257 classes"):
+        class_labels(np.zeros((257, 2, 2), np.float32))

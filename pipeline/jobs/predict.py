@@ -37,7 +37,7 @@ from pipeline.jobs.pyramid import build_pyramid
 from pipeline.jobs.tissue import TissueMethod, tissue_mask
 from pipeline.numerics.downsample import level_shapes
 from pipeline.numerics.geometry import Block, Box, block_at, block_grid
-from pipeline.numerics.tiling import plan_tiles, predict_region, read_mirrored, softmax
+from pipeline.numerics.tiling import class_labels, plan_tiles, predict_region, read_mirrored, softmax
 from pipeline.numerics.tta import Transform, predict_region_tta, read_box, transforms
 
 OutputKind = Literal["probabilities", "labels"]
@@ -344,7 +344,7 @@ def encode_output(logits: np.ndarray, kind: str, dtype: str, activation: str = "
     argmax of several classes, or probability above 0.5 for one.
     """
     if kind == "labels" and len(logits) > 1:  # every activation keeps the order of the classes
-        return logits.argmax(axis=0).astype(np.uint8)[None]
+        return class_labels(logits)[None]
     p = activate(logits, activation)
     if kind == "labels":
         return (p > 0.5).astype(np.uint8)

@@ -396,6 +396,22 @@ def predict_whole(model: torch.nn.Module, image: np.ndarray, mirror: str = "refl
     return y[0][(slice(None), *Box.from_shape(spatial).relative_to(out_box))]
 
 
+def class_labels(scores: np.ndarray) -> np.ndarray:
+    """The class of the highest score along axis 0 as ``uint8`` (the first of equal scores, as
+    ``np.argmax``; scores are finite). Plane by plane: about 3× faster than
+    ``scores.argmax(axis=0)``, which strides across the class planes for every pixel; a
+    labels job does this once per block (bench/gpu.py's host side)."""
+    if len(scores) > 256:
+        raise ValueError(f"{len(scores)} classes do not fit uint8 labels")
+    labels = np.zeros(scores.shape[1:], np.uint8)
+    best = scores[0]
+    for k in range(1, len(scores)):
+        np.copyto(labels, k, where=scores[k] > best)
+        if k + 1 < len(scores):
+            best = np.maximum(best, scores[k])
+    return labels
+
+
 def softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
     """Class probabilities from logits along the channel axis, float32."""
     z = logits - logits.max(axis=axis, keepdims=True)
