@@ -282,8 +282,9 @@ class Run:
             self.result["errors"].append({"step": name, "error": f"{type(exc).__name__}: {exc}"[:2000]})
             print(f"  {name}: FAILED {type(exc).__name__}: {exc}"[:500], flush=True)
             value = None
-        if value is not None and into:
-            self.result[into].append({"step": name, **value, "step_s": round(time.perf_counter() - t, 1)})
+        if value is not None and into:  # the stored record is returned: what callers add to it is saved
+            value = {"step": name, **value, "step_s": round(time.perf_counter() - t, 1)}
+            self.result[into].append(value)
             shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in value.items()}
             print(f"  {name}: {shown}", flush=True)
         self.save()
@@ -294,6 +295,63 @@ class Run:
         if self.args.json:
             self.args.json.parent.mkdir(parents=True, exist_ok=True)
             self.args.json.write_text(json.dumps(self.result, indent=1))
+
+
+def raw_limits(run: Run, models: dict[int, str], device: torch.device) -> dict[tuple[int, str], dict[str, Any]]:
+    """(a) for every net and precision: every configuration's row, the best one (the limit)
+    and the host-to-host row at its configuration."""
+    args, best = run.args, {}
+    for base in args.bases:
+        for precision in args.precisions:
+            rows = [run.step(f"raw {base} {precision} {fmt} b{batch}{' cudnn.benchmark' if on else ''}",
+                             lambda: {"base": base, **raw_row(models[base], device, fmt, batch, precision, on,
+                                                              args.tile, args.min_seconds)}, "raw")
+                    for fmt in FORMATS for batch in (1, 4) for on in (False, True)]
+            rows = [r for r in rows if r]
+            if rows:
+                best[base, precision] = max(rows, key=lambda r: r["mp_s"])
+                run.step(f"host {base} {precision}", lambda: {"base": base, **host_row(
+                    models[base], device, best[base, precision], args.tile, args.min_seconds)}, "host")
+    run.result["raw_best"] = [{"base": b, "precision": p, **r} for (b, p), r in best.items()]
+    return best
+
+
+def warm_runs(run: Run, client: Any, n: int, base: int, precision: str, raw: dict[str, Any],
+              base_settings: overtile.PredictSettings) -> None:
+    """(b) each output kind on a started cluster of ``n`` workers; the first run of the net
+    loads the model and warms cuDNN on every worker and is kept apart (``warm`` false)."""
+    for k, kind in enumerate(run.args.outputs):
+        s = base_settings.model_copy(update=OUTPUTS[kind])
+        for i in range(1 if k else 0, 2):
+            r = run.step(f"end to end {base} {precision} {kind} workers {n}{'' if i else ' (first)'}",
+                         lambda: {"base": base, "precision": precision, "workers_asked": n, "output": kind,
+                                  "warm": i == 1, **end_to_end(client, s)}, "end_to_end")
+            if r and i == 1:
+                r["ratio_to_raw"] = r["mp_s"] / raw["mp_s"]
+                print(f"    → {r['ratio_to_raw']:.2f}× the raw limit", flush=True)
+    run.save()
+
+
+def cold_runs(run: Run, best: dict[tuple[int, str], dict[str, Any]],
+              settings_for: Callable[..., overtile.PredictSettings]) -> None:
+    """(c) predict() as a user calls it (its own cluster) at each net's best warm worker count;
+    labels too for the last net and precision."""
+    args = run.args
+    warm = [r for r in run.result["end_to_end"] if r["warm"] and r["output"] == "probabilities"]
+    for (base, precision), raw in best.items():
+        mine = [r for r in warm if r["base"] == base and r["precision"] == precision]
+        if not mine:
+            continue
+        n = max(mine, key=lambda r: r["mp_s"])["workers_asked"]
+        last = (base, precision) == (args.bases[-1], args.precisions[-1])
+        for kind in ("probabilities", "labels") if last else ("probabilities",):
+            s = settings_for(base, precision, "cold.zarr", workers=n or None, **OUTPUTS[kind])
+            r = run.step(f"cold {base} {precision} workers {n} {kind}",
+                         lambda: {"base": base, "precision": precision, "workers_asked": n, "warm": False,
+                                  "cold": True, "output": kind, **end_to_end(None, s)}, "end_to_end")
+            if r:
+                r["ratio_to_raw"] = r["mp_s"] / raw["mp_s"]
+    run.save()
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -314,7 +372,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="precision of each run (overtile's --autocast): none (float32, TF32 convolutions) and bf16 by "
                         "default; fp32 is strict float32")
     p.add_argument("--no-cold", dest="cold", action="store_false", help="skip (c), the cold runs")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 4, 8], help="GPU workers of (b)'s clusters (default 1 4 8; 0: overtile's default)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 4, 8],
+                   help="GPU workers of (b)'s clusters (default 1 4 8; 0: overtile's default)")
     p.add_argument("--block", type=int, default=2048, help="overtile block edge (default 2048: 2×2 tiles, one batch of 4)")
     p.add_argument("--tile", type=int, default=1212, help="tile input edge, (a) and (b) (default 1212)")
     p.add_argument("--batch-size", type=int, default=4, help="overtile's tiles per forward pass (default 4)")
@@ -353,72 +412,29 @@ def main(argv: list[str] | None = None) -> None:
         models[base] = str(workdir / f"unet{base}.pt")
         save_model(UNet(base_channels=base), models[base])
 
-    # (a) the raw limit per net and precision; every row kept
-    best: dict[tuple[int, str], dict[str, Any]] = {}
-    for base in args.bases:
-        for precision in args.precisions:
-            rows = []
-            for fmt in FORMATS:
-                for batch in (1, 4):
-                    for bench_on in (False, True):
-                        name = f"raw {base} {precision} {fmt} b{batch}{' cudnn.benchmark' if bench_on else ''}"
-                        r = run.step(name, lambda: {"base": base, **raw_row(models[base], device, fmt, batch, precision,
-                                                                             bench_on, args.tile, args.min_seconds)}, "raw")
-                        if r:
-                            rows.append(r)
-            if rows:
-                best[base, precision] = max(rows, key=lambda r: r["mp_s"])
-                run.step(f"host {base} {precision}", lambda: {"base": base, **host_row(models[base], device,
-                                                                                        best[base, precision], args.tile, args.min_seconds)}, "host")
-    run.result["raw_best"] = [{"base": b, "precision": p, **r} for (b, p), r in best.items()]
-    torch.cuda.empty_cache() if device.type == "cuda" else None
+    best = raw_limits(run, models, device)
 
-    # (b) warm end to end on clusters of 1, 4, 8 GPU workers; (d) on the first
-    gpu = device.type == "cuda"
-    for n in args.workers:
+    def settings_for(base: int, precision: str, out: str, **extra: Any) -> overtile.PredictSettings:
+        """The image through net ``base`` at ``precision``, in the memory format of its raw limit."""
+        cl = best[base, precision]["format"] == "channels_last"
+        return settings(args, image, models[base], str(workdir / out), precision, cl, **extra)
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    for n in args.workers:  # (b) warm, on clusters of each worker count; (d) on the first
         if time.perf_counter() - run.start > args.deadline:
             run.result["skipped"].append(f"cluster of {n}")
             continue
-        with dask_client(workers=n or None, gpu=gpu, warm="pipeline.jobs.predict") as client:
+        with dask_client(workers=n or None, gpu=device.type == "cuda", warm="pipeline.jobs.predict") as client:
             run.result.setdefault("cluster_workers", {})[n] = len(client.scheduler_info()["workers"])
             if n == args.workers[0] and args.check_size:
                 for precision in args.precisions:
                     run.step(f"check {precision}", lambda: {"base": args.bases[-1], **check(
                         client, args, small, models[args.bases[-1]], str(workdir / "check.zarr"), precision)}, "checks")
-            for base in args.bases:
-                for precision in args.precisions:
-                    if (base, precision) not in best:
-                        continue
-                    cl = best[base, precision]["format"] == "channels_last"
-                    for k, kind in enumerate(args.outputs):
-                        s = settings(args, image, models[base], str(workdir / "out.zarr"), precision, cl, **OUTPUTS[kind])
-                        for i in range(1 if k else 0, 2):  # the first loads the model and warms cuDNN on every worker
-                            name = f"end to end {base} {precision} {kind} workers {n}{'' if i else ' (first)'}"
-                            r = run.step(name, lambda: {"base": base, "precision": precision, "workers_asked": n,
-                                                        "output": kind, "warm": i == 1, **end_to_end(client, s)}, "end_to_end")
-                            if r and i == 1:
-                                r["ratio_to_raw"] = r["mp_s"] / best[base, precision]["mp_s"]
-                                run.result["end_to_end"][-1]["ratio_to_raw"] = r["ratio_to_raw"]
-                                print(f"    → {r['ratio_to_raw']:.2f}× the raw limit", flush=True)
-            run.save()
-
-    # (c) cold: predict() as a user calls it (its own cluster), at the best warm worker count
-    warm = [r for r in run.result["end_to_end"] if r["warm"] and r["output"] == "probabilities"]
-    for base in args.bases if args.cold else []:
-        for precision in args.precisions:
-            mine = [r for r in warm if r["base"] == base and r["precision"] == precision]
-            if not mine:
-                continue
-            top = max(mine, key=lambda r: r["mp_s"])
-            cl = best[base, precision]["format"] == "channels_last"
-            for kind in ("probabilities", "labels") if (base, precision) == (args.bases[-1], args.precisions[-1]) else ("probabilities",):
-                s = settings(args, image, models[base], str(workdir / "cold.zarr"), precision, cl,
-                             workers=top["workers_asked"] or None, output_kind=kind)
-                r = run.step(f"cold {base} {precision} workers {top['workers_asked']} {kind}",
-                             lambda: {"base": base, "precision": precision, "workers_asked": top["workers_asked"],
-                                      "warm": False, "cold": True, "output_kind": kind, **end_to_end(None, s)}, "end_to_end")
-                if r:
-                    run.result["end_to_end"][-1]["ratio_to_raw"] = r["mp_s"] / best[base, precision]["mp_s"]
+            for (base, precision), raw in best.items():
+                warm_runs(run, client, n, base, precision, raw, settings_for(base, precision, "out.zarr"))
+    if args.cold:
+        cold_runs(run, best, settings_for)
     run.save()
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -8,8 +8,8 @@ import torch
 
 from pipeline.numerics.geometry import Box, block_at, block_grid
 from pipeline.numerics.tiling import (
-    class_labels,
     TileGeometry,
+    class_labels,
     gaussian_window,
     overlap_tile,
     plan_tiles,
