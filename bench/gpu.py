@@ -14,15 +14,19 @@ strict float32 (``--precisions fp32``, overtile's ``--autocast fp32``):
 (b) overtile end to end, Zarr in to Zarr out (:func:`pipeline.jobs.predict.predict`, float32
     probabilities, no pyramid: the same output as (a)), on a started cluster of 1, 4 and 8
     GPU workers sharing the one GPU (each worker: 2 task slots, resource GPU=1, so one block
-    computes while the next is read), second run of each (the first loads the model); GPU
+    computes while the next is read), each block stitched and encoded on the GPU
+    (overtile's default there) and on the host (``--stitch``), second run of each (the first
+    loads the model); GPU
     utilisation sampled through NVML every 50 ms while it runs; the ratio to (a)'s best;
 (c) the same end to end from a cold start for the best configuration (cluster start,
     worker imports, CUDA initialisation and model loading included), and with labels out;
 (e) the host side of one block with an infinitely fast GPU (the tiles' logits handed back at
     once), on one core, in milliseconds per step: cutting and stitching the tiles, softmax,
     labels (``np.argmax`` against overtile's ``class_labels``), and writing each output with
-    overtile's codec. It bounds what a GPU worker can do per core whatever the GPU, and runs
-    anywhere: ``--host-only``;
+    overtile's codec; and what is left on the host when the block stays on the GPU
+    (``--device-stitch``, overtile's default there): handing the input over (pinning),
+    taking the stored form back, writing it. It bounds what a GPU worker can do per core
+    whatever the GPU, and runs anywhere: ``--host-only``;
 (d) a correctness check: overtile's tiled GPU output against one forward pass over the
     whole (mirror-padded) image on the same GPU, float32 and bf16, max |difference| of the
     probabilities and the share of pixels whose argmax differs.
@@ -231,6 +235,12 @@ def host_side(args: argparse.Namespace, workdir: Path, repeats: int = 7) -> dict
             out.append(ready[b.shape].copy())  # as a download from the GPU would be: a fresh array
         return out
 
+    pinned = torch.cuda.is_available()
+
+    def hand_over(block_input: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(block_input)
+        return host.pin_memory() if pinned else host.clone()
+
     shape, chunks = (2, 3 * args.block, 3 * args.block), (2, args.block, args.block)
     stores = {k: zarr.create_array(store=str(workdir / f"host-{k}.zarr"), shape=(c, *shape[1:]), chunks=(c, *chunks[1:]),
                                    dtype=d, compressors=[OUTPUT_CODEC], overwrite=True)
@@ -243,6 +253,10 @@ def host_side(args: argparse.Namespace, workdir: Path, repeats: int = 7) -> dict
         "labels, class_labels (overtile's)": class_labels,
         "write probabilities": lambda lg: stores["probabilities"].__setitem__(where, lg),
         "write labels": lambda _: stores["labels"].__setitem__(where, labels),
+        # with --device-stitch (the default on CUDA) the host only hands the block over and takes the result back:
+        f"hand the input over ({'pinning' if pinned else 'a copy, as pinning does'})": lambda _: hand_over(image),
+        "take float32 probabilities back (a copy)": lambda lg: lg.copy(),
+        "take labels back (a copy)": lambda _: labels.copy(),
     }
     logits = steps["stitch"](None)
     labels = class_labels(logits)[None]
@@ -256,11 +270,16 @@ def host_side(args: argparse.Namespace, workdir: Path, repeats: int = 7) -> dict
         ms[name] = round(1000 * statistics.median(seconds), 1)
     torch.set_num_threads(threads)
     mp = block.size / 1e6
-    probabilities = ms["stitch"] + ms["softmax (float32 probabilities)"] + ms["write probabilities"]
-    to_labels = ms["stitch"] + ms["labels, class_labels (overtile's)"] + ms["write labels"]
+    over = next(v for k, v in ms.items() if k.startswith("hand the input over"))
+    per_block = {k: round(v, 1) for k, v in {  # ms of one core per block, reading aside: host, and --device-stitch
+        "host probabilities": ms["stitch"] + ms["softmax (float32 probabilities)"] + ms["write probabilities"],
+        "host labels": ms["stitch"] + ms["labels, class_labels (overtile's)"] + ms["write labels"],
+        "device-stitch probabilities": over + ms["take float32 probabilities back (a copy)"] + ms["write probabilities"],
+        "device-stitch labels": over + ms["take labels back (a copy)"] + ms["write labels"],
+    }.items()}
     return {"block": args.block, "tiles": len(plan.tiles), "ms": ms, "labels_speedup": ms["labels, np.argmax(axis=0)"] / max(
-        ms["labels, class_labels (overtile's)"], 1e-9), "mp_s_per_core_probabilities": mp / probabilities * 1000,
-        "mp_s_per_core_labels": mp / to_labels * 1000}
+        ms["labels, class_labels (overtile's)"], 1e-9), "ms_per_block": per_block,
+        "mp_s_per_core": {k: round(mp / v * 1000, 1) for k, v in per_block.items()}}
 
 
 class Run:
@@ -318,14 +337,17 @@ def raw_limits(run: Run, models: dict[int, str], device: torch.device) -> dict[t
 
 def warm_runs(run: Run, client: Any, n: int, base: int, precision: str, raw: dict[str, Any],
               base_settings: overtile.PredictSettings) -> None:
-    """(b) each output kind on a started cluster of ``n`` workers; the first run of the net
-    loads the model and warms cuDNN on every worker and is kept apart (``warm`` false)."""
-    for k, kind in enumerate(run.args.outputs):
-        s = base_settings.model_copy(update=OUTPUTS[kind])
+    """(b) each output kind and place of stitching on a started cluster of ``n`` workers; the
+    first run of the net loads the model and warms cuDNN on every worker and is kept apart
+    (``warm`` false)."""
+    cases = [(kind, where) for kind in run.args.outputs for where in run.args.stitch]
+    for k, (kind, where) in enumerate(cases):
+        s = base_settings.model_copy(update={**OUTPUTS[kind], "device_stitch": where == "device"})
         for i in range(1 if k else 0, 2):
-            r = run.step(f"end to end {base} {precision} {kind} workers {n}{'' if i else ' (first)'}",
+            r = run.step(f"end to end {base} {precision} {kind} stitched on the {where} workers {n}"
+                         f"{'' if i else ' (first)'}",
                          lambda: {"base": base, "precision": precision, "workers_asked": n, "output": kind,
-                                  "warm": i == 1, **end_to_end(client, s)}, "end_to_end")
+                                  "stitch": where, "warm": i == 1, **end_to_end(client, s)}, "end_to_end")
             if r and i == 1:
                 r["ratio_to_raw"] = r["mp_s"] / raw["mp_s"]
                 print(f"    → {r['ratio_to_raw']:.2f}× the raw limit", flush=True)
@@ -348,7 +370,7 @@ def cold_runs(run: Run, best: dict[tuple[int, str], dict[str, Any]],
             s = settings_for(base, precision, "cold.zarr", workers=n or None, **OUTPUTS[kind])
             r = run.step(f"cold {base} {precision} workers {n} {kind}",
                          lambda: {"base": base, "precision": precision, "workers_asked": n, "warm": False,
-                                  "cold": True, "output": kind, **end_to_end(None, s)}, "end_to_end")
+                                  "cold": True, "output": kind, "stitch": "default", **end_to_end(None, s)}, "end_to_end")
             if r:
                 r["ratio_to_raw"] = r["mp_s"] / raw["mp_s"]
     run.save()
@@ -380,6 +402,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-seconds", type=float, default=1.0, help="timed seconds per raw row (default 1)")
     p.add_argument("--outputs", nargs="+", default=["probabilities"], choices=list(OUTPUTS),
                    help="(b)'s outputs: float32 probabilities (default; (a)'s output), uint8 probabilities, labels")
+    p.add_argument("--stitch", nargs="+", default=["device", "host"], choices=["device", "host"],
+                   help="(b): where blocks are stitched and encoded (overtile's --device-stitch; default both)")
     p.add_argument("--check-size", type=int, default=1500, help="edge of (d)'s image (default 1500; 0 skips (d))")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cuda; cpu only to try the code paths")
     p.add_argument("--deadline", type=float, default=420, help="skip steps that would start after this many seconds")

@@ -1,5 +1,6 @@
 """The model on a worker: the device it runs on, loaded once per process, and its forward
-passes, on the GPU with streams and pinned memory.
+passes, on the GPU with streams and pinned memory, and a block kept on the GPU from its
+upload to its encoded output.
 
 What the block tasks of :mod:`pipeline.jobs.predict` call; the numerics they feed
 (:mod:`pipeline.numerics.tiling`) stay free of device code.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -142,9 +143,39 @@ def run_tiles(model: torch.nn.Module, batches: Sequence[np.ndarray], autocast: t
     uploads and downloads overlap the compute (:func:`_run_tiles_cuda`), elsewhere this is
     :func:`pipeline.numerics.tiling.run_tiles`."""
     device, fmt = tiling.model_device(model)
+    if batches and isinstance(batches[0], torch.Tensor):  # cut on the device: the logits stay there
+        with torch.inference_mode(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            return [model(b.contiguous(memory_format=fmt)).float() for b in batches]
     if device.type == "cuda" and batches:
         return _run_tiles_cuda(model, batches, device, fmt, autocast)
     return tiling.run_tiles(model, batches, autocast)
+
+
+def predict_block_on_device(
+    model: torch.nn.Module,
+    plan: tiling.TilePlan,
+    image: np.ndarray,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = 1,
+    autocast: torch.dtype | None = None,
+    runner: tiling.Runner | None = None,
+) -> np.ndarray:
+    """A block on the model's device: its normalised input uploaded once (from pinned memory
+    on a GPU), the tiles cut, run and stitched there, ``encode`` applied there (activation,
+    labels or the stored dtype), and only what is stored downloaded. The host is left reading
+    and writing; on a fast GPU the host side is what bounds a worker (bench/gpu.py).
+
+    ``runner`` as for :func:`pipeline.numerics.tiling.predict_region` (default
+    :func:`run_tiles`, which keeps cut batches on the device).
+    """
+    device, _ = tiling.model_device(model)
+    with torch.inference_mode():
+        x = torch.from_numpy(np.ascontiguousarray(image))
+        if device.type == "cuda":
+            x = x.pin_memory()
+        x = x.to(device, non_blocking=True)
+        logits = tiling.predict_region(model, plan, x, batch_size, autocast, runner or run_tiles)
+        return encode(logits).cpu().numpy()
 
 
 def _run_tiles_cuda(

@@ -30,6 +30,7 @@ from pipeline.jobs.inference import (
     compiled_runner,
     file_digest,
     model_geometry,
+    predict_block_on_device,
     resolve_device,
     run_tiles,
 )
@@ -37,7 +38,7 @@ from pipeline.jobs.pyramid import build_pyramid
 from pipeline.jobs.tissue import TissueMethod, tissue_mask
 from pipeline.numerics.downsample import level_shapes
 from pipeline.numerics.geometry import Block, Box, block_at, block_grid
-from pipeline.numerics.tiling import class_labels, plan_tiles, predict_region, read_mirrored, softmax
+from pipeline.numerics.tiling import class_labels, model_device, plan_tiles, predict_region, read_mirrored, softmax
 from pipeline.numerics.tta import Transform, predict_region_tta, read_box, transforms
 
 OutputKind = Literal["probabilities", "labels"]
@@ -84,6 +85,10 @@ class PredictSettings(blockwise.BlockwiseSettings):
                                  f"({COMPILE_BREAK_EVEN_BLOCKS} or more)")
     prefetch: bool | None = Field(None, description="Read each block in a Dask task of its own, so that the next block is "
                                   "read while this one computes (default: on CUDA)")
+    device_stitch: bool | None = Field(None, description="Keep each block on the model's device from its upload to its "
+                                       "stored form: tiles cut, stitched, activated and encoded there, only the output "
+                                       "dtype downloaded (default: on CUDA for torch models; the host then only reads "
+                                       "and writes). Not with test-time augmentation")
     pyramid: bool = Field(True, description="Also write downsampled levels (mean of probabilities, nearest labels) to the multiscales")
     shards: blockwise.Shards = None
     chunk_size: blockwise.ChunkSize = None
@@ -146,6 +151,15 @@ class PredictJob(blockwise.BlockwiseJob):
         """Read-ahead: by default on CUDA, where the GPU must not wait for the next block."""
         return self.settings.prefetch if self.settings.prefetch is not None else self.gpu
 
+    def stitch_on_device(self, model: torch.nn.Module) -> bool:
+        """Whether a block stays on the model's device until encoded (``device_stitch``; by
+        default where a torch model runs on a GPU). Test-time augmentation stitches on the host."""
+        if self.augmented:
+            return False
+        if self.settings.device_stitch is not None:
+            return self.settings.device_stitch
+        return model_device(model)[0].type == "cuda"
+
     def blocks(self) -> list[Block]:
         grid = block_grid(self.spatial_shape, self.block_shape)
         return [block_at(i, self.spatial_shape, self.block_shape) for i in np.ndindex(*grid)]
@@ -192,6 +206,10 @@ class PredictJob(blockwise.BlockwiseJob):
                     activation=lambda y: activate(y, self.model.activation), batch_size=s.batch_size,
                     autocast=AUTOCAST[s.autocast], runner=runner)
                 result = encode_output(p, s.output_kind, self.output_dtype, "none")
+            elif self.stitch_on_device(model):
+                result = predict_block_on_device(
+                    model, plan, image, lambda y: encode_tensor(y, s.output_kind, self.output_dtype, self.model.activation),
+                    s.batch_size, AUTOCAST[s.autocast], runner)
             else:
                 logits = predict_region(model, plan, image, s.batch_size, AUTOCAST[s.autocast], runner=runner)
                 result = encode_output(logits, s.output_kind, self.output_dtype, self.model.activation)
@@ -241,6 +259,9 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
         augmentation = transforms(nd, settings.tta)
     except ValueError as exc:
         raise InputError(f"--tta: {exc}") from None
+    if settings.device_stitch and settings.tta != "none":
+        raise InputError("--device-stitch: test-time augmentation averages its transforms on the host; "
+                         "leave --device-stitch unset with --tta")
     if model.weights == "onnx" and settings.autocast != "none":
         raise InputError(f"--autocast {settings.autocast}: {settings.model} is an ONNX model, run in float32 by onnxruntime")
     remote = remote or bool(scheduler_setting(settings.scheduler))
@@ -351,6 +372,21 @@ def encode_output(logits: np.ndarray, kind: str, dtype: str, activation: str = "
     if dtype == "uint8":
         return np.rint(np.clip(p, 0, 1) * 255).astype(np.uint8)
     return p.astype(dtype)
+
+
+def encode_tensor(logits: torch.Tensor, kind: str, dtype: str, activation: str = "softmax") -> torch.Tensor:
+    """:func:`encode_output` in torch, where the logits lie (a block kept on the GPU): the same
+    encoding, equal within float rounding of the activation (tests/test_predict.py)."""
+    if kind == "labels" and len(logits) > 1:  # torch.argmax: the first of equal scores, as np.argmax
+        if len(logits) > 256:
+            raise ValueError(f"{len(logits)} classes do not fit uint8 labels")
+        return logits.argmax(0).to(torch.uint8)[None]
+    p = {"softmax": lambda y: torch.softmax(y, 0), "sigmoid": torch.sigmoid}.get(activation, lambda y: y)(logits)
+    if kind == "labels":
+        return (p > 0.5).to(torch.uint8)
+    if dtype == "uint8":  # torch.round, as np.rint: halves to even
+        return torch.round(p.clamp(0, 1) * 255).to(torch.uint8)
+    return p.to(getattr(torch, dtype))
 
 
 def activate(logits: np.ndarray, activation: str) -> np.ndarray:

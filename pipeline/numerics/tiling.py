@@ -30,7 +30,8 @@ import torch
 from pipeline.numerics.geometry import Box, mirror_indices
 
 Reader = Callable[[Box], np.ndarray]
-Runner = Callable[[torch.nn.Module, Sequence[np.ndarray], 'torch.dtype | None'], list[np.ndarray]]
+Array = np.ndarray | torch.Tensor  # host arrays, or tensors that stay on the model's device
+Runner = Callable[[torch.nn.Module, Sequence[Array], 'torch.dtype | None'], list[Array]]
 
 
 @dataclass(frozen=True)
@@ -309,15 +310,17 @@ def run_tiles(
 def predict_region(
     model: torch.nn.Module,
     plan: TilePlan,
-    image: np.ndarray,
+    image: Array,
     batch_size: int = 1,
     autocast: torch.dtype | None = None,
     runner: Runner | None = None,
-) -> np.ndarray:
+) -> Array:
     """Logits ``(K, *plan.region.shape)`` from a normalised ``image`` that covers ``plan.read``.
 
     ``runner`` forwards the batches (default :func:`run_tiles`); the device code of the jobs
-    passes its own.
+    passes its own. A torch ``image`` is cut, and its logits stitched, where it lies (the GPU
+    path keeps a block on the device: :func:`pipeline.jobs.inference.predict_block_on_device`),
+    with the same arithmetic as on numpy arrays.
 
     Exact models (valid nets): tile outputs are placed (overlaps agree exactly). Blended ones
     (same padding, or not translation equivariant): tile outputs are blended with
@@ -325,17 +328,26 @@ def predict_region(
     """
     region = plan.region
     crops = [image[(slice(None), *t.input.relative_to(plan.read))] for t in plan.tiles]
-    batches = [np.stack(crops[i : i + batch_size]) for i in range(0, len(crops), batch_size)]
+    stack = torch.stack if isinstance(image, torch.Tensor) else np.stack
+    batches = [stack(crops[i : i + batch_size]) for i in range(0, len(crops), batch_size)]
     logits = [y for batch in (runner or run_tiles)(model, batches, autocast) for y in batch]
     k = logits[0].shape[0]
-    out = np.zeros((k, *region.shape), dtype=np.float32)
+
+    def zeros(*shape: int) -> Array:
+        if isinstance(logits[0], torch.Tensor):
+            return torch.zeros(shape, dtype=torch.float32, device=logits[0].device)
+        return np.zeros(shape, dtype=np.float32)
+
+    out = zeros(k, *region.shape)
     if not plan.blend:
         for tile, y in zip(plan.tiles, logits):
             part = tile.output.intersect(region)
             out[(slice(None), *part.relative_to(region))] = y[(slice(None), *part.relative_to(tile.output))]
         return out
     window = gaussian_window(plan.tiles[0].output.shape)
-    total = np.zeros(region.shape, dtype=np.float32)
+    if isinstance(out, torch.Tensor):
+        window = torch.from_numpy(window).to(out.device)
+    total = zeros(*region.shape)
     for tile, y in zip(plan.tiles, logits):
         part = tile.output.intersect(region)
         if part.empty:

@@ -1,0 +1,99 @@
+"""A block kept on the model's device from upload to stored form (the GPU path's post-processing),
+run here on CPU tensors: it must store what the host path stores."""
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.errors import InputError
+from pipeline.jobs.inference import predict_block_on_device, run_tiles
+from pipeline.jobs.predict import PredictSettings, encode_output, encode_tensor, plan_prediction, predict
+from pipeline.numerics.geometry import Box
+from pipeline.numerics.tiling import plan_tiles, predict_region
+from pipeline.numerics.unet import UNet
+
+from conftest import cells
+
+ENCODINGS = [("probabilities", "float32"), ("probabilities", "float16"), ("probabilities", "uint8"), ("labels", "uint8")]
+
+
+def net(**kwargs) -> UNet:
+    torch.manual_seed(3)
+    return UNet(**{"base_channels": 4, **kwargs}).eval()
+
+
+def assert_same_encoding(device: np.ndarray, host: np.ndarray, dtype: str) -> None:
+    assert device.dtype == host.dtype and device.shape == host.shape
+    if dtype == "uint8":  # labels exactly; round(255·p) may fall the other side of a half
+        difference = np.abs(device.astype(int) - host.astype(int))
+        assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+    else:
+        np.testing.assert_allclose(device.astype(np.float32), host.astype(np.float32), rtol=0,
+                                   atol=1e-6 if dtype == "float32" else 1e-3)
+
+
+@pytest.mark.parametrize("kind,dtype", ENCODINGS)
+@pytest.mark.parametrize("classes,activation", [(2, "softmax"), (4, "softmax"), (1, "sigmoid"), (3, "none")])
+def test_encode_tensor_is_encode_output(kind, dtype, classes, activation):
+    rng = np.random.default_rng(classes)
+    logits = rng.standard_normal((classes, 61, 47)).astype(np.float32) * 4
+    if activation == "none":
+        logits = np.abs(logits) / np.abs(logits).sum(axis=0)
+    logits[:, :5] = logits[:1, :5]  # ties between all classes: the first wins on both paths
+    host = encode_output(logits, kind, dtype, activation)
+    device = encode_tensor(torch.from_numpy(logits), kind, dtype, activation).numpy()
+    assert_same_encoding(device, host, dtype)
+
+
+def test_encode_tensor_refuses_labels_beyond_uint8():
+    with pytest.raises(ValueError, match="257 classes"):
+        encode_tensor(torch.zeros(257, 2, 2), "labels", "uint8")
+
+
+@pytest.mark.parametrize("model,tile,batch", [(net(), 236, 1), (net(), 300, 3), (net(depth=4, padding="same", num_classes=3), 96, 2)],
+                         ids=["exact", "exact-batched", "blended"])
+@pytest.mark.parametrize("kind,dtype", ENCODINGS)
+def test_a_block_on_the_device_stores_what_the_host_path_stores(model, tile, batch, kind, dtype):
+    """Cut, run, stitch (placed or blended) and encode as tensors; against the host path's
+    numpy stitching and encoding of the same block."""
+    block = Box.from_bounds((40, 24), (260, 230))
+    plan = plan_tiles(model, block, tile)
+    image = cells(tuple(plan.read.shape), dtype=np.float32)[None]
+    host = encode_output(predict_region(model, plan, image, batch, runner=run_tiles), kind, dtype)
+    device = predict_block_on_device(model, plan, image, lambda y: encode_tensor(y, kind, dtype), batch)
+    assert device.shape[1:] == tuple(block.shape)
+    assert_same_encoding(device, host, dtype)
+    if kind == "labels" or dtype == "float32":  # the logits themselves are the same numbers
+        logits = predict_block_on_device(model, plan, image, lambda y: y, batch)
+        assert np.array_equal(logits, predict_region(model, plan, image, batch))
+
+
+@pytest.mark.slow
+def test_device_stitch_through_the_job_stores_what_the_host_path_stores(client, image_2d, model_2d, tmp_path):
+    """The job's switch, on a real cluster: ``device_stitch`` keeps each block in torch from
+    upload to stored form (on CPU here, what a GPU worker does by default)."""
+    url, _ = image_2d
+
+    def run(name, **kwargs):
+        settings = PredictSettings(input=url, output=str(tmp_path / name), model=str(model_2d), block_size=100,
+                                   pyramid=False, **kwargs)
+        _, summary = predict(settings, client=client)
+        assert summary.done == 12
+        return zarr.open_group(str(tmp_path / name), mode="r")["0"][...]
+
+    np.testing.assert_allclose(run("on.zarr", device_stitch=True), run("off.zarr"), rtol=0, atol=1e-6)
+    labels = run("labels-on.zarr", device_stitch=True, output_kind="labels", prefetch=True)
+    assert np.array_equal(labels, run("labels-off.zarr", output_kind="labels"))
+
+
+def test_device_stitch_defaults_to_the_gpu_and_refuses_augmentation(image_2d, model_2d, tmp_path):
+    url, _ = image_2d
+    common = {"input": url, "model": str(model_2d), "block_size": 100}
+    job, _ = plan_prediction(PredictSettings(output=str(tmp_path / "a.zarr"), **common))
+    cpu = net()
+    assert not job.stitch_on_device(cpu)  # the host stitches for a CPU model by default
+    job, _ = plan_prediction(PredictSettings(output=str(tmp_path / "b.zarr"), device_stitch=True, **common))
+    assert job.stitch_on_device(cpu)
+    with pytest.raises(InputError, match="--device-stitch"):
+        plan_prediction(PredictSettings(output=str(tmp_path / "c.zarr"), device_stitch=True, tta="all", **common))
