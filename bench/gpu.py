@@ -423,6 +423,8 @@ def main(argv: list[str] | None = None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     run.step("host side of a block", lambda: host_side(args, workdir), "host_side")
     if args.host_only:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
         return
     image, small = str(workdir / "image.zarr"), str(workdir / "small.zarr")
     t = time.perf_counter()
