@@ -51,13 +51,14 @@ def test_encode_tensor_refuses_labels_beyond_uint8():
         encode_tensor(torch.zeros(257, 2, 2), "labels", "uint8")
 
 
-@pytest.mark.parametrize("model,tile,batch", [(net(), 236, 1), (net(), 300, 3), (net(depth=4, padding="same", num_classes=3), 96, 2)],
-                         ids=["exact", "exact-batched", "blended"])
+@pytest.mark.parametrize("model,tile,batch", [(net(), 236, 1), (net(), 300, 3), (net(depth=4, padding="same", num_classes=3), 96, 2),
+                                               (net(dims=3, depth=3, base_channels=2), 52, 2)],
+                         ids=["exact", "exact-batched", "blended", "3d"])
 @pytest.mark.parametrize("kind,dtype", ENCODINGS)
 def test_a_block_on_the_device_stores_what_the_host_path_stores(model, tile, batch, kind, dtype):
     """Cut, run, stitch (placed or blended) and encode as tensors; against the host path's
     numpy stitching and encoding of the same block."""
-    block = Box.from_bounds((40, 24), (260, 230))
+    block = Box.from_bounds((40, 24), (260, 230)) if model.config.dims == 2 else Box.from_bounds((8, 4, 12), (40, 50, 47))
     plan = plan_tiles(model, block, tile)
     image = cells(tuple(plan.read.shape), dtype=np.float32)[None]
     host = encode_output(predict_region(model, plan, image, batch, runner=run_tiles), kind, dtype)
