@@ -376,7 +376,7 @@ def encode_output(logits: np.ndarray, kind: str, dtype: str, activation: str = "
 
 def encode_tensor(logits: torch.Tensor, kind: str, dtype: str, activation: str = "softmax") -> torch.Tensor:
     """:func:`encode_output` in torch, where the logits lie (a block kept on the GPU): the same
-    encoding, equal within float rounding of the activation (tests/test_predict.py)."""
+    encoding, equal within float rounding of the activation (tests/test_device_stitch.py)."""
     if kind == "labels" and len(logits) > 1:  # torch.argmax: the first of equal scores, as np.argmax
         if len(logits) > 256:
             raise ValueError(f"{len(logits)} classes do not fit uint8 labels")
