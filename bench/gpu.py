@@ -23,9 +23,9 @@ strict float32 (``--precisions fp32``, overtile's ``--autocast fp32``):
 (e) the host side of one block with an infinitely fast GPU (the tiles' logits handed back at
     once), on one core, in milliseconds per step: cutting and stitching the tiles, softmax,
     labels (``np.argmax`` against overtile's ``class_labels``), and writing each output with
-    overtile's codec; and what is left on the host when the block stays on the GPU
-    (``--device-stitch``, overtile's default there): handing the input over (pinning),
-    taking the stored form back, writing it. It bounds what a GPU worker can do per core
+    overtile's codec, after normalising the uint8 block; and what is left on the host when
+    the block stays on the GPU (``--device-stitch``, overtile's default there): handing the
+    input over as stored (pinning), taking the stored form back, writing it. It bounds what a GPU worker can do per core
     whatever the GPU, and runs anywhere: ``--host-only``;
 (d) a correctness check: overtile's tiled GPU output against one forward pass over the
     whole (mirror-padded) image on the same GPU, float32 and bf16, max |difference| of the
@@ -69,7 +69,7 @@ from pipeline.jobs.inference import AUTOCAST, run_tiles  # noqa: E402
 from pipeline.numerics.geometry import Box  # noqa: E402
 from pipeline.numerics.tiling import class_labels, plan_tiles, predict_region, predict_whole, softmax  # noqa: E402
 from pipeline.storage.images import OUTPUT_CODEC  # noqa: E402
-from pipeline.numerics.unet import UNet, load_model, save_model  # noqa: E402
+from pipeline.numerics.unet import Normalization, UNet, load_model, save_model  # noqa: E402
 from predict import make_image  # noqa: E402  (bench/predict.py: the same synthetic image)
 
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -223,7 +223,9 @@ def host_side(args: argparse.Namespace, workdir: Path, repeats: int = 7) -> dict
     block = Box.from_bounds((args.block,) * 2, (2 * args.block,) * 2)
     plan = plan_tiles(net, block, args.tile)
     rng = np.random.default_rng(0)
-    image = rng.standard_normal((1, *plan.read.shape)).astype(np.float32)
+    stored = rng.integers(0, 256, (1, *plan.read.shape), dtype=np.uint8)  # the block as read
+    normalization = Normalization(0.5, 0.2)
+    image = normalization(stored)
     ready: dict[tuple[int, ...], np.ndarray] = {}
 
     def instant(_: Any, batches: list[np.ndarray], autocast: Any = None) -> list[np.ndarray]:
@@ -253,8 +255,11 @@ def host_side(args: argparse.Namespace, workdir: Path, repeats: int = 7) -> dict
         "labels, class_labels (overtile's)": class_labels,
         "write probabilities": lambda lg: stores["probabilities"].__setitem__(where, lg),
         "write labels": lambda _: stores["labels"].__setitem__(where, labels),
+        "normalise the block (uint8 to float32)": lambda _: normalization(stored),
         # with --device-stitch (the default on CUDA) the host only hands the block over and takes the result back:
-        f"hand the input over ({'pinning' if pinned else 'a copy, as pinning does'})": lambda _: hand_over(image),
+        f"hand the input over as stored, uint8 ({'pinning' if pinned else 'a copy, as pinning does'})":
+            lambda _: hand_over(stored),
+        "hand a float32 input over (a float image)": lambda _: hand_over(image),
         "take float32 probabilities back (a copy)": lambda lg: lg.copy(),
         "take labels back (a copy)": lambda _: labels.copy(),
     }
@@ -271,9 +276,10 @@ def host_side(args: argparse.Namespace, workdir: Path, repeats: int = 7) -> dict
     torch.set_num_threads(threads)
     mp = block.size / 1e6
     over = next(v for k, v in ms.items() if k.startswith("hand the input over"))
+    normalise = ms["normalise the block (uint8 to float32)"]
     per_block = {k: round(v, 1) for k, v in {  # ms of one core per block, reading aside: host, and --device-stitch
-        "host probabilities": ms["stitch"] + ms["softmax (float32 probabilities)"] + ms["write probabilities"],
-        "host labels": ms["stitch"] + ms["labels, class_labels (overtile's)"] + ms["write labels"],
+        "host probabilities": normalise + ms["stitch"] + ms["softmax (float32 probabilities)"] + ms["write probabilities"],
+        "host labels": normalise + ms["stitch"] + ms["labels, class_labels (overtile's)"] + ms["write labels"],
         "device-stitch probabilities": over + ms["take float32 probabilities back (a copy)"] + ms["write probabilities"],
         "device-stitch labels": over + ms["take labels back (a copy)"] + ms["write labels"],
     }.items()}

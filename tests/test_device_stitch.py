@@ -1,6 +1,8 @@
 """A block kept on the model's device from upload to stored form (the GPU path's post-processing),
 run here on CPU tensors: it must store what the host path stores."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -73,8 +75,10 @@ def test_a_block_on_the_device_stores_what_the_host_path_stores(model, tile, bat
 @pytest.mark.slow
 def test_device_stitch_through_the_job_stores_what_the_host_path_stores(client, image_2d, model_2d, tmp_path):
     """The job's switch, on a real cluster: ``device_stitch`` keeps each block in torch from
-    upload to stored form (on CPU here, what a GPU worker does by default)."""
-    url, _ = image_2d
+    upload to stored form (on CPU here, what a GPU worker does by default); the uint8 image
+    then travels as stored, read ahead too, and is normalised in torch."""
+    url, data = image_2d
+    assert data.dtype == np.uint8
 
     def run(name, **kwargs):
         settings = PredictSettings(input=url, output=str(tmp_path / name), model=str(model_2d), block_size=100,
@@ -92,9 +96,30 @@ def test_device_stitch_defaults_to_the_gpu_and_refuses_augmentation(image_2d, mo
     url, _ = image_2d
     common = {"input": url, "model": str(model_2d), "block_size": 100}
     job, _ = plan_prediction(PredictSettings(output=str(tmp_path / "a.zarr"), **common))
-    cpu = net()
-    assert not job.stitch_on_device(cpu)  # the host stitches for a CPU model by default
+    assert not job.stitch_on_device and not job.normalise_on_device(np.uint8)  # on CPU the host does both by default
+    assert job.read_block(job.blocks()[0]).dtype == np.float32
+    assert dataclasses.replace(job, device="cuda").stitch_on_device  # a torch model on a GPU: on by default
+    onnx = dataclasses.replace(job.model, weights="onnx")  # onnxruntime takes host arrays
+    assert not dataclasses.replace(job, device="cuda", model=onnx).stitch_on_device
     job, _ = plan_prediction(PredictSettings(output=str(tmp_path / "b.zarr"), device_stitch=True, **common))
-    assert job.stitch_on_device(cpu)
+    assert job.stitch_on_device and job.normalise_on_device(np.uint8) and job.normalise_on_device(np.int16)
+    assert job.read_block(job.blocks()[0]).dtype == np.uint8  # as stored: a quarter of the bytes to move
+    assert not job.normalise_on_device(np.uint16) and not job.normalise_on_device(np.float32)  # read normalised
     with pytest.raises(InputError, match="--device-stitch"):
         plan_prediction(PredictSettings(output=str(tmp_path / "c.zarr"), device_stitch=True, tta="all", **common))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "uint16", "float32"])
+def test_the_device_normalises_an_image_as_stored_bit_for_bit(dtype):
+    """overtile's normalisation on a tensor, where a block kept on the device applies it: the
+    same float32 operations as on the host, so the same numbers to the last bit."""
+    from pipeline.numerics.unet import Normalization
+
+    image = (cells((70, 90), dtype=np.float32)[None] * 200).astype(dtype)
+    for normalization in (Normalization(), Normalization(0.37, 0.21), Normalization(12.5, 3.0, scale_integers=False)):
+        assert np.array_equal(normalization(torch.from_numpy(image)).numpy(), normalization(image))
+    model = net()
+    plan = plan_tiles(model, Box.from_bounds((0, 0), (60, 80)), 236)
+    raw = cells(tuple(plan.read.shape))[None]  # uint8
+    as_stored = predict_block_on_device(model, plan, raw, lambda y: y, normalize=model.normalization)
+    assert np.array_equal(as_stored, predict_block_on_device(model, plan, model.normalization(raw), lambda y: y))

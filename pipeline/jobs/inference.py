@@ -159,11 +159,13 @@ def predict_block_on_device(
     batch_size: int = 1,
     autocast: torch.dtype | None = None,
     runner: tiling.Runner | None = None,
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
-    """A block on the model's device: its normalised input uploaded once (from pinned memory
-    on a GPU), the tiles cut, run and stitched there, ``encode`` applied there (activation,
-    labels or the stored dtype), and only what is stored downloaded. The host is left reading
-    and writing; on a fast GPU the host side is what bounds a worker (bench/gpu.py).
+    """A block on the model's device: its input uploaded once (from pinned memory on a GPU),
+    normalised there by ``normalize`` if it comes as stored (else it is already), the tiles
+    cut, run and stitched there, ``encode`` applied there (activation, labels or the stored
+    dtype), and only what is stored downloaded. The host is left reading and writing; on a
+    fast GPU the host side is what bounds a worker (bench/gpu.py).
 
     ``runner`` as for :func:`pipeline.numerics.tiling.predict_region` (default
     :func:`run_tiles`, which keeps cut batches on the device).
@@ -174,6 +176,8 @@ def predict_block_on_device(
         if device.type == "cuda":
             x = x.pin_memory()
         x = x.to(device, non_blocking=True)
+        if normalize is not None:
+            x = normalize(x)
         logits = tiling.predict_region(model, plan, x, batch_size, autocast, runner or run_tiles)
         return encode(logits).cpu().numpy()
 

@@ -38,10 +38,13 @@ from pipeline.jobs.pyramid import build_pyramid
 from pipeline.jobs.tissue import TissueMethod, tissue_mask
 from pipeline.numerics.downsample import level_shapes
 from pipeline.numerics.geometry import Block, Box, block_at, block_grid
-from pipeline.numerics.tiling import class_labels, model_device, plan_tiles, predict_region, read_mirrored, softmax
+from pipeline.numerics.tiling import class_labels, plan_tiles, predict_region, read_mirrored, softmax
 from pipeline.numerics.tta import Transform, predict_region_tta, read_box, transforms
+from pipeline.numerics.unet import Normalization
 
 OutputKind = Literal["probabilities", "labels"]
+# Integer images that a block kept on the device uploads as stored and normalises there.
+DEVICE_NORMALISED = {np.dtype(t) for t in ("uint8", "int8", "int16", "int32")}
 TTA_HELP = ("Test-time augmentation, averaged in probability space and exact under tiling: none, all (the 8 flips and "
             "90° rotations in 2-D, the 8 flips in 3-D), or a comma-separated subset such as identity,flip_x,rot90 "
             "(one forward pass per transform)")
@@ -151,14 +154,22 @@ class PredictJob(blockwise.BlockwiseJob):
         """Read-ahead: by default on CUDA, where the GPU must not wait for the next block."""
         return self.settings.prefetch if self.settings.prefetch is not None else self.gpu
 
-    def stitch_on_device(self, model: torch.nn.Module) -> bool:
+    @property
+    def stitch_on_device(self) -> bool:
         """Whether a block stays on the model's device until encoded (``device_stitch``; by
         default where a torch model runs on a GPU). Test-time augmentation stitches on the host."""
         if self.augmented:
             return False
         if self.settings.device_stitch is not None:
             return self.settings.device_stitch
-        return model_device(model)[0].type == "cuda"
+        return self.gpu and self.model.weights != "onnx"
+
+    def normalise_on_device(self, dtype: np.dtype) -> bool:
+        """Whether a block is read as it is stored and normalised on the device, after a
+        quarter of the upload: with :attr:`stitch_on_device`, overtile's own normalisation
+        and integer types that torch supports everywhere (uint16 stays on the host)."""
+        return (self.stitch_on_device and isinstance(self.model.normalization, Normalization)
+                and np.dtype(dtype) in DEVICE_NORMALISED)
 
     def blocks(self) -> list[Block]:
         grid = block_grid(self.spatial_shape, self.block_shape)
@@ -177,7 +188,7 @@ class PredictJob(blockwise.BlockwiseJob):
                                 self.spatial_shape, s.mirror)
         if raw.dtype.kind == "f" and not np.isfinite(raw).all():
             raise InputError(f"{s.input}: NaN or Inf values near block {block.write}")
-        return self.model.normalization(raw)
+        return raw if self.normalise_on_device(raw.dtype) else self.model.normalization(raw)
 
     def run_block(self, block: Block, image: np.ndarray | None = None) -> dict[str, Any]:
         """Read the block and its context (unless read-ahead passed ``image``), run its tiles,
@@ -206,10 +217,11 @@ class PredictJob(blockwise.BlockwiseJob):
                     activation=lambda y: activate(y, self.model.activation), batch_size=s.batch_size,
                     autocast=AUTOCAST[s.autocast], runner=runner)
                 result = encode_output(p, s.output_kind, self.output_dtype, "none")
-            elif self.stitch_on_device(model):
+            elif self.stitch_on_device:  # an integer image comes as stored (normalise_on_device)
                 result = predict_block_on_device(
                     model, plan, image, lambda y: encode_tensor(y, s.output_kind, self.output_dtype, self.model.activation),
-                    s.batch_size, AUTOCAST[s.autocast], runner)
+                    s.batch_size, AUTOCAST[s.autocast], runner,
+                    normalize=self.model.normalization if image.dtype.kind in "iu" else None)
             else:
                 logits = predict_region(model, plan, image, s.batch_size, AUTOCAST[s.autocast], runner=runner)
                 result = encode_output(logits, s.output_kind, self.output_dtype, self.model.activation)
