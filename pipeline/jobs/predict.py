@@ -89,7 +89,7 @@ class PredictSettings(blockwise.BlockwiseSettings):
     prefetch: bool | None = Field(None, description="Read each block in a Dask task of its own, so that the next block is "
                                   "read while this one computes (default: on CUDA)")
     device_stitch: bool | None = Field(None, description="Keep each block on the model's device from its upload to its "
-                                       "stored form: tiles cut, stitched, activated and encoded there, only the output "
+                                       "stored form: integer images normalised, tiles cut, stitched, activated and encoded there, only the output "
                                        "dtype downloaded (default: on CUDA for torch models; the host then only reads "
                                        "and writes). Not with test-time augmentation")
     pyramid: bool = Field(True, description="Also write downsampled levels (mean of probabilities, nearest labels) to the multiscales")
