@@ -25,9 +25,11 @@ def net(**kwargs) -> UNet:
     return UNet(**{"base_channels": 4, **kwargs}).eval()
 
 
-def assert_same_encoding(device: np.ndarray, host: np.ndarray, dtype: str) -> None:
+def assert_same_encoding(device: np.ndarray, host: np.ndarray, kind: str, dtype: str) -> None:
     assert device.dtype == host.dtype and device.shape == host.shape
-    if dtype == "uint8":  # labels exactly; round(255·p) may fall the other side of a half
+    if kind == "labels":
+        assert np.array_equal(device, host)
+    elif dtype == "uint8":  # round(255·p) may fall the other side of a half
         difference = np.abs(device.astype(int) - host.astype(int))
         assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
     else:
@@ -45,7 +47,9 @@ def test_encode_tensor_is_encode_output(kind, dtype, classes, activation):
     logits[:, :5] = logits[:1, :5]  # ties between all classes: the first wins on both paths
     host = encode_output(logits, kind, dtype, activation)
     device = encode_tensor(torch.from_numpy(logits), kind, dtype, activation).numpy()
-    assert_same_encoding(device, host, dtype)
+    assert_same_encoding(device, host, kind, dtype)
+    if kind == "labels" and activation == "sigmoid":  # p > 0.5 as the logit's sign: no rounding of exp
+        assert np.array_equal(host[0], logits[0] > 0)
 
 
 def test_encode_tensor_refuses_labels_beyond_uint8():
@@ -66,7 +70,7 @@ def test_a_block_on_the_device_stores_what_the_host_path_stores(model, tile, bat
     host = encode_output(predict_region(model, plan, image, batch, runner=run_tiles), kind, dtype)
     device = predict_block_on_device(model, plan, image, lambda y: encode_tensor(y, kind, dtype), batch)
     assert device.shape[1:] == tuple(block.shape)
-    assert_same_encoding(device, host, dtype)
+    assert_same_encoding(device, host, kind, dtype)
     if kind == "labels" or dtype == "float32":  # the logits themselves are the same numbers
         logits = predict_block_on_device(model, plan, image, lambda y: y, batch)
         assert np.array_equal(logits, predict_region(model, plan, image, batch))
@@ -123,3 +127,26 @@ def test_the_device_normalises_an_image_as_stored_bit_for_bit(dtype):
     raw = cells(tuple(plan.read.shape))[None]  # uint8
     as_stored = predict_block_on_device(model, plan, raw, lambda y: y, normalize=model.normalization)
     assert np.array_equal(as_stored, predict_block_on_device(model, plan, model.normalization(raw), lambda y: y))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run it where one is lent)")
+@pytest.mark.parametrize("kind,dtype", ENCODINGS)
+def test_on_a_gpu_a_block_kept_there_stores_what_the_host_path_stores(kind, dtype):
+    """The CUDA path proper: pinned upload of the block as stored, normalisation, stitching and
+    encoding on the GPU, against the host path (streamed tiles, numpy stitching) with the same
+    model on the same GPU, in strict, deterministic float32 so the logits can be compared."""
+    tf32, deterministic = torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic
+    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic = False, True
+    try:
+        model = net().cuda().to(memory_format=torch.channels_last)
+        plan = plan_tiles(model, Box.from_bounds((40, 24), (260, 230)), 236)
+        raw = cells(tuple(plan.read.shape))[None]  # uint8, as stored
+        for dt in ("uint8", "int16"):
+            stored = torch.from_numpy(raw.astype(dt)).cuda()
+            assert np.array_equal(model.normalization(stored).cpu().numpy(), model.normalization(raw.astype(dt)))
+        host = encode_output(predict_region(model, plan, model.normalization(raw), 2, runner=run_tiles), kind, dtype)
+        device = predict_block_on_device(model, plan, raw, lambda y: encode_tensor(y, kind, dtype), 2,
+                                         normalize=model.normalization)
+        assert_same_encoding(device, host, kind, dtype)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic = tf32, deterministic

@@ -3,6 +3,7 @@ pyramids in the multiscales (read back with the ome-zarr package), labels under 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from pathlib import Path
@@ -211,8 +212,10 @@ def test_read_tasks_need_no_gpu(tmp_path, rgb_model):
     with dask.config.set({"scheduler-address": "tcp://10.0.0.5:8786"}):  # e.g. DASK_SCHEDULER_ADDRESS in a pod
         job, pending = plan_prediction(settings)
     assert job.device == "cuda"
-    image = job.read_block(pending.blocks[0])
-    assert image.dtype == np.float32 and image.shape[0] == 3
+    image = job.read_block(pending.blocks[0])  # as stored: the GPU normalises it (--device-stitch, on by default)
+    assert image.dtype == np.uint8 and image.shape[0] == 3
+    normalised = dataclasses.replace(job, settings=settings.model_copy(update={"device_stitch": False}))
+    assert normalised.read_block(pending.blocks[0]).dtype == np.float32
 
 
 @pytest.mark.slow

@@ -374,13 +374,14 @@ def encode_output(logits: np.ndarray, kind: str, dtype: str, activation: str = "
 
     ``activation`` makes the outputs probabilities: ``softmax`` of logits (overtile's own
     models), ``sigmoid`` (one logit per class), or ``none`` (they already are). Labels are the
-    argmax of several classes, or probability above 0.5 for one.
+    argmax of several classes, or probability above 0.5 for one (for a sigmoid: its logit above
+    0, which no device's rounding of exp moves).
     """
     if kind == "labels" and len(logits) > 1:  # every activation keeps the order of the classes
         return class_labels(logits)[None]
-    p = activate(logits, activation)
     if kind == "labels":
-        return (p > 0.5).astype(np.uint8)
+        return (logits > 0 if activation == "sigmoid" else activate(logits, activation) > 0.5).astype(np.uint8)
+    p = activate(logits, activation)
     if dtype == "uint8":
         return np.rint(np.clip(p, 0, 1) * 255).astype(np.uint8)
     return p.astype(dtype)
@@ -393,21 +394,23 @@ def encode_tensor(logits: torch.Tensor, kind: str, dtype: str, activation: str =
         if len(logits) > 256:
             raise ValueError(f"{len(logits)} classes do not fit uint8 labels")
         return logits.argmax(0).to(torch.uint8)[None]
-    p = {"softmax": lambda y: torch.softmax(y, 0), "sigmoid": torch.sigmoid}.get(activation, lambda y: y)(logits)
     if kind == "labels":
-        return (p > 0.5).to(torch.uint8)
+        return (logits > 0 if activation == "sigmoid" else activate(logits, activation) > 0.5).to(torch.uint8)
+    p = activate(logits, activation)
     if dtype == "uint8":  # torch.round, as np.rint: halves to even
         return torch.round(p.clamp(0, 1) * 255).to(torch.uint8)
     return p.to(getattr(torch, dtype))
 
 
-def activate(logits: np.ndarray, activation: str) -> np.ndarray:
+def activate(logits: np.ndarray | torch.Tensor, activation: str) -> np.ndarray | torch.Tensor:
     """Model outputs ``(K, ...)`` as probabilities: ``softmax`` of logits (overtile's own
-    models), ``sigmoid`` (one logit per class), or ``none`` (they already are)."""
+    models), ``sigmoid`` (one logit per class), or ``none`` (they already are). A tensor is
+    activated by torch, where it lies."""
+    tensor = isinstance(logits, torch.Tensor)
     if activation == "softmax":
-        return softmax(logits)
+        return torch.softmax(logits, 0) if tensor else softmax(logits)
     if activation == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-logits))
+        return torch.sigmoid(logits) if tensor else 1.0 / (1.0 + np.exp(-logits))
     return logits
 
 

@@ -331,6 +331,7 @@ def predict_region(
     stack = torch.stack if isinstance(image, torch.Tensor) else np.stack
     batches = [stack(crops[i : i + batch_size]) for i in range(0, len(crops), batch_size)]
     logits = [y for batch in (runner or run_tiles)(model, batches, autocast) for y in batch]
+    del batches  # on a GPU, only the logits stay until stitched
     k = logits[0].shape[0]
 
     def zeros(*shape: int) -> Array:
