@@ -8,11 +8,11 @@ import pytest
 import torch
 import zarr
 
-from pipeline.errors import InputError
-from pipeline.jobs.inference import predict_block_on_device, run_tiles
+from pipeline.jobs.inference import on_device, run_tiles
 from pipeline.jobs.predict import PredictSettings, encode_output, encode_tensor, plan_prediction, predict
 from pipeline.numerics.geometry import Box
 from pipeline.numerics.tiling import plan_tiles, predict_region
+from pipeline.numerics.tta import predict_region_tta, read_box, transforms
 from pipeline.numerics.unet import UNet
 
 from conftest import cells
@@ -68,12 +68,38 @@ def test_a_block_on_the_device_stores_what_the_host_path_stores(model, tile, bat
     plan = plan_tiles(model, block, tile)
     image = cells(tuple(plan.read.shape), dtype=np.float32)[None]
     host = encode_output(predict_region(model, plan, image, batch, runner=run_tiles), kind, dtype)
-    device = predict_block_on_device(model, plan, image, lambda y: encode_tensor(y, kind, dtype), batch)
+    device = on_device(model, image, lambda x: encode_tensor(predict_region(model, plan, x, batch), kind, dtype))
     assert device.shape[1:] == tuple(block.shape)
     assert_same_encoding(device, host, kind, dtype)
     if kind == "labels" or dtype == "float32":  # the logits themselves are the same numbers
-        logits = predict_block_on_device(model, plan, image, lambda y: y, batch)
+        logits = on_device(model, image, lambda x: predict_region(model, plan, x, batch))
         assert np.array_equal(logits, predict_region(model, plan, image, batch))
+
+
+@pytest.mark.parametrize("model,tile,dims", [(net(), 236, 2), (net(depth=4, padding="same", num_classes=3), 96, 2),
+                                              (net(dims=3, depth=3, base_channels=2), 52, 3)], ids=["exact", "blended", "3d"])
+def test_test_time_transforms_on_the_device_are_those_on_the_host(model, tile, dims):
+    """Every transform of a block read, mirrored, flipped, transposed, run, stitched, activated
+    and mapped back as tensors: the host's numbers (the transforms and stitching bit for bit,
+    softmax within rounding)."""
+    from pipeline.jobs.predict import activate
+
+    shape = (230, 190) if dims == 2 else (30, 44, 41)
+    region = Box.from_bounds((0, 40), (120, 190)) if dims == 2 else Box.from_bounds((4, 0, 12), (30, 30, 41))
+    chosen = transforms(dims, "all")
+    held = read_box(model, region, shape, chosen, tile)
+    image = cells(shape, dtype=np.float32)[None][(slice(None), *held.slices())]
+
+    def augmented(x, activation):
+        return predict_region_tta(model, region, shape, lambda box: x[(slice(None), *box.relative_to(held))], chosen, tile,
+                                  activation=activation, batch_size=2)
+
+    host = augmented(image, lambda y: activate(y, "softmax"))
+    device = on_device(model, image, lambda x: augmented(x, lambda y: activate(y, "softmax")))
+    assert device.dtype == host.dtype == np.float32 and device.shape == host.shape
+    np.testing.assert_allclose(device, host, rtol=0, atol=1e-6)
+    same = on_device(model, image, lambda x: augmented(x, lambda y: y))  # logits: no activation to round
+    assert np.array_equal(same, augmented(image, lambda y: y))
 
 
 @pytest.mark.slow
@@ -94,9 +120,11 @@ def test_device_stitch_through_the_job_stores_what_the_host_path_stores(client, 
     np.testing.assert_allclose(run("on.zarr", device_stitch=True), run("off.zarr"), rtol=0, atol=1e-6)
     labels = run("labels-on.zarr", device_stitch=True, output_kind="labels", prefetch=True)
     assert np.array_equal(labels, run("labels-off.zarr", output_kind="labels"))
+    augmented = run("tta-on.zarr", device_stitch=True, tta="identity,rot90,flip_x")
+    np.testing.assert_allclose(augmented, run("tta-off.zarr", tta="identity,rot90,flip_x"), rtol=0, atol=1e-6)
 
 
-def test_device_stitch_defaults_to_the_gpu_and_refuses_augmentation(image_2d, model_2d, tmp_path):
+def test_device_stitch_defaults_to_the_gpu(image_2d, model_2d, tmp_path):
     url, _ = image_2d
     common = {"input": url, "model": str(model_2d), "block_size": 100}
     job, _ = plan_prediction(PredictSettings(output=str(tmp_path / "a.zarr"), **common))
@@ -109,8 +137,8 @@ def test_device_stitch_defaults_to_the_gpu_and_refuses_augmentation(image_2d, mo
     assert job.stitch_on_device and job.normalise_on_device(np.uint8) and job.normalise_on_device(np.int16)
     assert job.read_block(job.blocks()[0]).dtype == np.uint8  # as stored: a quarter of the bytes to move
     assert not job.normalise_on_device(np.uint16) and not job.normalise_on_device(np.float32)  # read normalised
-    with pytest.raises(InputError, match="--device-stitch"):
-        plan_prediction(PredictSettings(output=str(tmp_path / "c.zarr"), device_stitch=True, tta="all", **common))
+    job, _ = plan_prediction(PredictSettings(output=str(tmp_path / "c.zarr"), tta="all", device_stitch=True, **common))
+    assert job.stitch_on_device and job.read_block(job.blocks()[0]).dtype == np.uint8  # the transforms' hull, as stored
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "int16", "uint16", "float32"])
@@ -125,8 +153,9 @@ def test_the_device_normalises_an_image_as_stored_bit_for_bit(dtype):
     model = net()
     plan = plan_tiles(model, Box.from_bounds((0, 0), (60, 80)), 236)
     raw = cells(tuple(plan.read.shape))[None]  # uint8
-    as_stored = predict_block_on_device(model, plan, raw, lambda y: y, normalize=model.normalization)
-    assert np.array_equal(as_stored, predict_block_on_device(model, plan, model.normalization(raw), lambda y: y))
+    logits = lambda x: predict_region(model, plan, x)  # noqa: E731
+    as_stored = on_device(model, raw, logits, normalize=model.normalization)
+    assert np.array_equal(as_stored, on_device(model, model.normalization(raw), logits))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run it where one is lent)")
@@ -145,8 +174,8 @@ def test_on_a_gpu_a_block_kept_there_stores_what_the_host_path_stores(kind, dtyp
             stored = torch.from_numpy(raw.astype(dt)).cuda()
             assert np.array_equal(model.normalization(stored).cpu().numpy(), model.normalization(raw.astype(dt)))
         host = encode_output(predict_region(model, plan, model.normalization(raw), 2, runner=run_tiles), kind, dtype)
-        device = predict_block_on_device(model, plan, raw, lambda y: encode_tensor(y, kind, dtype), 2,
-                                         normalize=model.normalization)
+        device = on_device(model, raw, lambda x: encode_tensor(predict_region(model, plan, x, 2, runner=run_tiles), kind, dtype),
+                           normalize=model.normalization)
         assert_same_encoding(device, host, kind, dtype)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic = tf32, deterministic

@@ -143,33 +143,22 @@ def run_tiles(model: torch.nn.Module, batches: Sequence[np.ndarray], autocast: t
     uploads and downloads overlap the compute (:func:`_run_tiles_cuda`), elsewhere this is
     :func:`pipeline.numerics.tiling.run_tiles`."""
     device, fmt = tiling.model_device(model)
-    if batches and isinstance(batches[0], torch.Tensor):  # cut on the device: the logits stay there
-        with torch.inference_mode(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            return [model(b.contiguous(memory_format=fmt)).float() for b in batches]
-    if device.type == "cuda" and batches:
+    if device.type == "cuda" and batches and not isinstance(batches[0], torch.Tensor):
         return _run_tiles_cuda(model, batches, device, fmt, autocast)
-    return tiling.run_tiles(model, batches, autocast)
+    return tiling.run_tiles(model, batches, autocast)  # tensors cut on the device: the logits stay there
 
 
-def predict_block_on_device(
+def on_device(
     model: torch.nn.Module,
-    plan: tiling.TilePlan,
     image: np.ndarray,
-    encode: Callable[[torch.Tensor], torch.Tensor],
-    batch_size: int = 1,
-    autocast: torch.dtype | None = None,
-    runner: tiling.Runner | None = None,
+    compute: Callable[[torch.Tensor], torch.Tensor],
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
-    """A block on the model's device: its input uploaded once (from pinned memory on a GPU),
-    normalised there by ``normalize`` if it comes as stored (else it is already), the tiles
-    cut, run and stitched there, ``encode`` applied there (activation, labels or the stored
-    dtype), and only what is stored downloaded. The host is left reading and writing; on a
-    fast GPU the host side is what bounds a worker (bench/gpu.py).
-
-    ``runner`` as for :func:`pipeline.numerics.tiling.predict_region` (default
-    :func:`run_tiles`, which keeps cut batches on the device).
-    """
+    """A block kept on the model's device: its input uploaded once (from pinned memory on a
+    GPU), normalised there by ``normalize`` if it comes as stored (else it is already), then
+    ``compute`` there (tiles cut, run and stitched, test-time transforms, activation, labels
+    or the stored dtype), and only its result downloaded. The host is left reading and
+    writing; on a fast GPU the host side is what bounds a worker (bench/gpu.py)."""
     device, _ = tiling.model_device(model)
     with torch.inference_mode():
         x = torch.from_numpy(np.ascontiguousarray(image))
@@ -178,8 +167,7 @@ def predict_block_on_device(
         x = x.to(device, non_blocking=True)
         if normalize is not None:
             x = normalize(x)
-        logits = tiling.predict_region(model, plan, x, batch_size, autocast, runner or run_tiles)
-        return encode(logits).cpu().numpy()
+        return compute(x).cpu().numpy()
 
 
 def _run_tiles_cuda(

@@ -30,7 +30,7 @@ from pipeline.jobs.inference import (
     compiled_runner,
     file_digest,
     model_geometry,
-    predict_block_on_device,
+    on_device,
     resolve_device,
     run_tiles,
 )
@@ -91,7 +91,7 @@ class PredictSettings(blockwise.BlockwiseSettings):
     device_stitch: bool | None = Field(None, description="Keep each block on the model's device from its upload to its "
                                        "stored form: integer images normalised, tiles cut, stitched, activated and encoded there, only the output "
                                        "dtype downloaded (default: on CUDA for torch models; the host then only reads "
-                                       "and writes). Not with test-time augmentation")
+                                       "and writes); test-time transforms too")
     pyramid: bool = Field(True, description="Also write downsampled levels (mean of probabilities, nearest labels) to the multiscales")
     shards: blockwise.Shards = None
     chunk_size: blockwise.ChunkSize = None
@@ -157,9 +157,7 @@ class PredictJob(blockwise.BlockwiseJob):
     @property
     def stitch_on_device(self) -> bool:
         """Whether a block stays on the model's device until encoded (``device_stitch``; by
-        default where a torch model runs on a GPU). Test-time augmentation stitches on the host."""
-        if self.augmented:
-            return False
+        default where a torch model runs on a GPU), test-time transforms included."""
         if self.settings.device_stitch is not None:
             return self.settings.device_stitch
         return self.gpu and self.model.weights != "onnx"
@@ -208,23 +206,25 @@ class PredictJob(blockwise.BlockwiseJob):
         if self.compile:
             shape = (min(s.batch_size, len(plan.tiles)), image.shape[0], *plan.tiles[0].input.shape)
             runner, compiling, compile_note = compiled_runner(model, shape, AUTOCAST[s.autocast])
+        autocast, held = AUTOCAST[s.autocast], self.tta_read(block) if self.augmented else None
+
+        def predict(x: Any) -> Any:
+            """The block's logits, or its augmented probabilities: of arrays or tensors alike."""
+            if not self.augmented:
+                return predict_region(model, plan, x, s.batch_size, autocast, runner=runner)
+            return predict_region_tta(
+                model, block.write, self.spatial_shape, lambda box: x[(slice(None), *box.relative_to(held))],
+                self.transforms, self.tile_size, overlap=s.overlap, mirror=s.mirror,
+                activation=lambda y: activate(y, self.model.activation), batch_size=s.batch_size,
+                autocast=autocast, runner=runner)
+
+        activation = "none" if self.augmented else self.model.activation
         with watch("compute"):
-            if self.augmented:
-                held = self.tta_read(block)
-                p = predict_region_tta(
-                    model, block.write, self.spatial_shape, lambda box: image[(slice(None), *box.relative_to(held))],
-                    self.transforms, self.tile_size, overlap=s.overlap, mirror=s.mirror,
-                    activation=lambda y: activate(y, self.model.activation), batch_size=s.batch_size,
-                    autocast=AUTOCAST[s.autocast], runner=runner)
-                result = encode_output(p, s.output_kind, self.output_dtype, "none")
-            elif self.stitch_on_device:  # an integer image comes as stored (normalise_on_device)
-                result = predict_block_on_device(
-                    model, plan, image, lambda y: encode_tensor(y, s.output_kind, self.output_dtype, self.model.activation),
-                    s.batch_size, AUTOCAST[s.autocast], runner,
-                    normalize=self.model.normalization if image.dtype.kind in "iu" else None)
+            if self.stitch_on_device:  # an integer image comes as stored (normalise_on_device)
+                result = on_device(model, image, lambda x: encode_tensor(predict(x), s.output_kind, self.output_dtype, activation),
+                                   self.model.normalization if image.dtype.kind in "iu" else None)
             else:
-                logits = predict_region(model, plan, image, s.batch_size, AUTOCAST[s.autocast], runner=runner)
-                result = encode_output(logits, s.output_kind, self.output_dtype, self.model.activation)
+                result = encode_output(predict(image), s.output_kind, self.output_dtype, activation)
         with watch("write"):
             array = storage.open_array(self.output_array)
             array[(Ellipsis, *block.write.slices())] = result if array.ndim == result.ndim else result[0]
@@ -271,9 +271,6 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
         augmentation = transforms(nd, settings.tta)
     except ValueError as exc:
         raise InputError(f"--tta: {exc}") from None
-    if settings.device_stitch and settings.tta != "none":
-        raise InputError("--device-stitch: test-time augmentation averages its transforms on the host; "
-                         "leave --device-stitch unset with --tta")
     if model.weights == "onnx" and settings.autocast != "none":
         raise InputError(f"--autocast {settings.autocast}: {settings.model} is an ONNX model, run in float32 by onnxruntime")
     remote = remote or bool(scheduler_setting(settings.scheduler))

@@ -247,8 +247,10 @@ def read_mirrored(reader: Reader, box: Box, image_shape: Sequence[int], mode: st
     data = reader(hull)
     if hull == box:
         return data
-    local = [i - o for i, o in zip(index, hull.offset)]
-    return data[(slice(None), *np.ix_(*local))]
+    local = np.ix_(*[i - o for i, o in zip(index, hull.offset)])
+    if isinstance(data, torch.Tensor):  # a block on the GPU: the same gather there
+        return data[(slice(None), *(torch.from_numpy(i).to(data.device) for i in local))]
+    return data[(slice(None), *local)]
 
 
 def _hull(index: Sequence[np.ndarray]) -> Box:
@@ -287,23 +289,25 @@ def model_device(model: torch.nn.Module) -> tuple[torch.device, torch.memory_for
 
 def run_tiles(
     model: torch.nn.Module,
-    batches: Sequence[np.ndarray],
+    batches: Sequence[Array],
     autocast: torch.dtype | None = None,
-) -> list[np.ndarray]:
-    """Forward each batch ``(N, C, *tile)`` through ``model``; float32 logits back on the host.
+) -> list[Array]:
+    """Forward each batch ``(N, C, *tile)`` through ``model``; float32 logits back on the host,
+    or, for batches that are tensors already (cut from a block kept on the device), left there.
 
     The plain path, on whatever device the model is (the reference of :func:`predict_whole`
     too); :func:`pipeline.jobs.inference.run_tiles` adds the GPU's streams and pinned buffers
-    and falls back to this one elsewhere.
+    for host batches and falls back to this one elsewhere.
     """
     device, fmt = model_device(model)
-    out = []
+    out: list[Array] = []
     with torch.inference_mode():
         for batch in batches:
-            x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).contiguous(memory_format=fmt)
+            resident = isinstance(batch, torch.Tensor)
+            x = batch if resident else torch.from_numpy(np.ascontiguousarray(batch))
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                y = model(x)
-            out.append(y.float().cpu().numpy())
+                y = model(x.to(device).contiguous(memory_format=fmt)).float()
+            out.append(y if resident else y.cpu().numpy())
     return out
 
 
@@ -319,7 +323,7 @@ def predict_region(
 
     ``runner`` forwards the batches (default :func:`run_tiles`); the device code of the jobs
     passes its own. A torch ``image`` is cut, and its logits stitched, where it lies (the GPU
-    path keeps a block on the device: :func:`pipeline.jobs.inference.predict_block_on_device`),
+    path keeps a block on the device: :func:`pipeline.jobs.inference.on_device`),
     with the same arithmetic as on numpy arrays.
 
     Exact models (valid nets): tile outputs are placed (overlaps agree exactly). Blended ones

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
 from pipeline.numerics.geometry import Box
-from pipeline.numerics.tiling import mirror_hull, plan_tiles, predict_region, predict_whole, read_mirrored, softmax
+from pipeline.numerics.tiling import Array, mirror_hull, plan_tiles, predict_region, predict_whole, read_mirrored, softmax
 
 Reader = Callable[[Box], np.ndarray]
 
@@ -65,18 +66,22 @@ class Transform:
             start[-2:], stop[-2:] = start[-1:-3:-1], stop[-1:-3:-1]
         return Box.from_bounds(start, stop)
 
-    def apply(self, array: np.ndarray) -> np.ndarray:
-        """The image's ``(C, *spatial)`` array as the transformed image's."""
+    def apply(self, array: Array) -> Array:
+        """The image's ``(C, *spatial)`` array (or tensor) as the transformed image's."""
         if self.transpose:
             array = array.swapaxes(-1, -2)
-        axes = tuple(1 + d for d, flip in enumerate(self.flips) if flip)
-        return np.flip(array, axes) if axes else array
+        return self._flip(array)
 
-    def invert(self, array: np.ndarray) -> np.ndarray:
-        """The transformed image's ``(C, *spatial)`` array mapped back onto the image."""
-        axes = tuple(1 + d for d, flip in enumerate(self.flips) if flip)
-        array = np.flip(array, axes) if axes else array
+    def invert(self, array: Array) -> Array:
+        """The transformed image's ``(C, *spatial)`` array (or tensor) mapped back onto the image."""
+        array = self._flip(array)
         return array.swapaxes(-1, -2) if self.transpose else array
+
+    def _flip(self, array: Array) -> Array:
+        axes = tuple(1 + d for d, flip in enumerate(self.flips) if flip)
+        if not axes:
+            return array
+        return torch.flip(array, axes) if isinstance(array, torch.Tensor) else np.flip(array, axes)
 
 
 def _dihedral() -> dict[str, Transform]:
@@ -138,16 +143,19 @@ def predict_region_tta(
     ``reader(box)`` reads ``(C, *box.shape)`` of the image inside its bounds (always inside
     :func:`read_box`); ``normalize`` is the model's input normalisation; ``activation`` makes
     the model's outputs probabilities; ``predict`` goes to :func:`predict_region`
-    (``batch_size``, ``autocast``, ``runner``).
+    (``batch_size``, ``autocast``, ``runner``). A reader of torch tensors keeps the whole
+    augmentation where they lie (a block on the GPU), with the same arithmetic.
     """
     total = None
     for t in chosen:
         plan = plan_tiles(model, t.box(region, shape), tile_size, overlap)
         raw = read_mirrored(lambda box, t=t: t.apply(reader(t.inverse_box(box, shape))), plan.read, t.shape(shape),
                             mirror)
-        p = t.invert(activation(predict_region(model, plan, normalize(np.ascontiguousarray(raw)), **predict)))
+        raw = raw.contiguous() if isinstance(raw, torch.Tensor) else np.ascontiguousarray(raw)
+        p = t.invert(activation(predict_region(model, plan, normalize(raw), **predict)))
         total = p if total is None else total + p
-    return (total / len(chosen)).astype(np.float32)
+    mean = total / len(chosen)
+    return mean.to(torch.float32) if isinstance(mean, torch.Tensor) else mean.astype(np.float32)
 
 
 def read_box(model: object, region: Box, shape: Sequence[int], chosen: Sequence[Transform],
