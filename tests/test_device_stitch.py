@@ -179,3 +179,58 @@ def test_on_a_gpu_a_block_kept_there_stores_what_the_host_path_stores(kind, dtyp
         assert_same_encoding(device, host, kind, dtype)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic = tf32, deterministic
+
+
+@pytest.mark.parametrize("kind,dtype", [("labels", "uint8"), ("probabilities", "uint8")])
+def test_augmented_blocks_take_the_device_branch_and_store_the_hosts_encoding(image_2d, model_2d, tmp_path, monkeypatch,
+                                                                                kind, dtype):
+    """run_block with test-time transforms and ``device_stitch``, in this process: it goes
+    through ``on_device``, and stores what the host stores. Averaged probabilities differ by
+    float rounding (torch's softmax against numpy's), so a label may differ only where the two
+    classes are within 1e-5 of each other, and round(255·p) by one level at a half."""
+    from pipeline.jobs import predict as module
+
+    url, _ = image_2d
+    calls = []
+    monkeypatch.setattr(module, "on_device", lambda *a, **k: calls.append(1) or on_device(*a, **k))
+
+    def run(name, **kwargs):
+        settings = PredictSettings(input=url, output=str(tmp_path / name), model=str(model_2d), block_size=160,
+                                   tta="identity,rot90,flip_x", pyramid=False, **kwargs)
+        job, pending = plan_prediction(settings)
+        for block in pending.blocks:
+            job.run_block(block)
+        return zarr.open_group(str(tmp_path / name), mode="r")["0"][...], len(pending.blocks)
+
+    device, blocks = run("on.zarr", device_stitch=True, output_kind=kind, dtype=dtype)
+    assert len(calls) == blocks
+    host, _ = run("off.zarr", output_kind=kind, dtype=dtype)
+    assert len(calls) == blocks  # the host path did not call it
+    if kind == "labels":
+        p, _ = run("p.zarr")
+        assert np.all((device == host) | (np.abs(p[0] - p[1]) < 1e-5))
+    else:
+        assert np.abs(device.astype(int) - host.astype(int)).max() <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run it where one is lent)")
+def test_on_a_gpu_test_time_transforms_kept_there_are_the_hosts():
+    """Mirrored reads, flips and transposes, stitching and averaging on the GPU, against the
+    host path with the same model on the same GPU (strict, deterministic float32)."""
+    from pipeline.jobs.predict import activate
+
+    tf32, deterministic = torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic
+    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic = False, True
+    try:
+        model = net().cuda().to(memory_format=torch.channels_last)
+        shape, region, chosen = (230, 190), Box.from_bounds((0, 40), (120, 190)), transforms(2, "all")
+        held = read_box(model, region, shape, chosen, 236)
+        image = cells(shape, dtype=np.float32)[None][(slice(None), *held.slices())]
+
+        def augmented(x):
+            return predict_region_tta(model, region, shape, lambda box: x[(slice(None), *box.relative_to(held))], chosen,
+                                      236, activation=lambda y: activate(y, "softmax"), batch_size=2, runner=run_tiles)
+
+        np.testing.assert_allclose(on_device(model, image, augmented), augmented(image), rtol=0, atol=1e-6)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic = tf32, deterministic

@@ -206,12 +206,13 @@ class PredictJob(blockwise.BlockwiseJob):
         if self.compile:
             shape = (min(s.batch_size, len(plan.tiles)), image.shape[0], *plan.tiles[0].input.shape)
             runner, compiling, compile_note = compiled_runner(model, shape, AUTOCAST[s.autocast])
-        autocast, held = AUTOCAST[s.autocast], self.tta_read(block) if self.augmented else None
+        autocast = AUTOCAST[s.autocast]
 
         def predict(x: Any) -> Any:
             """The block's logits, or its augmented probabilities: of arrays or tensors alike."""
             if not self.augmented:
                 return predict_region(model, plan, x, s.batch_size, autocast, runner=runner)
+            held = self.tta_read(block)
             return predict_region_tta(
                 model, block.write, self.spatial_shape, lambda box: x[(slice(None), *box.relative_to(held))],
                 self.transforms, self.tile_size, overlap=s.overlap, mirror=s.mirror,

@@ -249,12 +249,20 @@ def read_mirrored(reader: Reader, box: Box, image_shape: Sequence[int], mode: st
         return data
     local = np.ix_(*[i - o for i, o in zip(index, hull.offset)])
     if isinstance(data, torch.Tensor):  # a block on the GPU: the same gather there
-        return data[(slice(None), *(torch.from_numpy(i).to(data.device) for i in local))]
+        return data[(slice(None), *(_on(torch.from_numpy(i), data.device) for i in local))]
     return data[(slice(None), *local)]
 
 
 def _hull(index: Sequence[np.ndarray]) -> Box:
     return Box.from_bounds([i.min() for i in index], [i.max() + 1 for i in index])
+
+
+def _on(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` on ``device``; to a GPU from pinned memory without waiting, so that the host can
+    go on queueing work (a copy from pageable memory would wait for the stream)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def mirror_hull(box: Box, image_shape: Sequence[int], mode: str = "reflect") -> Box:
@@ -351,7 +359,7 @@ def predict_region(
         return out
     window = gaussian_window(plan.tiles[0].output.shape)
     if isinstance(out, torch.Tensor):
-        window = torch.from_numpy(window).to(out.device)
+        window = _on(torch.from_numpy(window), out.device)
     total = zeros(*region.shape)
     for tile, y in zip(plan.tiles, logits):
         part = tile.output.intersect(region)

@@ -154,6 +154,7 @@ def predict_region_tta(
         raw = raw.contiguous() if isinstance(raw, torch.Tensor) else np.ascontiguousarray(raw)
         p = t.invert(activation(predict_region(model, plan, normalize(raw), **predict)))
         total = p if total is None else total + p
+        del p, raw  # on a GPU: one transform's arrays at a time
     mean = total / len(chosen)
     return mean.to(torch.float32) if isinstance(mean, torch.Tensor) else mean.astype(np.float32)
 
