@@ -258,11 +258,11 @@ def _hull(index: Sequence[np.ndarray]) -> Box:
 
 
 def _on(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``host`` on ``device``; to a GPU from pinned memory without waiting, so that the host can
-    go on queueing work (a copy from pageable memory would wait for the stream)."""
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+    """A small ``host`` tensor (mirror indices, a blend window) on ``device``, asked not to
+    block. From pageable memory a GPU copy may still wait for the queued work; pinned staging
+    would avoid it, but pinned memory is the jobs' business (tests/test_layering.py), and these
+    copies come once per border block and transform."""
+    return host.to(device, non_blocking=True)
 
 
 def mirror_hull(box: Box, image_shape: Sequence[int], mode: str = "reflect") -> Box:
