@@ -76,9 +76,10 @@ def test_a_block_on_the_device_stores_what_the_host_path_stores(model, tile, bat
         assert np.array_equal(logits, predict_region(model, plan, image, batch))
 
 
-@pytest.mark.parametrize("model,tile,dims", [(net(), 236, 2), (net(depth=4, padding="same", num_classes=3), 96, 2),
-                                              (net(dims=3, depth=3, base_channels=2), 52, 3)], ids=["exact", "blended", "3d"])
-def test_test_time_transforms_on_the_device_are_those_on_the_host(model, tile, dims):
+@pytest.mark.parametrize("model,tile,dims,names", [
+    (net(), 236, 2, "all"), (net(depth=4, padding="same", num_classes=3), 96, 2, "all"),
+    (net(dims=3, depth=3, base_channels=2), 52, 3, "identity,flip_z,flip_yx")], ids=["exact", "blended", "3d"])
+def test_test_time_transforms_on_the_device_are_those_on_the_host(model, tile, dims, names):
     """Every transform of a block read, mirrored, flipped, transposed, run, stitched, activated
     and mapped back as tensors: the host's numbers (the transforms and stitching bit for bit,
     softmax within rounding)."""
@@ -86,7 +87,7 @@ def test_test_time_transforms_on_the_device_are_those_on_the_host(model, tile, d
 
     shape = (230, 190) if dims == 2 else (30, 44, 41)
     region = Box.from_bounds((0, 40), (120, 190)) if dims == 2 else Box.from_bounds((4, 0, 12), (30, 30, 41))
-    chosen = transforms(dims, "all")
+    chosen = transforms(dims, names)
     held = read_box(model, region, shape, chosen, tile)
     image = cells(shape, dtype=np.float32)[None][(slice(None), *held.slices())]
 
