@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -124,5 +123,4 @@ def _cpu() -> str:
 
 
 if __name__ == "__main__":
-    np.seterr(all="ignore")
     main()

@@ -9,7 +9,7 @@ import torch
 import zarr
 
 from pipeline.jobs.inference import on_device, run_tiles
-from pipeline.jobs.predict import PredictSettings, encode_output, encode_tensor, plan_prediction, predict
+from pipeline.jobs.predict import PredictSettings, encode_output, plan_prediction, predict
 from pipeline.numerics.geometry import Box
 from pipeline.numerics.tiling import plan_tiles, predict_region
 from pipeline.numerics.tta import predict_region_tta, read_box, transforms
@@ -39,22 +39,22 @@ def assert_same_encoding(device: np.ndarray, host: np.ndarray, kind: str, dtype:
 
 @pytest.mark.parametrize("kind,dtype", ENCODINGS)
 @pytest.mark.parametrize("classes,activation", [(2, "softmax"), (4, "softmax"), (1, "sigmoid"), (3, "none")])
-def test_encode_tensor_is_encode_output(kind, dtype, classes, activation):
+def test_encode_output_of_a_tensor_is_that_of_an_array(kind, dtype, classes, activation):
     rng = np.random.default_rng(classes)
     logits = rng.standard_normal((classes, 61, 47)).astype(np.float32) * 4
     if activation == "none":
         logits = np.abs(logits) / np.abs(logits).sum(axis=0)
     logits[:, :5] = logits[:1, :5]  # ties between all classes: the first wins on both paths
     host = encode_output(logits, kind, dtype, activation)
-    device = encode_tensor(torch.from_numpy(logits), kind, dtype, activation).numpy()
+    device = encode_output(torch.from_numpy(logits), kind, dtype, activation).numpy()
     assert_same_encoding(device, host, kind, dtype)
     if kind == "labels" and activation == "sigmoid":  # p > 0.5 as the logit's sign: no rounding of exp
         assert np.array_equal(host[0], logits[0] > 0)
 
 
-def test_encode_tensor_refuses_labels_beyond_uint8():
+def test_encode_output_of_a_tensor_refuses_labels_beyond_uint8():
     with pytest.raises(ValueError, match="257 classes"):
-        encode_tensor(torch.zeros(257, 2, 2), "labels", "uint8")
+        encode_output(torch.zeros(257, 2, 2), "labels", "uint8")
 
 
 @pytest.mark.parametrize("model,tile,batch", [(net(), 236, 1), (net(), 300, 3), (net(depth=4, padding="same", num_classes=3), 96, 2),
@@ -68,7 +68,7 @@ def test_a_block_on_the_device_stores_what_the_host_path_stores(model, tile, bat
     plan = plan_tiles(model, block, tile)
     image = cells(tuple(plan.read.shape), dtype=np.float32)[None]
     host = encode_output(predict_region(model, plan, image, batch, runner=run_tiles), kind, dtype)
-    device = on_device(model, image, lambda x: encode_tensor(predict_region(model, plan, x, batch), kind, dtype))
+    device = on_device(model, image, lambda x: encode_output(predict_region(model, plan, x, batch), kind, dtype))
     assert device.shape[1:] == tuple(block.shape)
     assert_same_encoding(device, host, kind, dtype)
     if kind == "labels" or dtype == "float32":  # the logits themselves are the same numbers
@@ -175,7 +175,7 @@ def test_on_a_gpu_a_block_kept_there_stores_what_the_host_path_stores(kind, dtyp
             stored = torch.from_numpy(raw.astype(dt)).cuda()
             assert np.array_equal(model.normalization(stored).cpu().numpy(), model.normalization(raw.astype(dt)))
         host = encode_output(predict_region(model, plan, model.normalization(raw), 2, runner=run_tiles), kind, dtype)
-        device = on_device(model, raw, lambda x: encode_tensor(predict_region(model, plan, x, 2, runner=run_tiles), kind, dtype),
+        device = on_device(model, raw, lambda x: encode_output(predict_region(model, plan, x, 2, runner=run_tiles), kind, dtype),
                            normalize=model.normalization)
         assert_same_encoding(device, host, kind, dtype)
     finally:

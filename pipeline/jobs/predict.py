@@ -222,7 +222,7 @@ class PredictJob(blockwise.BlockwiseJob):
         activation = "none" if self.augmented else self.model.activation
         with watch("compute"):
             if self.stitch_on_device:  # an integer image comes as stored (normalise_on_device)
-                result = on_device(model, image, lambda x: encode_tensor(predict(x), s.output_kind, self.output_dtype, activation),
+                result = on_device(model, image, lambda x: encode_output(predict(x), s.output_kind, self.output_dtype, activation),
                                    self.model.normalization if image.dtype.kind in "iu" else None)
             else:
                 result = encode_output(predict(image), s.output_kind, self.output_dtype, activation)
@@ -367,8 +367,11 @@ def compile_report(records: list[dict[str, Any]]) -> str:
             f"paid once per process and tile shape")
 
 
-def encode_output(logits: np.ndarray, kind: str, dtype: str, activation: str = "softmax") -> np.ndarray:
-    """Model outputs ``(K, ...)`` to what is stored: probabilities in ``dtype`` or uint8 labels.
+def encode_output(logits: np.ndarray | torch.Tensor, kind: str, dtype: str,
+                  activation: str = "softmax") -> np.ndarray | torch.Tensor:
+    """Model outputs ``(K, ...)`` to what is stored: probabilities in ``dtype`` or uint8 labels;
+    a tensor is encoded by torch where it lies (a block kept on the GPU), equal within float
+    rounding of the activation (tests/test_device_stitch.py).
 
     ``activation`` makes the outputs probabilities: ``softmax`` of logits (overtile's own
     models), ``sigmoid`` (one logit per class), or ``none`` (they already are). Labels are the
@@ -377,27 +380,17 @@ def encode_output(logits: np.ndarray, kind: str, dtype: str, activation: str = "
     """
     if kind == "labels" and len(logits) > 1:  # every activation keeps the order of the classes
         return class_labels(logits)[None]
-    if kind == "labels":
-        return (logits > 0 if activation == "sigmoid" else activate(logits, activation) > 0.5).astype(np.uint8)
-    p = activate(logits, activation)
-    if dtype == "uint8":
-        return np.rint(np.clip(p, 0, 1) * 255).astype(np.uint8)
-    return p.astype(dtype)
+    tensor = isinstance(logits, torch.Tensor)
 
+    def as_dtype(a: Any, name: str) -> Any:
+        return a.to(getattr(torch, name)) if tensor else a.astype(name)
 
-def encode_tensor(logits: torch.Tensor, kind: str, dtype: str, activation: str = "softmax") -> torch.Tensor:
-    """:func:`encode_output` in torch, where the logits lie (a block kept on the GPU): the same
-    encoding, equal within float rounding of the activation (tests/test_device_stitch.py)."""
-    if kind == "labels" and len(logits) > 1:  # torch.argmax: the first of equal scores, as np.argmax
-        if len(logits) > 256:
-            raise ValueError(f"{len(logits)} classes do not fit uint8 labels")
-        return logits.argmax(0).to(torch.uint8)[None]
     if kind == "labels":
-        return (logits > 0 if activation == "sigmoid" else activate(logits, activation) > 0.5).to(torch.uint8)
+        return as_dtype(logits > 0 if activation == "sigmoid" else activate(logits, activation) > 0.5, "uint8")
     p = activate(logits, activation)
     if dtype == "uint8":  # torch.round, as np.rint: halves to even
-        return torch.round(p.clamp(0, 1) * 255).to(torch.uint8)
-    return p.to(getattr(torch, dtype))
+        return as_dtype(torch.round(p.clamp(0, 1) * 255) if tensor else np.rint(np.clip(p, 0, 1) * 255), "uint8")
+    return as_dtype(p, dtype)
 
 
 def activate(logits: np.ndarray | torch.Tensor, activation: str) -> np.ndarray | torch.Tensor:
