@@ -67,7 +67,7 @@ def plan_cells(settings: ObjectSettings) -> tuple[ObjectJob, Pending]:
 def summarise_objects(job: ObjectJob, summary: RunSummary) -> dict:
     s = job.settings
     png = preview_path(s.output)
-    if png is not None and not summary.failed and files.exists(job.table):
+    if png is not None and not summary.failed:  # a finished run always has a table, empty or not
         areas = files.read_parquet(job.table)["area_px"]
         objects_png(s.image, s.output, areas, png, s.axes)
         get_run_logger().info("objects: outlines and sizes drawn in %s", png)

@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from pipeline import storage
 from pipeline.cli import main
+from pipeline.errors import InputError
 from pipeline.jobs import blockwise
 from pipeline.jobs.objects import FacePass, ObjectSettings, default_table, find_objects, plan_objects
 from pipeline.numerics.instances import grow, label_objects
@@ -262,6 +263,40 @@ def test_uint8_probabilities_and_a_tissue_masked_prediction(tmp_path):
     one_to_one(labels_of(tmp_path / "o.zarr"), label_objects(q[1] / np.float32(255), 0.5, 0.25, 3))
 
 
+def test_unwritten_float_blocks_are_probability_zero_in_the_table(tmp_path):
+    """A float prediction's blocks without tissue hold NaN: cells grown into them by distance
+    keep a mean probability computed with 0 there, as in the whole image with NaN as 0."""
+    p = map_2d()
+    url = write_probabilities(tmp_path / "p.zarr", p, 32)
+    array = zarr.open_array(url + "/0", mode="r+")
+    array[:, :, 96:] = np.nan  # what a tissue-masked float prediction leaves unwritten
+    job, _ = run(url, tmp_path / "o.zarr", block_size=32, grow_distance=6)
+    table = files.read_parquet(default_table(str(tmp_path / "o.zarr")))
+    whole = np.where(np.arange(p.shape[1]) < 96, p, 0).astype(np.float32)
+    labels = labels_of(tmp_path / "o.zarr")
+    assert (labels[:, 96:] > 0).any(), "no cell grew into the unwritten blocks: the test shows nothing"
+    expected = ndimage.mean(whole, labels, table["id"].astype(np.int64))
+    np.testing.assert_allclose(table["mean_probability"], expected, rtol=1e-6)
+
+
+def test_no_objects_is_an_empty_table_not_a_missing_one(tmp_path):
+    """A blank image: the run finishes with 0 objects, a table of 0 rows with every column,
+    and an empty FeatureCollection."""
+    import pandas as pd
+
+    from pipeline.storage.geojson import read_features
+
+    url = write_probabilities(tmp_path / "p.zarr", np.zeros((70, 50), np.float32), 32)
+    geojson = str(tmp_path / "cells.geojson")
+    job, summary = run(url, tmp_path / "o.zarr", block_size=32, geojson=geojson)
+    assert job.objects == 0 and not summary.failed
+    table = pd.read_parquet(default_table(str(tmp_path / "o.zarr")))
+    assert len(table) == 0
+    assert {"id", "area_px", "area_um2", "centroid_y", "centroid_x", "bbox_y0", "bbox_x1", "mean_probability"} \
+        <= set(table.columns)
+    assert read_features(geojson) == []
+
+
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys):
     url = write_probabilities(tmp_path / "p.zarr", map_2d(), 32)
     out = tmp_path / "o.zarr"
@@ -284,8 +319,22 @@ def test_too_many_objects_for_the_label_dtype(tmp_path, capsys):
     out = tmp_path / "o.zarr"
     assert main(["objects", url, str(out), "--dtype", "uint16", "--workers", "1"]) == 2
     err = capsys.readouterr().err
-    assert "67600 objects do not fit uint16" in err and not out.exists()
+    assert "67600 objects do not fit uint16 labels; use --dtype uint32" in err and not out.exists()
     assert not Path(default_table(str(out))).exists()
+    # into an OME-Zarr image: listed among its labels once finished, and no longer when an
+    # overwriting run fails and removes it (a listing of a missing group breaks viewers)
+    image = str(tmp_path / "slide.zarr")
+    storage.create_image(image, p.shape, (260, 260), "uint8", "yx")
+    into = Path(image) / "labels" / "cells"
+    listed = lambda: zarr.open_group(image + "/labels", mode="r").attrs["ome"]["labels"]  # noqa: E731
+    with pytest.raises(InputError, match="do not fit uint16"):
+        run(url, into, image=image, dtype="uint16")
+    assert not into.exists() and not (Path(image) / "labels" / "zarr.json").exists()  # never listed
+    run(url, into, image=image, dtype="uint32")
+    assert listed() == ["cells"]
+    with pytest.raises(InputError, match="do not fit uint16"):
+        run(url, into, image=image, dtype="uint16", overwrite=True)
+    assert not into.exists() and listed() == []
 
 
 @pytest.mark.slow

@@ -127,6 +127,7 @@ class ObjectJob(blockwise.BlockwiseJob):
     image_axes: str | None
     channels: int
     table: str
+    label_of: str | None = None  # the OME-Zarr image this is a label image of, listed there when finished
     fresh: bool = False  # this run created the output (an error in a global pass removes it again)
     objects: int | None = None  # N, once the merge has run
     passes: tuple[tuple[str, float], ...] = ()  # seconds of the global passes this run made: seeds, faces, merge
@@ -237,7 +238,10 @@ class ObjectJob(blockwise.BlockwiseJob):
             if self.fresh:  # leave nothing behind
                 files.remove(self.output)
                 files.remove(self.table)
-            raise InputError(f"{self.output}: {objects} objects do not fit {self.settings.dtype} labels; use --dtype uint64")
+                if self.label_of:
+                    storage.unlist_label(self.label_of, self.output)
+            raise InputError(f"{self.output}: {objects} objects do not fit {self.settings.dtype} labels; use --dtype "
+                             f"{'uint32' if objects <= np.iinfo(np.uint32).max else 'uint64'}")
         final = np.zeros(len(members), np.uint64)  # of the kept representatives, then of every member
         for rows in by_block:
             b = int(home[rows[0]])
@@ -273,7 +277,10 @@ class ObjectJob(blockwise.BlockwiseJob):
         """The class's probability over ``box``, float32 in [0, 1] (uint8 outputs store 255·p)."""
         source = storage.cached_image(self.settings.probabilities, None, self.fingerprint)
         p = source.read(box)[self.settings.object_class]
-        return p.astype(np.float32) / 255 if p.dtype == np.uint8 else p.astype(np.float32, copy=False)
+        if p.dtype == np.uint8:
+            return p.astype(np.float32) / 255
+        # blocks a tissue-masked prediction never computed hold NaN: no tissue, probability 0
+        return np.nan_to_num(p.astype(np.float32, copy=False), nan=0.0)
 
     def global_seeds(self, box: Box) -> np.ndarray:
         """The seed components over ``box`` with their global ids, each block's part of the
@@ -381,6 +388,14 @@ class ObjectJob(blockwise.BlockwiseJob):
                         for text in files.iter_text(url):
                             writer.write_text(text)
             self.close_spanning(computed, writer)
+        if not files.exists(self.table):  # no objects: an empty table, not a missing one
+            nd = len(self.spatial_shape)
+            files.write_parquet(f"{self.table}/part-empty.parquet", self.rows({
+                "id": np.zeros(0, np.uint64), "area": np.zeros(0, np.int64), "sum": np.zeros((0, nd)),
+                "low": np.zeros((0, nd), np.int64), "high": np.zeros((0, nd), np.int64),
+                "probability": np.zeros(0), "intensity": np.zeros((0, self.channels))}))
+        if self.label_of:  # listed in its image once complete, so viewers never find it half made
+            storage.register_label(self.label_of, self.output, 1)
         levels = 0
         if self.settings.pyramid and level_shapes(tuple(self.spatial_shape), len(self.spatial_shape)):
             levels = build_pyramid(client, self.output, "nearest", present=done, present_block=self.block_shape)
@@ -569,8 +584,6 @@ def plan_objects(settings: ObjectSettings) -> tuple[ObjectJob, blockwise.Pending
         overwrite=settings.overwrite, shards=shards,
         attrs={"overtile": {"probabilities": settings.probabilities, "output_kind": "objects", "table": table}},
     )
-    if into_image:
-        storage.register_label(into_image, settings.output, 1)
     grid = block_grid(source.spatial_shape, block_shape)
     fresh = settings.overwrite or not existed
     if fresh:
@@ -587,7 +600,7 @@ def plan_objects(settings: ObjectSettings) -> tuple[ObjectJob, blockwise.Pending
         output=settings.output, ledger=ledger, fingerprint=run, settings=settings, spatial_axes=source.spatial_axes,
         spatial_shape=source.spatial_shape, block_shape=block_shape, channel_axis=channel_axis,
         present=_present(source, block_shape), spacing=spacing, unit=unit, image=image, image_axes=image_axes,
-        channels=channels, table=table, fresh=fresh,
+        channels=channels, table=table, label_of=into_image, fresh=fresh,
         objects=group_meta.get("objects") if group_meta.get("finished") == run else
         (work_meta.get("objects") if work_meta.get("fingerprint") == run else None),
     )

@@ -26,6 +26,7 @@ from pipeline.storage.images import (
     output_layout,
     register_label,
     scale_from_ome,
+    unlist_label,
     write_unit,
 )
 from pipeline.storage.ledger import Ledger, open_array, stored_chunks
@@ -35,5 +36,5 @@ __all__ = [
     "AXES_CHOICES", "OME_VERSION", "OUTPUT_CODEC", "SHARD_CHUNK", "ImageSource", "Ledger", "absolute", "cached_image",
     "check_output", "checked_source", "create_image", "is_object_store", "is_url", "label_parent", "multiscales",
     "ome_metadata", "open_array", "open_image", "open_output", "output_layout", "register_label", "scale_from_ome",
-    "stamp", "stored_chunks", "write_unit",
+    "stamp", "stored_chunks", "unlist_label", "write_unit",
 ]

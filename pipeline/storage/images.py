@@ -397,5 +397,17 @@ def register_label(image_url: str, label_url: str, classes: int) -> None:
     labels.attrs["ome"] = {"version": OME_VERSION, **listed, "labels": names}
 
 
+def unlist_label(image_url: str, label_url: str) -> None:
+    """Take ``label_url`` out of ``IMAGE/labels``'s list (its group was removed)."""
+    name = str(label_url).rstrip("/").rsplit("/", 1)[1]
+    try:
+        labels = zarr.open_group(store=f"{str(image_url).rstrip('/')}/labels", mode="r+")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return
+    listed = dict(labels.attrs.get("ome", {}))
+    if name in listed.get("labels", []):
+        labels.attrs["ome"] = {**listed, "labels": [n for n in listed["labels"] if n != name]}
+
+
 def open_output(url: str, path: str = "0") -> zarr.Array:
     return zarr.open_group(store=str(url), mode="r+")[path]
