@@ -37,8 +37,10 @@ from pipeline.storage import absolute
 
 
 # The cohort run's client by its scheduler's address: its sub-flow runs (same process) use it
-# rather than connecting anew (a SLURM cluster's TLS certificate is the client's alone).
+# rather than connecting anew (a SLURM cluster's TLS certificate is the client's alone); and
+# what the study reports as blocks are planned and computed (its progress artifact).
 _STUDY_CLIENTS: dict[str, Any] = {}
+_STUDY_REPORTS: dict[str, SlideRun] = {}
 
 
 @flow(name="cohort-slide", flow_run_name="{name}", log_prints=True)
@@ -48,9 +50,16 @@ def cohort_slide(slide: str, name: str, settings: CohortSettings) -> dict[str, A
     the cohort flow calls it), else on a local cluster of its own. Fails when the slide does."""
     logger = get_run_logger()
     study = _STUDY_CLIENTS.get(settings.scheduler or "")  # the cohort run's own client, in this process
+    report = _STUDY_REPORTS.get(settings.scheduler or "") or SlideRun()
+
+    def on_plan(name: str, job: Any, pending: Any) -> None:
+        _log_plan(name, job, pending)
+        if report.on_plan is not None:
+            report.on_plan(name, job, pending)
+
     with SharedClient(lambda: contextlib.nullcontext(study) if study is not None
                       else dask_client(settings.scheduler, settings.workers, _gpu(settings))) as client:
-        row = run_slide(Slide(slide, name), settings, client, report=SlideRun(on_plan=_log_plan))
+        row = run_slide(Slide(slide, name), settings, client, report=SlideRun(on_plan, report.on_block))
     create_table_artifact([{"what": k, "value": "" if row.get(k) is None else str(row[k])} for k in COLUMNS],
                           key="slide-summary", description=f"overtile cohort: slide {name}")
     if row["status"] == "failed":
@@ -76,7 +85,10 @@ class StudyProgress:
     planned so far (slides plan as they start, so the blocks' total grows)."""
 
     def __init__(self, slides: int):
+        import threading
+
         self.slides, self.ended, self.planned, self.computed = max(1, slides), 0, 0, 0
+        self._lock = threading.Lock()  # the slides in flight report from their own threads
         self.slide_id = create_progress_artifact(0.0, key="cohort-slides",
                                                  description="overtile cohort: share of the study's slides ended")
         self.block_id = create_progress_artifact(0.0, key="cohort-blocks",
@@ -89,12 +101,16 @@ class StudyProgress:
                               f" ({row['error']})" if row.get("error") else "")
 
     def planned_blocks(self, name: str, job: Any, pending: Any) -> None:
-        self.planned += len(pending.blocks)
+        with self._lock:
+            self.planned += len(pending.blocks)
 
     def block_done(self, name: str, record: dict[str, Any]) -> None:
-        self.computed += 1
-        if self.computed % max(1, self.planned // 50) == 0:
-            update_progress_artifact(self.block_id, 100.0 * self.computed / max(1, self.planned))
+        with self._lock:
+            self.computed += 1
+            share = 100.0 * self.computed / max(1, self.planned)
+            due = self.computed % max(1, self.planned // 50) == 0
+        if due:
+            update_progress_artifact(self.block_id, share)
 
 
 @flow(name="cohort", log_prints=True)
@@ -118,6 +134,7 @@ def cohort(settings: CohortSettings) -> list[dict[str, Any]]:
         address = client().scheduler.address
         if _STUDY_CLIENTS.setdefault(address, client()) is client():
             registered.add(address)
+            _STUDY_REPORTS[address] = report
         shared = settings.model_copy(update={"scheduler": address})
         state = cohort_slide(slide.url, slide.name, shared, return_state=True)
         return state.result() if state.is_completed() else _failed_row(slide, settings.output, state)
@@ -129,12 +146,14 @@ def cohort(settings: CohortSettings) -> list[dict[str, Any]]:
         finally:
             for address in registered:
                 _STUDY_CLIENTS.pop(address, None)
+                _STUDY_REPORTS.pop(address, None)
     update_progress_artifact(progress.block_id, 100.0)
     create_table_artifact([{c: "" if r.get(c) is None else r[c] for c in COLUMNS} for r in rows], key="study-table",
                           description=f"overtile cohort: the study table ({settings.output}/study.csv)")
     failed = [r for r in rows if r["status"] == "failed"]
-    logger.info("cohort: %d of %d slides finished (%d before this run), %d failed; study table %s/study.csv",
-                len(rows) - len(failed), len(rows), sum(r["status"] == "finished before" for r in rows), len(failed),
+    logger.info("cohort: %d of %d slides finished (%d before this run), %d failed; %d blocks computed of %d "
+                "planned this run; study table %s/study.csv", len(rows) - len(failed), len(rows),
+                sum(r["status"] == "finished before" for r in rows), len(failed), progress.computed, progress.planned,
                 settings.output)
     return rows
 

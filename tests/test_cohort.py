@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -222,6 +223,10 @@ def test_cohort_flow_runs_each_slide_as_a_sub_flow(prefect_api, study, client):
     study_table = artifacts["study-table"]["data"]
     study_table = json.loads(study_table) if isinstance(study_table, str) else study_table
     assert {r["name"]: r["status"] for r in study_table} == {**dict.fromkeys("abcd", "finished"), "broken": "failed"}
+    # the blocks' progress follows the sub-flows' blocks (ingest's and prediction's), all of them
+    computed, planned = map(int, re.search(r"(\d+) blocks computed of (\d+) planned",
+                                           prefect_api.logs(run_id(state), "blocks computed of")[0]).groups())
+    assert computed == planned >= sum(r["blocks_computed"] for r in study_table if r["blocks_computed"]) > 0
     np.testing.assert_array_equal(zarr.open_array(f"{settings.output}/a/prediction.zarr/0", mode="r")[...],
                                   zarr.open_array(f"{study['rows']['a']['prediction']}/0", mode="r")[...])
 
@@ -230,3 +235,84 @@ def test_cohort_flow_runs_each_slide_as_a_sub_flow(prefect_api, study, client):
                                    {"flow_runs": {"parent_flow_run_id": {"any_": [run_id(again)]}}})
     assert [c["name"] for c in children] == ["broken"]
     assert prefect_api.logs(run_id(again), "4 before this run")
+
+
+def test_manifests_as_spreadsheets_write_them(tmp_path):
+    """One column of paths without a header, Excel's byte-order mark and semicolons, a slide
+    listed twice (it runs once), and a folder whose name has brackets (not a pattern)."""
+    folder = tmp_path / "batch [1]"
+    folder.mkdir()
+    for name in ("a.svs", "b.svs", "c.svs"):
+        (folder / name).write_bytes(b"")
+    urls = [str(folder / n) for n in ("a.svs", "b.svs", "c.svs")]
+    (folder / "plain.csv").write_text("a.svs\nb.svs\nc.svs\n")  # no header: a.svs is a slide
+    assert [s.url for s in list_slides(str(folder / "plain.csv"))] == urls
+    (folder / "named.csv").write_text("path\na.svs\n\nb.svs\n")  # one column with a header of its own
+    assert [s.url for s in list_slides(str(folder / "named.csv"))] == urls[:2]
+    (folder / "excel.csv").write_bytes("\ufeffSlide;patient\na.svs;1\nc.svs;2\na.svs;3\n".encode())
+    assert [s.url for s in list_slides(str(folder / "excel.csv"))] == [urls[0], urls[2]]
+    assert [s.name for s in list_slides(str(folder))] == ["a", "b", "c"]
+
+
+def test_a_slide_whose_stamp_fails_is_its_row_not_the_studys_end(tmp_path):
+    """A path through a file (NotADirectoryError, as a 403 would be on a bucket): the slide's
+    row says failed, naming it, and the next slide still runs."""
+    from pipeline.jobs.cohort import Slide, run_slide
+
+    (tmp_path / "notes.txt").write_text("not a folder")
+    model = make_model(tmp_path / "m.pt", in_channels=3, base_channels=2)
+    settings = CohortSettings(slides=str(tmp_path), output=str(tmp_path / "out"), model=str(model))
+    row = run_slide(Slide(str(tmp_path / "notes.txt" / "s1.svs"), "s1"), settings, client=lambda: None)
+    assert row["status"] == "failed" and "notes.txt/s1.svs" in row["error"], row
+
+
+def test_where_a_slide_is_read_from(tmp_path):
+    """A Zarr image is read as it is stored, however large its chunks; a TIFF in strips
+    longer than 8192 px is ingested (each block would decode the whole width again)."""
+    from pipeline import storage
+    from pipeline.jobs.cohort import in_place
+
+    zarr_url = str(tmp_path / "big-chunks.zarr")
+    storage.create_image(zarr_url, (4200, 4200), (4200, 4200), "uint8", "yx")
+    assert in_place(zarr_url)[0] is not None
+    tifffile.imwrite(tmp_path / "strips.tif", np.zeros((128, 9000), np.uint8), rowsperstrip=64)
+    source, why = in_place(str(tmp_path / "strips.tif"))
+    assert source is None and "64×9000" in why
+    tifffile.imwrite(tmp_path / "tiles.tif", np.zeros((128, 9000), np.uint8), tile=(64, 64))
+    assert in_place(str(tmp_path / "tiles.tif"))[0] is not None
+
+
+def test_a_zarr_slide_rewritten_gets_a_new_key(tmp_path):
+    from pipeline import storage
+    from pipeline.jobs.cohort import Slide, slide_key
+
+    url = f"memory://{tmp_path.name}/s.zarr"  # a store that keeps no modification times, as many buckets list none
+    settings = CohortSettings(slides=url, output=str(tmp_path / "out"), model="m.pt")
+    storage.create_image(url, (64, 64), (32, 32), "uint8", "yx")
+    first = slide_key(Slide(url, "s"), settings, "digest")
+    assert slide_key(Slide(url, "s"), settings, "digest") == first
+    storage.create_image(url, (64, 96), (32, 32), "uint8", "yx", overwrite=True)  # re-exported: another shape
+    assert slide_key(Slide(url, "s"), settings, "digest") != first
+
+
+@pytest.mark.slow
+def test_a_changed_slide_is_made_again_and_only_it(tmp_path, client):
+    """A study rerun after one slide was rescanned: that slide's outputs are made again
+    (equal to a fresh run of the new file), the unchanged slide is finished before."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    write_slide(folder / "a.ome.tiff", (192, 256), ((20, 150), (30, 200)), seed=1)
+    write_slide(folder / "b.ome.tiff", (192, 256), ((40, 120), (60, 220)), seed=2)
+    model = make_model(tmp_path / "m.pt", in_channels=3, base_channels=2)
+    settings = CohortSettings(slides=str(folder), output=str(tmp_path / "out"), model=str(model), block_size=128)
+    first = {r["name"]: r for r in run_cohort(settings, client=lambda: client)}
+    assert {n: r["status"] for n, r in first.items()} == {"a": "finished", "b": "finished"}
+    time.sleep(0.01)  # a new modification time even on coarse clocks
+    write_slide(folder / "b.ome.tiff", (192, 256), ((10, 180), (10, 250)), seed=3)  # rescanned
+    again = {r["name"]: r for r in run_cohort(settings, client=lambda: client)}
+    assert {n: r["status"] for n, r in again.items()} == {"a": "finished before", "b": "finished"}, again["b"]
+    fresh = tmp_path / "fresh.zarr"
+    predict(PredictSettings(input=str(folder / "b.ome.tiff"), output=str(fresh), model=str(model), block_size=128,
+                            dtype="uint8", tissue="auto"), client=client)
+    np.testing.assert_array_equal(zarr.open_array(f"{again['b']['prediction']}/0", mode="r")[...],
+                                  zarr.open_array(str(fresh / "0"), mode="r")[...])

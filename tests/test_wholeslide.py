@@ -288,3 +288,29 @@ def source_box(source):
     from pipeline.numerics.geometry import Box
 
     return Box.from_shape(source.spatial_shape)
+
+
+def test_auto_tissue_is_saturation_for_8_bit_rgb_only():
+    """Three 16-bit channels are fluorescence (tissue bright on black), not an RGB scan."""
+    from pipeline.jobs.tissue import compute_mask
+
+    rng = np.random.default_rng(0)
+    fluorescence = rng.integers(0, 200, (3, 96, 96)).astype(np.uint16)
+    fluorescence[:, 20:60, 30:70] += 3000  # tissue: bright in every channel, grey in colour
+    mask = compute_mask(storage.ImageSource("mem://f", fluorescence, "cyx"), "auto")
+    assert mask.method == "bright"
+    assert mask.mask[20:60, 30:70].all() and mask.mask.sum() == 40 * 40
+    rgb = np.full((3, 96, 96), 230, np.uint8)
+    rgb[:, 20:60, 30:70] = np.array([200, 110, 170], np.uint8)[:, None, None]
+    assert compute_mask(storage.ImageSource("mem://r", rgb, "cyx"), "auto").method == "saturation"
+
+
+def test_imagej_writes_its_micro_sign_escaped(tmp_path):
+    import tifffile
+
+    for unit in ("\\u00B5m", "micron"):
+        path = tmp_path / f"{unit[-2:]}.tif"
+        tifffile.imwrite(path, np.zeros((32, 32), np.uint8), imagej=True, resolution=(4.0, 4.0),
+                         metadata={"unit": unit})
+        source = storage.open_image(str(path))
+        assert source.scale == {"y": 0.25, "x": 0.25} and source.units["x"] == "micrometer", (unit, source.units)

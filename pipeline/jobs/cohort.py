@@ -36,6 +36,7 @@ import math
 import os
 import threading
 import time
+import logging
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,13 +52,17 @@ from pipeline.jobs.objects import ObjectOptions, ObjectSettings, find_objects
 from pipeline.jobs.predict import TTA_HELP, PredictSettings, predict
 from pipeline.jobs.tissue import TissueMethod
 from pipeline.storage import files, slides
-from pipeline.storage.sources import file_stamp
+from pipeline.storage.sources import file_stamp, stamp
+
+log = logging.getLogger("overtile")
 
 PREDICTION, IMAGE, RECORD = "prediction.zarr", "image.zarr", "slide.json"
 STUDY_TABLE = "study"  # ROOT/study.parquet and ROOT/study.csv
 # A TIFF level stored in pieces larger than this (strips over the whole width of a big scan,
 # or one strip) is ingested: every block would decode most of the file again.
 MAX_IN_PLACE_CHUNK = 4096 * 4096
+# ... or in strips longer than this: a 2048² block would decode strips many times its width.
+MAX_IN_PLACE_EDGE = 8192
 SLIDE_SUFFIXES = slides.TIFF_SUFFIXES + slides.PICTURE_SUFFIXES + (".zarr",)
 # The study table's columns, in order (a slide's record holds these and nothing else).
 COLUMNS = ("slide", "name", "status", "error", "read", "width_px", "height_px", "tissue_fraction",
@@ -96,7 +101,7 @@ class CohortSettings(BaseModel):
                         "(study.parquet, study.csv)")
     model: str = Field(description="U-Net checkpoint file written by overtile")
     tissue: TissueMethod = Field("auto", description="Which blocks to compute: those with tissue in a low-resolution "
-                                 "mask (auto: saturation for RGB, else bright), or all")
+                                 "mask (auto: saturation for 8-bit RGB, else bright), or all")
     tissue_threshold: float | None = Field(None, description="A fixed threshold on the tissue feature instead of Otsu's")
     dtype: Literal["float32", "float16", "uint8"] = Field("uint8", description="Probability dtype; uint8 stores "
                                                           "round(255·p), a quarter of float32's bytes")
@@ -143,7 +148,7 @@ def list_slides(where: str) -> list[Slide]:
 
     if path.lower().endswith(".csv"):
         urls = _manifest(fs, path, full)
-    elif any(c in path for c in "*?["):
+    elif any(c in path for c in "*?[") and not fs.exists(path):  # "batch [1]/" is a folder, not a pattern
         urls = [full(p) for p in sorted(fs.glob(path)) if _is_slide(p)]
     elif fs.isdir(path) and not path.rstrip("/").endswith(".zarr"):
         urls = [full(p) for p in sorted(fs.ls(path, detail=False)) if _is_slide(p)]
@@ -153,6 +158,11 @@ def list_slides(where: str) -> list[Slide]:
         raise InputError(f"{where}: no such file, folder or manifest")
     if not urls:
         raise InputError(f"{where}: no slides in it ({', '.join(SLIDE_SUFFIXES)})")
+    unique = list(dict.fromkeys(urls))  # one run per slide: two would write one folder at once
+    if len(unique) < len(urls):
+        twice = sorted({u for u in urls if urls.count(u) > 1})
+        log.warning("%s lists %s more than once; each runs once", where, ", ".join(twice))
+    urls = unique
     names = [_stem(u) for u in urls]
     counts = {n: names.count(n) for n in names}
     return [Slide(u, n if counts[n] == 1 else f"{n}-{hashlib.sha256(u.encode()).hexdigest()[:8]}")
@@ -160,19 +170,29 @@ def list_slides(where: str) -> list[Slide]:
 
 
 def _manifest(fs: Any, path: str, full: Callable[[str], str]) -> list[str]:
-    """The 'slide' column of a CSV manifest (or its only column); relative paths are taken
-    from the manifest's folder."""
-    with fs.open(path, "rt", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    """The 'slide' column of a CSV manifest (or its only column, with or without a header
+    line); relative paths are taken from the manifest's folder. Commas, semicolons (a
+    European spreadsheet's CSV) or tabs separate the columns; a spreadsheet's byte-order
+    mark is not part of the first name."""
+    with fs.open(path, "rt", encoding="utf-8-sig") as f:
+        text = f.read()
+    first = text.lstrip().partition("\n")[0]
+    delimiter = next((d for d in ",;\t" if d in first), ",")
+    rows = [[cell.strip() for cell in row] for row in csv.reader(io.StringIO(text), delimiter=delimiter)]
+    rows = [row for row in rows if any(row)]
     if not rows:
         raise InputError(f"{full(path)}: an empty manifest")
-    column = "slide" if "slide" in rows[0] else next(iter(rows[0])) if len(rows[0]) == 1 else None
-    if column is None:
+    header = [cell.lower() for cell in rows[0]]
+    if "slide" in header:
+        column, rows = header.index("slide"), rows[1:]
+    elif len(header) == 1:  # one column: a header line unless its first entry is a slide already
+        column, rows = 0, rows if _is_slide(rows[0][0]) or "/" in rows[0][0] else rows[1:]
+    else:
         raise InputError(f"{full(path)}: a manifest needs a 'slide' column (it has {', '.join(rows[0])})")
     folder = path.rpartition("/")[0]
     urls = []
     for row in rows:
-        value = (row[column] or "").strip()
+        value = row[column] if column < len(row) else ""
         if value:
             urls.append(value if "://" in value or value.startswith("/") else full(f"{folder}/{value}"))
     return urls
@@ -195,13 +215,14 @@ def _stem(url: str) -> str:
 
 
 def in_place(url: str) -> tuple[storage.ImageSource | None, str]:
-    """The slide opened for reading in place, block by block; or None and why it cannot be."""
+    """The slide opened for reading in place, block by block; or None and why it cannot be
+    (only pictures and TIFFs are ingested: a Zarr image is read as it is stored)."""
     if slides.is_picture(url):
         return None, "a picture (PNG / JPEG) is read whole"
     source = storage.open_image(url)
     chunks = getattr(source.array, "chunks", None) or source.array.shape
     spatial = [c for c, a in zip(chunks, source.axes) if a in "zyx"]
-    if math.prod(spatial) > MAX_IN_PLACE_CHUNK:
+    if slides.is_tiff(url) and (math.prod(spatial) > MAX_IN_PLACE_CHUNK or max(spatial) > MAX_IN_PLACE_EDGE):
         return None, f"stored in pieces of {'×'.join(map(str, spatial))} px"
     return source, ""
 
@@ -226,14 +247,20 @@ def run_slide(slide: Slide, settings: CohortSettings, client: Callable[[], Any],
     finished before with the same settings and input is not opened again (status
     ``finished before``). A failure is the record's status and error, never raised."""
     folder = slide.folder(settings.output)
-    key = slide_key(slide, settings, model_digest or file_digest(storage.absolute(settings.model)))
-    if (earlier := finished_before(slide, settings, key)) is not None:
-        return earlier
     report = report or SlideRun()
     started = time.perf_counter()
     row: dict[str, Any] = {c: None for c in COLUMNS} | {"slide": slide.url, "name": slide.name}
-    try:
-        row.update(_compute(slide, settings, folder, client, report))
+    key = None
+    try:  # even the slide's stamp may fail (a 403, a path through a file): its row, not the study's end
+        key = slide_key(slide, settings, model_digest or file_digest(storage.absolute(settings.model)))
+        if (earlier := finished_before(slide, settings, key)) is not None:
+            return earlier
+        record = read_record(folder)
+        stale = record is not None and record.get("key") != key  # the slide, model or settings changed since
+        if stale and not settings.overwrite:
+            log.info("%s: changed since its outputs in %s were made; they are made again", slide.url, folder)
+        row.update(_compute(slide, settings.model_copy(update={"overwrite": settings.overwrite or stale}), folder,
+                            client, report))
         row["status"] = "finished"
     except NoCluster:
         raise
@@ -317,11 +344,19 @@ def finished_before(slide: Slide, settings: CohortSettings, key: str) -> dict[st
 
 
 def slide_key(slide: Slide, settings: CohortSettings, model_digest: str) -> str:
-    """What a finished slide's outputs depend on: the slide file (size and time, one request),
-    the model's bytes and the settings that change values (not the cluster's)."""
+    """What a finished slide's outputs depend on: the slide file (size and time, one request;
+    a Zarr image's shape, dtype and metadata files, as predict stamps its input), the
+    model's bytes and the settings that change values (not the cluster's)."""
     values = settings.model_dump(exclude={"slides", "output", "slides_in_flight", "workers", "scheduler",
                                           "overwrite"})
-    return blockwise.fingerprint(slide=slide.url, stamp=file_stamp(slide.url), model=model_digest, settings=values)
+    if slides.is_tiff(slide.url) or slides.is_picture(slide.url):
+        found: Any = file_stamp(slide.url)
+    else:
+        try:
+            found = stamp(storage.open_image(slide.url))
+        except InputError:  # missing or unreadable: the run says why
+            found = None
+    return blockwise.fingerprint(slide=slide.url, stamp=found, model=model_digest, settings=values)
 
 
 def read_record(folder: str) -> dict[str, Any] | None:

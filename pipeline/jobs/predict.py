@@ -78,7 +78,7 @@ class PredictSettings(blockwise.BlockwiseSettings):
     channels_last: bool = Field(True, description="channels_last memory format (same numbers, about 2× faster on CPU)")
     tissue: TissueMethod = Field("all", description="Which blocks to compute: all, or those with tissue in a low-resolution mask: "
                                  "saturation (Otsu on HSV saturation; brightfield H&E), bright / dark (Otsu on intensity; "
-                                 "fluorescence / brightfield), auto (saturation for RGB, else bright)")
+                                 "fluorescence / brightfield), auto (saturation for 8-bit RGB, else bright)")
     tissue_threshold: float | None = Field(None, description="A fixed threshold on the tissue feature instead of Otsu's "
                                            "(saturation 0-1; intensity in the image's units)")
     tissue_mask: str | None = Field(None, description="A mask image (any resolution, nonzero = tissue) choosing the blocks to compute")

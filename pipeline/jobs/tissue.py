@@ -13,7 +13,8 @@ Features, as pathologists' tools threshold them:
 - ``bright``: Otsu on intensity, for fluorescence (tissue bright on black);
 - ``dark``: Otsu on intensity with tissue darker than the background (brightfield gray, EM
   sections on a bright support);
-- ``auto``: ``saturation`` for 3-channel images, else ``bright``.
+- ``auto``: ``saturation`` for 8-bit 3-channel images (RGB scans), else ``bright`` (a
+  3-channel 16-bit image is fluorescence, whose glass is dark, not grey).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def compute_mask(source: storage.ImageSource, method: TissueMethod, threshold: f
     if len(source.spatial_shape) != 2:
         raise InputError(f"{source.url}: tissue masks are for 2-D slides; this image is {len(source.spatial_shape)}-D")
     if method == "auto":
-        method = "saturation" if source.channels == 3 else "bright"
+        method = "saturation" if source.channels == 3 and source.array.dtype == np.uint8 else "bright"
     image, factor, where = _low_resolution(source)
     values = feature(image, method)
     sign = -1.0 if method == "dark" else 1.0  # dark tissue: the feature is minus the intensity

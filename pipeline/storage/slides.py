@@ -50,7 +50,8 @@ TIFF_AXES = {"S": "c", "C": "c", "T": "t", "Z": "z", "Y": "y", "X": "x"}
 UNITS = {"µm": "micrometer", "μm": "micrometer", "um": "micrometer", "micron": "micrometer", "microns": "micrometer",
          "micrometer": "micrometer", "nm": "nanometer", "nanometer": "nanometer", "mm": "millimeter",
          "millimeter": "millimeter", "cm": "centimeter", "centimeter": "centimeter", "m": "meter", "meter": "meter",
-         "Å": "angstrom", "angstrom": "angstrom", "pm": "picometer"}
+         "Å": "angstrom", "angstrom": "angstrom", "pm": "picometer",
+         "\\u00B5m": "micrometer", "\\u03BCm": "micrometer"}  # ImageJ writes the micro sign escaped
 MICROMETER = "micrometer"
 # TIFF ResolutionUnit (2 inch, 3 cm; 4 mm and 5 µm are tifffile's extensions) in micrometers
 RESOLUTION_UNIT_UM = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}
