@@ -206,11 +206,15 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, monkeypatch):
     assert again.done == 0
 
 
-def test_qupath_geojson_has_every_object_once_as_a_valid_polygon(tmp_path):
+def test_qupath_geojson_has_every_object_once_as_a_valid_polygon(tmp_path, monkeypatch):
     import shapely
     from shapely.geometry import shape
 
     from pipeline.storage.geojson import read_features
+
+    # the blocks' feature files are copied in pieces: pieces far shorter than a block's
+    # features (1 MiB in a run, some 2,300 cells) must not cut a feature in two
+    monkeypatch.setattr(files, "TEXT_PIECE", 333)
 
     p = map_2d()
     p[40:60, 120:150] = 0.95

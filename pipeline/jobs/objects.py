@@ -385,7 +385,7 @@ class ObjectJob(blockwise.BlockwiseJob):
                 for block in computed:
                     url = f"{self.work}/features/{block.key}.json"
                     if files.exists(url):
-                        for text in files.iter_text(url):
+                        for text in files.iter_lines(url):  # whole features: a cut one is no JSON
                             writer.write_text(text)
             self.close_spanning(computed, writer)
         if not files.exists(self.table):  # no objects: an empty table, not a missing one

@@ -85,12 +85,24 @@ def read_parquet(url: str) -> dict[str, np.ndarray]:
     return {name: table.column(name).to_numpy() for name in table.column_names}
 
 
+TEXT_PIECE = 1 << 20  # characters read at once by iter_lines
+
+
 def iter_text(url: str, chunk: int = 1 << 20) -> Iterator[str]:
     """The text of a file in pieces (a file is copied into another without holding it)."""
     fs, path = _fs(url)
     with fs.open(path, "rt", encoding="utf-8") as f:
         while piece := f.read(chunk):
             yield piece
+
+
+def iter_lines(url: str, chunk: int | None = None) -> Iterator[str]:
+    """The text of a file in pieces of whole lines, each about ``chunk`` characters (default
+    :data:`TEXT_PIECE`): one line-oriented file copied into another without holding it."""
+    fs, path = _fs(url)
+    with fs.open(path, "rt", encoding="utf-8") as f:
+        while piece := f.read(chunk or TEXT_PIECE):
+            yield piece + ("" if piece.endswith("\n") else f.readline())  # to the end of the line it cut
 
 
 def put_text(url: str, text: str) -> None:

@@ -69,7 +69,8 @@ class FeatureWriter:
 
     def write_text(self, text: str) -> None:
         """Features already serialised by :func:`features_text`, one per line (e.g. a block's,
-        written by a worker): copied in, so the collection never holds them all."""
+        written by a worker): copied in, so the collection never holds them all. ``text`` holds
+        whole lines (:func:`pipeline.storage.files.iter_lines` reads a file so)."""
         lines = [line for line in text.splitlines() if line]
         if lines:
             self._out.write(self._separator + ",\n".join(lines).encode())
