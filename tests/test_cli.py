@@ -201,6 +201,39 @@ def test_corrupt_checkpoint(setup, capsys):
     expect_error(capsys, ["predict", image, str(out), "--model", str(broken)], "broken.pt: not a readable checkpoint", out)
 
 
+def test_damaged_or_diverged_checkpoints_and_other_files(setup, capsys):
+    """torch.load reads a checkpoint whose bytes changed without a word (it checks no CRC):
+    every prediction would be NaN or silently other. Weights that are NaN, and files that are
+    not checkpoints at all, are refused as clearly."""
+    import zipfile
+
+    import torch
+
+    tmp, image, out, model = setup
+    with zipfile.ZipFile(model) as archive:
+        member = max(archive.infolist(), key=lambda i: i.file_size)  # the largest weight tensor
+    data = bytearray(Path(model).read_bytes())
+    names, extra = np.frombuffer(bytes(data[member.header_offset + 26:member.header_offset + 30]), "<u2")
+    start = member.header_offset + 30 + int(names) + int(extra)  # its stored bytes, after the local header
+    data[start:start + 8] = b"\xff" * 8
+    (tmp / "damaged.pt").write_bytes(bytes(data))
+    expect_error(capsys, ["predict", image, str(out), "--model", str(tmp / "damaged.pt")], "fails its checksum", out)
+    payload = torch.load(model, weights_only=True)
+    next(iter(payload["state_dict"].values()))[0] = float("nan")
+    torch.save(payload, tmp / "nan.pt")
+    expect_error(capsys, ["predict", image, str(out), "--model", str(tmp / "nan.pt")], "NaN or Inf weights", out)
+    (tmp / "notes.pt").write_text("my model\n")
+    expect_error(capsys, ["predict", image, str(out), "--model", str(tmp / "notes.pt")],
+                 "notes.pt: not an overtile checkpoint", out)
+
+
+def test_output_that_is_or_holds_the_input_is_refused_even_with_overwrite(setup, capsys):
+    tmp, image, out, model = setup
+    for output in (image, str(Path(image).parent)):  # the input itself, or a folder it is in
+        expect_error(capsys, ["predict", image, output, "--model", str(model), "--overwrite"],
+                     "which this run reads", Path(image))
+
+
 def test_existing_output_of_other_shape(setup, capsys):
     tmp, _, out, model = setup
     image = write_zarr(tmp / "bigger.zarr", np.zeros((60, 50), np.uint8))

@@ -308,7 +308,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "there is no class 2" in err and not out.exists()
     assert main(["objects", url, url, "--overwrite"]) == 2
-    assert "is the probabilities" in capsys.readouterr().err
+    assert "which this run reads" in capsys.readouterr().err
     other = tmp_path / "other.zarr"
     storage.create_image(str(other), (190, 170), (32, 32), "uint32", "yx")  # an image of the same shape and dtype
     assert main(["objects", url, str(other)]) == 2

@@ -286,7 +286,7 @@ def test_corrupt_or_incompatible_checkpoint_is_a_clear_error(data_2d, tmp_path):
         train(settings(*data_2d, out, steps=4, resume=True, optimizer="adam"))
     before = (out / "log.csv").read_bytes()
     (out / "last.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(InputError, match="last.pt: not a readable checkpoint"):
+    with pytest.raises(InputError, match="last.pt: not an overtile checkpoint"):
         train(settings(*data_2d, out, steps=4, resume=True))
     assert (out / "log.csv").read_bytes() == before  # nothing touched
 

@@ -75,7 +75,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_corrupt_or_foreign_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(InputError, match="junk.pt: not a readable checkpoint"):
+    with pytest.raises(InputError, match="junk.pt: not an overtile checkpoint"):
         load_model(tmp_path / "junk.pt")
     torch.save({"hello": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(InputError, match="not an overtile U-Net checkpoint"):

@@ -122,7 +122,7 @@ def plan_ingest(settings: IngestSettings) -> tuple[IngestJob, blockwise.Pending]
         kind, units, stored_axes = slide.kind, dict(slide.units), slide.axes
         dtype = slide.dtype.newbyteorder("=").name  # stored native, whatever the TIFF's byte order
     axes = "c" + spatial
-    existed = storage.check_output(settings.output, levels[0].shape, dtype, settings.overwrite)
+    existed = storage.check_output(settings.output, levels[0].shape, dtype, settings.overwrite, reads=(settings.slide,))
     run = blockwise.fingerprint(slide=settings.slide, stamp=file_stamp(settings.slide), axes=stored_axes,
                       levels=[(lv.shape, lv.chunks) for lv in levels], dtype=dtype)
     name = Path(settings.slide.rstrip("/")).name

@@ -525,8 +525,6 @@ def plan_objects(settings: ObjectSettings) -> tuple[ObjectJob, blockwise.Pending
     """Check the probabilities, the image and the output; create or reopen the output and its
     ledger; find the blocks that hold probabilities. No cluster."""
     settings = blockwise.absolute_paths(settings, "probabilities", "output", "image", "table", "geojson")
-    if settings.output.rstrip("/") in (settings.probabilities.rstrip("/"), (settings.image or "").rstrip("/")):
-        raise InputError(f"{settings.output}: is the probabilities (or the image) this run reads; choose another output")
     source = storage.open_image(settings.probabilities)
     meta = dict(zarr.open_group(store=settings.probabilities, mode="r").attrs.get("overtile", {})) \
         if _is_group(settings.probabilities) else {}
@@ -560,7 +558,8 @@ def plan_objects(settings: ObjectSettings) -> tuple[ObjectJob, blockwise.Pending
     into_image = storage.label_parent(image, settings.output) if image else None
     channel_axis = bool(into_image) and "c" in storage.open_image(into_image).axes
     out_shape = ((1,) if channel_axis else ()) + tuple(source.spatial_shape)
-    existed = storage.check_output(settings.output, out_shape, settings.dtype, settings.overwrite)
+    existed = storage.check_output(settings.output, out_shape, settings.dtype, settings.overwrite,
+                                   reads=(settings.probabilities, image))
     if existed and not settings.overwrite:
         kind = dict(zarr.open_group(store=settings.output, mode="r").attrs.get("overtile", {})).get("output_kind")
         if kind != "objects":

@@ -298,7 +298,8 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
         raise InputError(f"{settings.model}: {model.num_classes} classes do not fit uint8 labels")
     if source.dtype.kind == "f":
         check_finite(source)
-    existed = storage.check_output(settings.output, out_shape, out_dtype, settings.overwrite)
+    existed = storage.check_output(settings.output, out_shape, out_dtype, settings.overwrite,
+                                   reads=(settings.input, settings.tissue_mask, settings.model))
     mask = tissue_mask(source, settings.tissue, settings.tissue_threshold, settings.tissue_mask)
     run = blockwise.fingerprint(
         input=settings.input, stamp=storage.stamp(source), model=file_digest(settings.model),

@@ -126,7 +126,8 @@ def plan_weights(settings: WeightSettings) -> tuple[WeightJob, blockwise.Pending
     settings = blockwise.absolute_paths(settings, "labels", "output")
     source = open_labels(settings)
     block_shape = settings.block_shape(source.spatial_shape)
-    existed = storage.check_output(settings.output, source.spatial_shape, "float32", settings.overwrite)
+    existed = storage.check_output(settings.output, source.spatial_shape, "float32", settings.overwrite,
+                                   reads=(settings.labels,))
     spacing = tuple(source.scale.get(a, 1.0) for a in source.spatial_axes)
     reach = weightmap.reach(settings.w0, settings.sigma) if settings.w0 > 0 else 0.0
     halo = tuple(math.ceil(reach / s) + 1 for s in spacing)

@@ -310,9 +310,23 @@ def save_model(model: UNet, path: str | os.PathLike) -> None:
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint's dict safely; any failure is an :class:`InputError` naming the file."""
+    import zipfile
+
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":
+                raise InputError(f"{path}: not a readable checkpoint (a truncated or damaged archive)")
+        raise InputError(f"{path}: not an overtile checkpoint (not a torch.save archive)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # torch.load does not check the members' CRCs
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if damaged is not None:
+        raise InputError(f"{path}: a damaged checkpoint ({damaged} fails its checksum: a broken copy or download)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt file
@@ -334,6 +348,9 @@ def model_from_payload(payload: dict[str, Any], source: str | os.PathLike = "che
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise InputError(f"{source}: incompatible checkpoint ({str(exc).splitlines()[0]})") from None
+    bad = next((name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()), None)
+    if bad is not None:  # a diverged training run, or damage: every prediction would be NaN
+        raise InputError(f"{source}: NaN or Inf weights ({bad})")
     return model
 
 

@@ -299,13 +299,19 @@ def _exists(url: str) -> bool:
         return False
 
 
-def check_output(url: str, shape: Sequence[int], dtype: np.dtype | str, overwrite: bool) -> bool:
+def check_output(url: str, shape: Sequence[int], dtype: np.dtype | str, overwrite: bool,
+                 reads: Sequence[str | None] = ()) -> bool:
     """Say whether an output already exists; raise if it does and cannot be reused.
 
     An existing output must be an overtile OME-Zarr image of the same shape and dtype, unless
-    ``overwrite`` is set. Nothing is changed here.
+    ``overwrite`` is set. It may never be, or hold, what the run ``reads`` (its input): an
+    overwrite would delete that first. Nothing is changed here.
     """
     url = str(url)
+    out = url.rstrip("/")
+    for read in filter(None, reads):
+        if str(read).rstrip("/") == out or str(read).startswith(out + "/"):
+            raise InputError(f"{url}: holds {read}, which this run reads; choose another output")
     if not _exists(url):
         return False
     if overwrite:
