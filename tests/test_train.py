@@ -380,6 +380,13 @@ def test_a_time_limited_cosine_run_anneals_fully_and_ends_validated(stack, tmp_p
     assert rows[-1]["rand_error"] != ""  # the last step validated
     assert (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "best.pt").exists()
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["training"]["step"] == len(rows)
+    # resumed with the same budget, spent: nothing is trained, written or logged again
+    before = {name: (tmp_path / "run" / name).read_bytes() for name in ("last.pt", "best.pt", "log.csv")}
+    again = train(settings(*stack, tmp_path / "run", steps=100_000, lr_schedule="cosine", optimizer="adam",
+                           axes="zyx", val_slices=(3,), val_every=100_000, checkpoint_every=100_000, w0=0.0,
+                           time_limit=budget, resume=True))
+    assert again.step == summary.step
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in before} == before
 
 
 def test_the_budget_stops_before_a_step_that_would_not_fit_and_ends_near_progress_one():

@@ -36,6 +36,20 @@ def test_blockwise_equals_in_memory(client, tmp_path, block):
 
 
 @pytest.mark.slow
+def test_blocks_inside_a_cell_equal_in_memory(client, tmp_path):
+    """Four large cells with thin gaps: most blocks (with their halo) see no background, and
+    their smallest id must stay a cell, not become background."""
+    labels = np.zeros((160, 160), np.uint16)
+    for i, (ys, xs) in enumerate(((slice(0, 78), slice(0, 78)), (slice(0, 78), slice(81, 160)),
+                                  (slice(81, 160), slice(0, 78)), (slice(81, 160), slice(81, 160))), start=7):
+        labels[ys, xs] = i
+    url = write_zarr(tmp_path / "labels.zarr", labels, chunks=(32, 32))
+    weight_maps(WeightSettings(labels=url, output=str(tmp_path / "w.zarr"), block_size=16, sigma=2), client=client)
+    out = zarr.open_group(str(tmp_path / "w.zarr"), mode="r")["0"][...]
+    np.testing.assert_allclose(out, weight_map(labels, sigma=2), atol=1e-4)
+
+
+@pytest.mark.slow
 def test_3d_blockwise_equals_in_memory(client, tmp_path):
     labels = touching_cells((20, 40, 36), n=15)
     url = write_zarr(tmp_path / "labels.zarr", labels, chunks=(8, 16, 16))

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import random
 import time
@@ -76,6 +77,8 @@ from pipeline.numerics.unet import (
     read_checkpoint,
 )
 from pipeline.numerics.weightmap import balanced_class_weights
+
+logger = logging.getLogger("overtile")
 
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
 LOG_FIELDS = ("step", "loss", "lr", "seconds", "pixel_error", "rand_error", "rand_error_raw", "iou", "threshold")
@@ -558,8 +561,15 @@ def train(
     if job.resume_payload:
         restore(job.resume_payload, job.out / "last.pt", model, optimizer, scaler, ema)
         start = job.start
-        elapsed = float(job.resume_payload["training"].get("seconds", 0.0))
-        best = dict(job.resume_payload["training"].get("best", {}))
+        earlier = job.resume_payload["training"]
+        elapsed = float(earlier.get("seconds", 0.0))
+        best = dict(earlier.get("best", {}))
+        if s.time_limit is not None and (elapsed >= s.time_limit or (
+                earlier.get("budget_spent") and earlier.get("settings", {}).get("time_limit") == s.time_limit)):
+            logger.info("training: the %g s budget was spent at step %d; nothing to resume (a larger "
+                     "--time-limit goes on)", s.time_limit, start)
+            return TrainSummary(start, start, 0.0, None, best.get("step"),
+                                {k: v for k, v in best.items() if k != "step"}, job.out)
     job.out.mkdir(parents=True, exist_ok=True)
     if s.overwrite and not job.resume_payload:  # starting over: an old run's checkpoints must not outlive it
         for name in ("last.pt", "best.pt"):
@@ -568,8 +578,8 @@ def train(
     if on_start is not None:
         on_start(job)
 
-    def training_state(step: int, seconds: float) -> dict[str, Any]:
-        state = {"step": step, "seconds": seconds, "optimizer": optimizer.state_dict(),
+    def training_state(step: int, seconds: float, budget_spent: bool = False) -> dict[str, Any]:
+        state = {"step": step, "seconds": seconds, "budget_spent": budget_spent, "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict(), "rng": rng_state(), "settings": s.model_dump(mode="json"),
                  "best": best, "stats": job.spec.stats.as_dict()}
         if ema is not None:
@@ -613,7 +623,8 @@ def train(
                 raise RuntimeError(f"step {step}: the loss is {loss_value}; lower --lr (now {lr:g})")
             budget.timed(time.perf_counter() - began)
             seconds = elapsed + time.perf_counter() - clock
-            final = step == s.steps or budget.exhausted(seconds)
+            spent = budget.exhausted(seconds)
+            final = step == s.steps or spent
             row: dict[str, Any] = {"step": step, "loss": loss_value, "lr": lr, "seconds": round(seconds, 3)}
             # eval
             if job.val_regions and (step % s.val_every == 0 or final):
@@ -628,7 +639,7 @@ def train(
                 if not job.val_regions:  # nothing to choose by: the best model is the latest
                     best = {"step": step}
                     save_checkpoint(job.out / "best.pt", served, {"step": step, "scores": {}})
-                save_checkpoint(job.out / "last.pt", served, training_state(step, seconds))
+                save_checkpoint(job.out / "last.pt", served, training_state(step, seconds, spent))
             log.write(row)
             if "rand_error" in row or final:
                 write_curves(job.out / "curves.png", log.rows)

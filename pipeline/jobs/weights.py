@@ -101,8 +101,10 @@ class WeightJob(blockwise.BlockwiseJob):
         read = block.write.grow(self.halo).clip(self.spatial_shape)
         with watch("read"):
             labels = storage.cached_image(self.labels_url, self.labels_axes, self.fingerprint).read(read)[0]
-            # consecutive ids inside the block: global ids may be huge (binary masks, user data)
-            labels = np.unique(labels, return_inverse=True)[1].reshape(labels.shape).astype(np.uint32)
+            # consecutive ids inside the block: global ids may be huge (binary masks, user data);
+            # 0 stays background, and a block inside a cell (no 0 in it) does not make one
+            ids, inverse = np.unique(labels, return_inverse=True)
+            labels = (inverse.reshape(labels.shape) + (0 if ids[0] == 0 else 1)).astype(np.uint32)
         with watch("compute"):
             w = weightmap.weight_map(labels, self.settings.w0, self.settings.sigma, self.class_weights, self.spacing)
         with watch("write"):
