@@ -50,6 +50,19 @@ class BlockBar:
         self.close()
 
 
+def _at_least(minimum: int) -> Any:
+    """An argparse type: an integer of at least ``minimum`` (else argparse's one-line error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+    return parse
+
+
 def _settings(model: type[BaseModel], args: argparse.Namespace, prefix: str = "") -> Any:
     """The settings model from the parsed arguments: only what the user gave is passed, so
     every default is the model's own. ``prefix``: the arguments :func:`add_settings` added
@@ -487,10 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Write a U-Net checkpoint with random weights, for trying things out.")
     i.add_argument("out", help="checkpoint file to write")
     i.add_argument("--dims", type=int, choices=[2, 3], default=2)
-    i.add_argument("--in-channels", type=int, default=1)
-    i.add_argument("--classes", type=int, default=2)
-    i.add_argument("--depth", type=int, default=5, help="resolution levels (5 in the paper: 4 poolings)")
-    i.add_argument("--base-channels", type=int, default=64, help="channels at the first level (64 in the paper)")
+    i.add_argument("--in-channels", type=_at_least(1), default=1)
+    i.add_argument("--classes", type=_at_least(2), default=2, help="output classes, background included (2: cells "
+                   "and background; softmax over them)")
+    i.add_argument("--depth", type=_at_least(1), default=5, help="resolution levels (5 in the paper: 4 poolings)")
+    i.add_argument("--base-channels", type=_at_least(1), default=64, help="channels at the first level (64 in the paper)")
     i.add_argument("--padding", choices=["valid", "same"], default="valid")
     i.add_argument("--batch-norm", action="store_true")
     i.add_argument("--seed", type=int, default=0)

@@ -252,3 +252,26 @@ def test_too_small_tile_and_bad_numbers(setup, capsys):
     tmp, image, out, model = setup
     expect_error(capsys, ["predict", image, str(out), "--model", str(model), "--tile-size", "100"], "--tile-size 100", out)
     expect_error(capsys, ["predict", image, str(out), "--model", str(model), "--batch-size", "0"], "--batch-size", out)
+
+
+def test_a_damaged_chunk_of_the_input_is_one_line(setup, capsys, tmp_path):
+    """A chunk whose bytes do not decode (a broken copy): one line naming the input and where,
+    exit 2, not the workers' tracebacks."""
+    _, _, out, model = setup
+    image = write_zarr(tmp_path / "damaged.zarr", np.full((40, 50), 7, np.uint8), chunks=(16, 16))
+    chunk = next(p for p in sorted(Path(image).rglob("c/*/*")) if p.is_file())
+    chunk.write_bytes(b"this is not a compressed chunk")
+    assert main(["predict", image, str(tmp_path / "o.zarr"), "--model", str(model), "--block-size", "16",
+                 "--workers", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("overtile: error: ") and err.count("\n") == 1, err
+    assert f"{image}: stored chunks under" in err and "do not decode" in err
+
+
+@pytest.mark.parametrize("option", [["--depth", "0"], ["--base-channels", "-3"], ["--base-channels", "0"],
+                                    ["--in-channels", "0"], ["--classes", "1"]])
+def test_model_init_refuses_nets_that_cannot_be(tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as stop:
+        main(["model", "init", str(tmp_path / "m.pt"), *option])
+    assert stop.value.code == 2 and f"argument {option[0]}" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()

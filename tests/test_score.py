@@ -66,3 +66,12 @@ def test_a_threshold_chosen_on_the_scored_slices_is_refused(stack, capsys):
     probabilities, labels, _, _ = stack
     assert main(["score", probabilities, labels, "--axes", "zyx", "--slices", "3-4", "--choose-on", "2-3"]) == 2
     assert "share [3]" in capsys.readouterr().err
+
+
+def test_a_2d_image_is_named_as_such(tmp_path, capsys):
+    probabilities = str(tmp_path / "p.zarr")
+    storage.create_image(probabilities, (2, 32, 32), (2, 32, 32), "uint8", "cyx")[...] = 7
+    labels = write_zarr(tmp_path / "l.zarr", np.ones((32, 32), np.uint8))
+    assert main(["score", probabilities, labels, "--slices", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "a 2-D image; score takes a z, y, x stack" in err, err

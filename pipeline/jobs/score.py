@@ -62,7 +62,10 @@ def score(settings: ScoreSettings) -> dict[str, Any]:
                          f"chosen on the scored slices is not a score")
     probabilities = storage.open_image(storage.absolute(s.probabilities))
     labels = storage.open_image(storage.absolute(s.labels), s.axes)
-    if probabilities.spatial_shape != labels.spatial_shape or len(labels.spatial_shape) != 3:
+    if len(probabilities.spatial_shape) != 3:
+        raise InputError(f"{s.probabilities}: a {len(probabilities.spatial_shape)}-D image; score takes a z, y, x "
+                         f"stack of slices (--slices picks them), as ISBI 2012's")
+    if probabilities.spatial_shape != labels.spatial_shape:
         raise InputError(f"{s.probabilities}: spatial shape {probabilities.spatial_shape}; the labels "
                          f"{labels.spatial_shape} (both must be the same z, y, x stack)")
     if s.object_class >= probabilities.channels:

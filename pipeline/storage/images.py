@@ -15,6 +15,7 @@ URLs may be local paths or anything fsspec understands (``memory://``, ``s3://``
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -183,7 +184,12 @@ class ImageSource:
         """The pixels of ``box`` (inside the image), channel first ``(C, *box.shape)``."""
         spatial = dict(zip(self.spatial_axes, box.slices()))
         index = tuple(spatial.get(a, slice(None) if a == "c" else 0) for a in self.axes)
-        data = np.asarray(self.array[index])
+        try:
+            data = np.asarray(self.array[index])
+        except (RuntimeError, ValueError, EOFError, zlib.error) as exc:  # what codecs raise on damaged bytes
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""  # (network errors are OSErrors)
+            raise InputError(f"{self.url}: stored chunks under {box} do not decode ({type(exc).__name__}: "
+                             f"{text[:200]}); the array is damaged there") from None
         kept = [a for a in self.axes if a != "t"]
         order = ["c"] + list(self.spatial_axes) if "c" in kept else list(self.spatial_axes)
         data = data.transpose([kept.index(a) for a in order])
