@@ -95,3 +95,21 @@ def test_the_choices_on_held_out_slices_take_the_rule_that_keeps_cells_apart():
     assert (c.rand_error_agglomerated, c.merge_threshold) == choose_merge_threshold(p, truth)
     assert (c.pixel_error, c.pixel_threshold) == choose_pixel_threshold(p, truth)
     assert c.rand_error > 0.3 and c.rule == "agglomerated" and c.rule_error == pytest.approx(0, abs=1e-9)
+
+
+def test_touching_instances_stay_two_cells_in_the_truth():
+    """Instance labels with no gap between two cells: separating them is right and merging
+    them is wrong (connected components of labels > 0 would say the opposite)."""
+    from pipeline.numerics.metrics import score_segmentation, scores_at, truth_of
+
+    labels = np.zeros((20, 40), np.uint16)
+    labels[2:18, 2:20], labels[2:18, 20:38] = 5, 9  # touching along x = 20
+    apart = np.ones(labels.shape, np.float32)
+    apart[:, 19:21] = 0.0  # a membrane drawn between them
+    merged = np.ones(labels.shape, np.float32)
+    truth = truth_of(labels)
+    assert truth.dtype == np.uint16  # instances kept
+    assert scores_at(apart, truth, 0.5)["rand_error"] < 0.05 < scores_at(merged, truth, 0.5)["rand_error"]
+    assert score_segmentation(apart, truth).rand_error < score_segmentation(merged, truth).rand_error
+    mask = truth_of(np.where(labels > 0, 255, 0).astype(np.uint8))  # a mask: cells are its components
+    assert mask.dtype == bool and scores_at(merged, mask, 0.5)["rand_error"] < 0.05

@@ -147,6 +147,32 @@ def test_patches_keep_image_and_labels_aligned(tmp_path):
         assert (weights > 0).all()
 
 
+def test_touching_instances_get_a_gap_of_background_as_in_the_paper(tmp_path):
+    """Instance labels drawn without background between touching cells: the target gets a
+    one-pixel gap where they touch (Fig. 3c's labels), and eq. 2's border term there."""
+    from pipeline.numerics.weightmap import touching_borders
+
+    labels = np.zeros((60, 60), np.uint16)
+    labels[5:55, 5:30], labels[5:55, 30:55] = 3, 8  # touching along x = 30
+    image = np.where(labels > 0, 200, 20).astype(np.uint8)
+    s = settings(write_zarr(tmp_path / "i.zarr", image), write_zarr(tmp_path / "l.zarr", labels), tmp_path / "out",
+                 steps=4, **NO_AUGMENTATION)
+    spec = plan_training(s).spec
+    assert not spec.stats.mask  # three values: instances
+    gap = touching_borders(labels)
+    assert gap.sum() == 50 and gap[5:55, 30].all()  # one pixel wide, on the higher id's side
+    found = 0
+    for i in range(4):
+        x, classes, weights = PatchDataset(spec)[i]
+        image_cells = x[0, 8:-8, 8:-8].numpy() > 0.5
+        target, w = classes.numpy().astype(bool), weights.numpy()
+        wrong = image_cells & ~target  # cells in the image, background in the target: only the gap
+        found += int(wrong.sum())
+        if wrong.any():
+            assert w[wrong].min() > 2 * w[target].max()  # the border term of two cells one pixel apart
+    assert found > 0, "no sampled patch crossed the gap"
+
+
 def test_a_sample_depends_only_on_seed_and_index(data_2d, tmp_path):
     dataset = PatchDataset(plan_training(settings(*data_2d, tmp_path, steps=4)).spec)
     again = PatchDataset(plan_training(settings(*data_2d, tmp_path, steps=4)).spec)

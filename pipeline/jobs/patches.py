@@ -24,7 +24,7 @@ from pipeline.numerics.augment import deform, elastic_field, flip_rotate, gray_v
 from pipeline.numerics.geometry import Box, iter_blocks
 from pipeline.numerics.tiling import read_mirrored
 from pipeline.numerics.unet import Normalization
-from pipeline.numerics.weightmap import weight_map
+from pipeline.numerics.weightmap import touching_borders, weight_map
 
 # --- regions: where patches come from -----------------------------------------------------
 
@@ -272,8 +272,10 @@ class PatchDataset(Dataset):
         image = _standardize(image, s.normalization)
 
         cells = label > 0
+        if not s.stats.mask:  # instances drawn touching: a gap of background between them, as the paper's
+            cells &= ~touching_borders(label)
         if weight is None:  # eq. 2 on the whole input patch, so distances see the context
-            instances = ndimage.label(cells)[0] if s.stats.mask else label
+            instances = ndimage.label(cells)[0] if s.stats.mask else np.where(cells, label, 0)
             weight = weight_map(instances, s.w0, s.sigma, class_weights=s.class_weights, spacing=s.spacing)
         crop = (slice(s.margin, s.margin + s.output_size),) * s.dims
         return (torch.from_numpy(np.ascontiguousarray(image, np.float32)),

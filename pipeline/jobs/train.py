@@ -66,7 +66,7 @@ from pipeline.jobs.patches import (
     split_regions,
 )
 from pipeline.numerics.geometry import Box
-from pipeline.numerics.metrics import score_segmentation
+from pipeline.numerics.metrics import score_segmentation, truth_of
 from pipeline.numerics.tta import predict_region_tta, transforms
 from pipeline.numerics.unet import (
     Normalization,
@@ -328,11 +328,12 @@ def validate(model: UNet, images: storage.ImageSource, labels: storage.ImageSour
         image = model.normalization(region.read(images, whole))
         probability = predict_region_tta(model, whole, whole.shape, lambda box: image[(slice(None), *box.slices())],
                                          chosen, tile_size, mirror=mirror)[1]
-        truth = region.read(labels, whole)[0] > 0
+        truth = region.read(labels, whole)[0]
         probabilities.append(probability if region.dims == 3 else probability[None])
         truths.append(truth if region.dims == 3 else truth[None])
     model.train()
-    return score_segmentation(np.concatenate(probabilities), np.concatenate(truths)).as_dict()
+    # a mask's cells are its components; instance labels keep their ids (touching cells stay two)
+    return score_segmentation(np.concatenate(probabilities), truth_of(np.concatenate(truths))).as_dict()
 
 
 class TrainingLog:

@@ -135,7 +135,7 @@ def scores_at(cell_probability: np.ndarray, truth_cell_mask: np.ndarray, thresho
     with ``merge_threshold`` the Rand error of :func:`agglomerated_cells` too. Slices of a
     stack ``(Z, Y, X)`` are scored separately and averaged, as the challenge did."""
     prob, truth = _stack(cell_probability, truth_cell_mask)
-    true_cells = [ndimage.label(t)[0] for t in truth]
+    true_cells = [_true_cells(t) for t in truth]
     scores = {
         "pixel_error": pixel_error(prob > threshold, truth),
         "rand_error": _mean_rand_error(true_cells, prob, lambda p: cells_from_probability(p, threshold)),
@@ -156,12 +156,28 @@ def _mean_rand_error(true_cells: list[np.ndarray], prob: np.ndarray, cells: Call
 def _stack_cells(cell_probability: np.ndarray, truth_cell_mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     """The probabilities as a stack, and the true cells of each slice (labelled once)."""
     prob, truth = _stack(cell_probability, truth_cell_mask)
-    return prob, [ndimage.label(t)[0] for t in truth]
+    return prob, [_true_cells(t) for t in truth]
+
+
+def truth_of(labels: np.ndarray) -> np.ndarray:
+    """What the scores take as truth from a label image: a mask (at most two values: cells are
+    its connected components, as in ISBI 2012's membranes) as bool, instance labels (more
+    values) as they are, so touching instances stay two cells."""
+    labels = np.asarray(labels)
+    return labels > 0 if len(np.unique(labels)) <= 2 else labels
+
+
+def _true_cells(truth: np.ndarray) -> np.ndarray:
+    """One slice's true cells: the components of a mask, or the instance ids themselves."""
+    return ndimage.label(truth)[0] if truth.dtype == bool else truth
 
 
 def _stack(cell_probability: np.ndarray, truth_cell_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The probabilities and the truth as stacks; a truth that is no mask stays instance ids."""
     prob = np.asarray(cell_probability, np.float32)
-    truth = np.asarray(truth_cell_mask, bool)
+    truth = np.asarray(truth_cell_mask)
+    if truth.dtype.kind not in "ui":
+        truth = truth.astype(bool)
     if prob.shape != truth.shape:
         raise ValueError(f"probabilities {prob.shape} and truth {truth.shape} differ in shape")
     return (prob[None], truth[None]) if prob.ndim == 2 else (prob, truth)
@@ -178,7 +194,7 @@ def score_segmentation(
     errors averaged; pixel error and IoU use the threshold 0.5.
     """
     prob, truth = _stack(cell_probability, truth_cell_mask)
-    true_cells = [ndimage.label(t)[0] for t in truth]
+    true_cells = [_true_cells(t) for t in truth]
     best = (np.inf, np.inf, 0.5)
     for t in thresholds:
         grown = _mean_rand_error(true_cells, prob, lambda p: cells_from_probability(p, t))
