@@ -222,11 +222,13 @@ PROTOCOL = {"train": "0-14", "choose": range(15, 20), "score": range(20, 25)}
 
 
 def protocol_seed(seed: int, images: str, labels: str, out: Path, args: argparse.Namespace) -> dict:
-    """One seed of the honest protocol, as the CLI runs it::
+    """One seed of the honest protocol::
 
         overtile train --images I --labels L --axes zyx --dims 2 --val-slices 15-19 --test-slices 20-24 \
             --time-limit BUDGET --lr-schedule cosine --steps 1000000 --seed S ...
-        overtile predict I p.zarr --axes zyx --model OUT/{best,last}.pt [--tta all]
+        (each slice predicted by OUT/{best,last}.pt, tile-exact, [--tta all]: the library's
+         predict_region_tta per slice, as validation does; `overtile predict` takes a 2-D
+         model over 2-D images only, so a stack goes slice by slice here)
         overtile score p.zarr L --axes zyx --choose-on 15-19 --slices 20-24 --json s.json
 
     for each of the four candidates, reading only their errors on 15-19 (``on_choice``,

@@ -205,6 +205,18 @@ def test_given_weight_maps_are_cropped_like_the_labels(data_2d, tmp_path):
     for i in range(4):
         _, box = dataset.sample_box(np.random.default_rng([s.seed, i]))  # the first draw of sample i
         assert np.array_equal(dataset[i][2].numpy(), weights[box.slices()])
+    # options of the per-patch map would be dropped without a word: refused
+    for option in ({"w0": 5.0}, {"sigma": 3.0}, {"class_balance": False}):
+        with pytest.raises(InputError, match="apply to maps computed per patch"):
+            plan_training(s.model_copy(update=option))
+
+
+def test_a_3d_weight_map_is_refused_for_a_2d_model(tmp_path):
+    image, labels = disks((4, 40, 40), 5, seed=1)
+    urls = write_zarr(tmp_path / "i.zarr", image), write_zarr(tmp_path / "l.zarr", labels)
+    weights = write_zarr(tmp_path / "w.zarr", np.ones(labels.shape, np.float32))
+    with pytest.raises(InputError, match="a 3-D map .* for a 2-D model"):
+        plan_training(settings(*urls, tmp_path / "o", axes="zyx", dims=2, weights=weights))
 
 
 def test_standardized_normalization_is_stored_with_the_model(data_2d, tmp_path):

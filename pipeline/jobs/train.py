@@ -446,6 +446,16 @@ def plan_training(settings: TrainSettings) -> TrainJob:
     dims = s.dims or nd
     if dims > nd:
         raise InputError(f"--dims {dims}: {images.url} has only {nd} spatial axes ({images.spatial_axes})")
+    if weights is not None:  # the map is what it is: options of the per-patch map would be silently dropped
+        fields = TrainSettings.model_fields
+        changed = [f"--{name.replace('_', '-')}" for name in ("w0", "sigma") if getattr(s, name) != fields[name].default]
+        changed += ["--no-class-balance"] if not s.class_balance else []
+        if changed:
+            raise InputError(f"--weights {s.weights}: its map has its own w0, sigma and class weights; "
+                             f"{', '.join(changed)} apply to maps computed per patch (leave out --weights)")
+        if dims < nd:
+            raise InputError(f"--weights {s.weights}: a {nd}-D map (distances across slices) for a {dims}-D model; "
+                             f"leave out --weights to compute the map per slice")
     held = tuple(sorted(set(s.val_slices) | set(s.test_slices)))
     for flag, chosen in (("--val-slices", s.val_slices), ("--test-slices", s.test_slices)):
         if chosen and nd != 3:
