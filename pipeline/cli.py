@@ -80,7 +80,7 @@ def _predict(args: argparse.Namespace) -> None:
     def on_plan(job: Any, pending: Any) -> None:
         shape = "×".join(map(str, job.spatial_shape))
         block = "×".join(map(str, job.block_shape))
-        print(f"overtile: {shape} px in {pending.total} blocks of {block}, tiles of {job.tile_size} px, on {job.device}")
+        print(f"overtile: {shape} px in {pending.total} blocks of {block}, tiles up to {job.tile_size} px, on {job.device}")
         print(f"overtile: model: {job.model.summary()}")
         if not job.model.exact and job.model.geometry.margin:
             print(f"overtile: warning: {settings.model} crops its tiles but shifted tiles disagree: it is not translation "

@@ -275,3 +275,9 @@ def test_model_init_refuses_nets_that_cannot_be(tmp_path, capsys, option):
         main(["model", "init", str(tmp_path / "m.pt"), *option])
     assert stop.value.code == 2 and f"argument {option[0]}" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_a_tissue_threshold_without_a_tissue_mask_is_refused(setup, capsys):
+    tmp, image, out, model = setup
+    expect_error(capsys, ["predict", image, str(out), "--model", str(model), "--tissue-threshold", "0.5"],
+                 "--tissue-threshold thresholds a computed tissue mask", out)

@@ -298,6 +298,9 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
         raise InputError(f"{settings.model}: {model.num_classes} classes do not fit uint8 labels")
     if source.dtype.kind == "f":
         check_finite(source)
+    if settings.tissue_threshold is not None and settings.tissue == "all" and not settings.tissue_mask:
+        raise InputError("--tissue-threshold thresholds a computed tissue mask; add --tissue auto, saturation, "
+                         "bright or dark")
     existed = storage.check_output(settings.output, out_shape, out_dtype, settings.overwrite,
                                    reads=(settings.input, settings.tissue_mask, settings.model))
     mask = tissue_mask(source, settings.tissue, settings.tissue_threshold, settings.tissue_mask)

@@ -131,7 +131,8 @@ class ModelInfo:
         """One line: kind, dimensions, channels, crop and step."""
         g = self.geometry
         weights = f" ({self.weights} weights)" if self.kind == "bioimageio" else ""
-        sizes = f"fixed input size {g.input_size} px" if g.fixed else f"tile sizes {g.min_input_size(1)} + k·{g.factor} px"
+        sizes = f"fixed input size {g.input_size} px" if g.fixed else \
+            f"tile sizes {g.min_input_size(g.factor + g.remainder)} + k·{g.factor} px"  # as the tiler takes them
         return (f"{KIND_NAMES[self.kind]}{weights}, {self.dims}-D, {self.in_channels} → {self.num_classes} channels "
                 f"({self.activation}), margin {g.margin} px, {sizes}")
 
