@@ -360,9 +360,12 @@ def test_slurm_flows_carry_a_slurmcluster_task_runner(monkeypatch, entrypoint, n
     flow = load_flow_from_entrypoint(f"deploy/slurm/on_slurm.py:{entrypoint}", use_placeholder_flow=False)
     runner = flow.task_runner
     assert flow.name == name
-    assert runner.cluster_class == "dask_jobqueue.SLURMCluster"
-    assert ("--gres=gpu:1" in runner.cluster_kwargs.get("job_extra_directives", [])) == gpu
-    assert ("GPU=1" in runner.cluster_kwargs["worker_extra_args"]) == gpu
+    # made when the run starts, as --scheduler slurm makes it (the site's spec, the TLS folder)
+    assert runner.cluster_class == "flows.clusters.slurm_cluster"
+    assert runner.resolved_cluster_class is clusters.slurm_cluster
+    kwargs = clusters.slurm_cluster_kwargs(runner.cluster_kwargs["profile"])
+    assert ("--gres=gpu:1" in kwargs.get("job_extra_directives", [])) == gpu
+    assert ("GPU=1" in kwargs["worker_extra_args"]) == gpu
     assert runner.adapt_kwargs == {"minimum_jobs": 0, "maximum_jobs": jobs}
 
 

@@ -12,21 +12,19 @@ file, which would then shadow the ``flows`` package.)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect_dask import DaskTaskRunner
 
 from flows.segment import segment
 from flows.weight_maps import weight_maps_flow
-from flows.clusters import slurm_cluster_kwargs
-
-SPEC = Path(__file__).with_name("cluster.yaml")
 
 
 def slurm_task_runner(profile: str, maximum_jobs: int) -> DaskTaskRunner:
+    """A SLURMCluster per flow run, made as ``overtile --scheduler slurm`` makes it: from the
+    site's spec (``OVERTILE_SLURM_SPEC``, else deploy/slurm/cluster.yaml) when the run starts,
+    with the TLS folder created owner-only and ``security: false`` honoured."""
     return DaskTaskRunner(
-        cluster_class="dask_jobqueue.SLURMCluster",
-        cluster_kwargs=slurm_cluster_kwargs(profile, SPEC),
+        cluster_class="flows.clusters.slurm_cluster",
+        cluster_kwargs={"profile": profile},
         adapt_kwargs={"minimum_jobs": 0, "maximum_jobs": maximum_jobs},
     )
 
