@@ -16,6 +16,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.states import Failed, State
 
 from flows.common import dask_client
 from pipeline.errors import InputError
@@ -49,6 +50,10 @@ def cohort_slide(slide: str, name: str, settings: CohortSettings) -> dict[str, A
     prediction, objects when asked. Runs on ``settings.scheduler`` (the study's cluster when
     the cohort flow calls it), else on a local cluster of its own. Fails when the slide does."""
     logger = get_run_logger()
+    # paths as the study's run made them: a slide's key holds them, so a rerun of one slide from
+    # the UI with relative paths finds what the study finished instead of making it again
+    slide = absolute(slide)
+    settings = settings.model_copy(update={"output": absolute(settings.output), "model": absolute(settings.model)})
     study = _STUDY_CLIENTS.get(settings.scheduler or "")  # the cohort run's own client, in this process
     report = _STUDY_REPORTS.get(settings.scheduler or "") or SlideRun()
 
@@ -95,8 +100,10 @@ class StudyProgress:
                                                  description="overtile cohort: blocks computed of those planned so far")
 
     def slide_ended(self, row: dict[str, Any]) -> None:
-        self.ended += 1
-        update_progress_artifact(self.slide_id, 100.0 * self.ended / self.slides)
+        with self._lock:
+            self.ended += 1
+            share = 100.0 * self.ended / self.slides
+        update_progress_artifact(self.slide_id, share)
         get_run_logger().info("cohort: [%d/%d] %s: %s%s", self.ended, self.slides, row["name"], row["status"],
                               f" ({row['error']})" if row.get("error") else "")
 
@@ -114,7 +121,7 @@ class StudyProgress:
 
 
 @flow(name="cohort", log_prints=True)
-def cohort(settings: CohortSettings) -> list[dict[str, Any]]:
+def cohort(settings: CohortSettings) -> list[dict[str, Any]] | State:
     """A study of slides through one model: every slide of ``settings.slides`` into its own
     folder under ``settings.output``, on one shared Dask cluster, several slides in flight;
     the study table at ``OUTPUT/study.parquet`` and ``OUTPUT/study.csv``. A rerun skips the
@@ -151,6 +158,8 @@ def cohort(settings: CohortSettings) -> list[dict[str, Any]]:
     create_table_artifact([{c: "" if r.get(c) is None else r[c] for c in COLUMNS} for r in rows], key="study-table",
                           description=f"overtile cohort: the study table ({settings.output}/study.csv)")
     failed = [r for r in rows if r["status"] == "failed"]
+    if len(failed) == len(rows):  # a study with nothing to show is no success (some failed: the table says)
+        return Failed(message=f"cohort: none of the {len(rows)} slides finished; the first: {failed[0]['error']}")
     logger.info("cohort: %d of %d slides finished (%d before this run), %d failed; %d blocks computed of %d "
                 "planned this run; study table %s/study.csv", len(rows) - len(failed), len(rows),
                 sum(r["status"] == "finished before" for r in rows), len(failed), progress.computed, progress.planned,

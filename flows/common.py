@@ -75,14 +75,18 @@ def dask_client(scheduler: str | None, workers: int | None, gpu: bool = False) -
 
 class Cluster:
     """The Dask client a flow's tasks share, started on first use (a rerun with nothing left
-    to compute starts no cluster) and closed when the flow leaves the ``with`` block."""
+    to compute starts no cluster) and closed when the flow leaves the ``with`` block. With
+    ``in_process`` there is none: blocks run one after another in the flow's process."""
 
-    def __init__(self, scheduler: str | None, workers: int | None, gpu: bool = False):
+    def __init__(self, scheduler: str | None, workers: int | None, gpu: bool = False, in_process: bool = False):
         self.args = (scheduler, workers, gpu)
+        self.in_process = in_process
         self._stack = contextlib.ExitStack()
         self._client: Any = None
 
     def client(self) -> Any:
+        if self.in_process:
+            return None
         if self._client is None:
             self._client = self._stack.enter_context(dask_client(*self.args))
         return self._client
@@ -101,8 +105,8 @@ class BlockProgress:
         self.kind, self.total, self.done = kind, max(total, 1), skipped
         self.step = max(1, total // 100)
         self.log_step = max(1, total // 10)
-        self.id = create_progress_artifact(
-            progress=100.0 * skipped / self.total, key=f"{kind}-progress",
+        self.id = create_progress_artifact(  # nothing to compute (a blank slide's tissue mask): done
+            progress=100.0 * skipped / self.total if total else 100.0, key=f"{kind}-progress",
             description=f"overtile {kind}: share of blocks finished (the ledger's count, this run and earlier ones)",
         )
         self.logger = get_run_logger()

@@ -204,7 +204,7 @@ def test_a_real_svs_in_a_manifest(tmp_path, client):
 
 
 @pytest.mark.slow
-def test_cohort_flow_runs_each_slide_as_a_sub_flow(prefect_api, study, client):
+def test_cohort_flow_runs_each_slide_as_a_sub_flow(prefect_api, study, client, monkeypatch):
     """Through a real Prefect server: one sub-flow run per slide, named after it, the broken
     slide's failed and the study's run completed, with the study table and progress artifacts;
     a rerun makes no sub-flow runs for the finished slides."""
@@ -235,6 +235,17 @@ def test_cohort_flow_runs_each_slide_as_a_sub_flow(prefect_api, study, client):
                                    {"flow_runs": {"parent_flow_run_id": {"any_": [run_id(again)]}}})
     assert [c["name"] for c in children] == ["broken"]
     assert prefect_api.logs(run_id(again), "4 before this run")
+
+    # one slide rerun alone, as from the cohort-slide deployment's form, with paths relative
+    # to where the worker runs: the slide finished by the study is found, not made again
+    from flows.cohort import cohort_slide
+
+    base = study["base"]
+    monkeypatch.chdir(base)
+    relative = settings.model_copy(update={"output": os.path.relpath(settings.output, base), "scheduler": None,
+                                           "model": os.path.relpath(settings.model, base), "workers": 1})
+    row = cohort_slide(os.path.relpath(study["rows"]["a"]["slide"], base), "a", relative)
+    assert row["status"] == "finished before", row
 
 
 def test_manifests_as_spreadsheets_write_them(tmp_path):
@@ -316,3 +327,20 @@ def test_a_changed_slide_is_made_again_and_only_it(tmp_path, client):
                             dtype="uint8", tissue="auto"), client=client)
     np.testing.assert_array_equal(zarr.open_array(f"{again['b']['prediction']}/0", mode="r")[...],
                                   zarr.open_array(str(fresh / "0"), mode="r")[...])
+
+
+@pytest.mark.slow
+def test_a_study_where_no_slide_finished_fails(prefect_api, study, client, tmp_path):
+    """Some slides failing is the table's to say (the run completes); none finishing is a
+    failed run, with the table still written."""
+    from flows.cohort import cohort
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    (folder / "broken.svs").write_bytes((Path(study["settings"].slides) / "broken.svs").read_bytes())
+    settings = study["settings"].model_copy(update={"slides": str(folder), "output": str(tmp_path / "out"),
+                                                   "objects": None, "workers": None,
+                                                   "scheduler": client.scheduler.address})
+    state = cohort(settings, return_state=True)
+    assert state.is_failed() and "none of the 1 slides finished" in state.message and "broken.svs" in state.message
+    assert (tmp_path / "out" / "study.csv").exists()

@@ -243,3 +243,18 @@ def test_a_flow_run_on_slurm_picked_by_the_deployments_job_variables(deployed, s
     predict(PredictSettings(input=d["image"], output=str(clean), model=d["model"], block_size=128), client=client)
     np.testing.assert_array_equal(zarr.open_array(output + "/0", mode="r")[...],
                                   zarr.open_array(str(clean / "0"), mode="r")[...])
+
+
+def test_every_deployments_inputs_are_what_make_demo_writes():
+    """Quick run works after `make demo`: every input a deployment's defaults name is under
+    demo-data/ (scripts/demo.py writes there), none a placeholder to replace."""
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())
+    inputs = {(d["name"], key): value for d in spec["deployments"]
+              for key, value in (d.get("parameters", {}).get("settings") or {}).items()
+              if key in ("input", "model", "images", "labels", "slides", "slide")}
+    assert {"segment", "weight-maps", "train", "ingest", "cohort"} <= {name for name, _ in inputs}
+    assert all(str(v).startswith("demo-data/") for v in inputs.values()), inputs
+    demo = (ROOT / "scripts" / "demo.py").read_text()
+    assert 'f"slide{k + 1}.ome.tiff"' in demo and 'out / "slides"' in demo  # demo-data/slides/slide1.ome.tiff

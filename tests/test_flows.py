@@ -147,7 +147,7 @@ def test_weight_maps_flow_equals_the_in_memory_map(prefect_api, client, tmp_path
     assert weight_maps_flow(settings, return_state=True).result()[SKIPPED] == 9
 
 
-def test_ingest_flow_copies_every_level_of_the_slide_and_a_rerun_skips_them(prefect_api, client, tmp_path):
+def test_ingest_flow_copies_every_level_of_the_slide_and_a_rerun_skips_them(prefect_api, client, tmp_path, monkeypatch):
     import tifffile
 
     from flows.ingest import ingest_flow
@@ -185,6 +185,14 @@ def test_ingest_flow_copies_every_level_of_the_slide_and_a_rerun_skips_them(pref
     assert again.result()[COMPUTED] == 0 and again.result()[SKIPPED] == total
     assert table(prefect_api.artifacts(run_id(again))["ingest-summary"])[SKIPPED] == str(total)
     assert all(np.array_equal(group[str(i)][...], want) for i, want in enumerate(expected))
+
+    # without a scheduler or workers the flow copies in its own process, as the CLI does, even
+    # where OVERTILE_SCHEDULER names a cluster for the other flows (here one that is not there)
+    monkeypatch.setenv("OVERTILE_SCHEDULER", "tcp://127.0.0.1:9")
+    here = settings.model_copy(update={"output": str(tmp_path / "here.zarr"), "scheduler": None})
+    state = ingest_flow(here, return_state=True)
+    assert state.is_completed(), state.message
+    assert np.array_equal(zarr.open_group(here.output, mode="r")["0"][...], expected[0])
 
 
 def test_train_flow_reports_curves_and_scores(prefect_api, tmp_path):

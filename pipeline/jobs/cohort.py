@@ -434,7 +434,11 @@ def run_cohort(settings: CohortSettings, client: Callable[[], Any] | None = None
         # each slide in a copy of the caller's context (a flow's sub-flows find their parent in it)
         with ThreadPoolExecutor(settings.slides_in_flight, thread_name_prefix="overtile-slide") as pool:
             futures = [pool.submit(contextvars.copy_context().run, go, slide) for slide in found]
-            rows = [f.result() for f in futures]
+            try:
+                rows = [f.result() for f in futures]
+            except BaseException:  # cancelled or killed: the slides not yet started do not start
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     write_study_table(settings.output, rows)
     return rows
 
