@@ -314,3 +314,23 @@ def test_imagej_writes_its_micro_sign_escaped(tmp_path):
                          metadata={"unit": unit})
         source = storage.open_image(str(path))
         assert source.scale == {"y": 0.25, "x": 0.25} and source.units["x"] == "micrometer", (unit, source.units)
+
+
+@pytest.mark.slow
+def test_levels_out_of_date_are_not_listed(client, tmp_path, rgb_model):
+    """A run that adds level-0 blocks makes the levels below out of date: they leave the
+    multiscales before the blocks are written, so a run that stops before rebuilding them
+    (here: no pyramid asked for) leaves them for the next run to build, not listed stale."""
+    url, _ = rgb_slide(tmp_path / "slide.zarr")
+    low = np.zeros((64, 80), bool)
+    low[:8, :8] = True
+    out = str(tmp_path / "o.zarr")
+    base = dict(input=url, output=out, model=str(rgb_model), block_size=128)
+    predict(PredictSettings(**base, tissue_mask=write_zarr(tmp_path / "mask.zarr", low)), client=client)
+    listed = lambda: [d["path"] for d in storage.ome_metadata(dict(zarr.open_group(out).attrs))["datasets"]]  # noqa: E731
+    assert len(listed()) > 1  # a pyramid over the masked blocks
+    more = predict(PredictSettings(**base, pyramid=False), client=client)[1]  # the other blocks, no pyramid
+    assert more.done > 0 and listed() == ["0"]
+    predict(PredictSettings(**base), client=client)  # nothing to compute: the pyramid is built again
+    level1 = zarr.open_group(out)["1"][...]
+    assert len(listed()) > 1 and not np.isnan(level1).any()

@@ -184,6 +184,10 @@ class BlockwiseJob:
         """Whether :meth:`prepare` has work left (so a cluster must start for it)."""
         return False
 
+    def before_blocks(self) -> None:
+        """Called in the client once a run is about to compute blocks (some are pending),
+        before any is written: e.g. levels derived from the output go out of date."""
+
     def wants_finish(self, computing: int) -> bool:
         """Whether :meth:`finish` has work (e.g. a pyramid to build) after ``computing`` blocks."""
         return False
@@ -507,6 +511,8 @@ def run_pending(
         pending = planned.remaining(job.ledger)
     if on_start is not None:
         on_start(job, pending)
+    if pending.blocks:
+        job.before_blocks()
     with watch("blocks"):
         records = run_blocks(client, job, pending.blocks, on_result, failures)
     return job, RunSummary(pending.total, pending.skipped, records, time.perf_counter() - start,

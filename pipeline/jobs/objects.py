@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline import storage
 from pipeline.errors import InputError
 from pipeline.jobs import blockwise
-from pipeline.jobs.pyramid import build_pyramid
+from pipeline.jobs.pyramid import build_pyramid, unlist_levels
 from pipeline.jobs.weights import far_face_pairs
 from pipeline.numerics import instances
 from pipeline.numerics.downsample import level_shapes
@@ -365,6 +365,9 @@ class ObjectJob(blockwise.BlockwiseJob):
                              (self.settings.class_name, _colour(self.settings.class_name)), rows)
 
     # --- finish -----------------------------------------------------------------------------
+
+    def before_blocks(self) -> None:
+        unlist_levels(self.output)  # derived from level 0, which changes now
 
     def wants_finish(self, computing: int) -> bool:
         meta = dict(zarr.open_group(store=self.output, mode="r").attrs.get("overtile", {}))

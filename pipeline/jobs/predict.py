@@ -34,7 +34,7 @@ from pipeline.jobs.inference import (
     resolve_device,
     run_tiles,
 )
-from pipeline.jobs.pyramid import build_pyramid
+from pipeline.jobs.pyramid import build_pyramid, unlist_levels
 from pipeline.jobs.tissue import TissueMethod, tissue_mask
 from pipeline.numerics.downsample import level_shapes
 from pipeline.numerics.geometry import Block, Box, block_at, block_grid
@@ -235,6 +235,9 @@ class PredictJob(blockwise.BlockwiseJob):
                 "started": started, "finished": time.time(), "compile_s": compiling,
                 **({"compile_note": compile_note} if compile_note else {}),
                 **{f"{k}_s": v for k, v in watch.seconds.items()}}
+
+    def before_blocks(self) -> None:
+        unlist_levels(self.output)  # derived from level 0, which changes now
 
     def wants_finish(self, computing: int) -> bool:
         """Build the pyramid when blocks are computed now, or when an earlier run left none."""

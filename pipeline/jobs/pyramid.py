@@ -259,6 +259,17 @@ def _pool(mask: np.ndarray, window: Sequence[int]) -> np.ndarray:
     return padded.reshape(shape).sum(axis=tuple(range(1, 2 * mask.ndim, 2)))
 
 
+def unlist_levels(url: str) -> None:
+    """List only level 0 of the OME-Zarr image at ``url``: its levels below are stale once
+    level 0 changes, and a run that then stops before rebuilding them (killed, failed blocks,
+    no pyramid asked for) must leave them for the next run to build, not listed as current."""
+    group = zarr.open_group(store=url, mode="r+")
+    ms = storage.ome_metadata(dict(group.attrs))
+    if len(ms["datasets"]) > 1:
+        axes = [a["name"] for a in ms["axes"]]
+        _write_levels(group, axes, [storage.scale_from_ome(ms) or [1.0] * len(axes)], ms)
+
+
 def _write_levels(group: zarr.Group, axes: list[str], scales: list[list[float]], ms: dict[str, Any]) -> None:
     """List datasets 0 .. len(scales) - 1 in the group's multiscales (a run interrupted while
     rewriting the levels thus leaves only level 0 listed, and the next run rebuilds them)."""
