@@ -281,3 +281,17 @@ def test_a_tissue_threshold_without_a_tissue_mask_is_refused(setup, capsys):
     tmp, image, out, model = setup
     expect_error(capsys, ["predict", image, str(out), "--model", str(model), "--tissue-threshold", "0.5"],
                  "--tissue-threshold thresholds a computed tissue mask", out)
+
+
+def test_precision_not_settings_names_decide_a_resume(setup, capsys, tmp_path):
+    """On a CPU, autocast none and fp32 are the same float32: a run may resume the other's
+    output. On a GPU, none is TF32 and a resume there of a CPU run's output is refused."""
+    from pipeline.jobs.predict import precision
+
+    tmp, image, _, model = setup
+    out = str(tmp / "o.zarr")
+    args = ["predict", image, out, "--model", str(model), "--block-size", "32", "--workers", "1", "--quiet"]
+    assert main(args) == 0
+    assert main(args + ["--autocast", "fp32"]) == 0
+    assert precision("none", "cpu") == precision("fp32", "cpu") == precision("fp32", "cuda") == "float32"
+    assert precision("none", "cuda") == "tf32" and precision("bf16", "cpu") == "bf16"

@@ -255,6 +255,15 @@ class PredictJob(blockwise.BlockwiseJob):
         return build_pyramid(client, self.output, kind, present=self.ledger.done(), present_block=self.block_shape)
 
 
+def precision(autocast: str, device: str) -> str:
+    """The arithmetic a run's forward passes use, as the fingerprint keeps it: without autocast
+    a GPU runs TF32 convolutions and a CPU float32, so a run resumed on the other device would
+    mix them; on a CPU "none" and "fp32" are the same arithmetic."""
+    if autocast in ("none", "fp32"):
+        return "tf32" if device == "cuda" and autocast == "none" else "float32"
+    return autocast
+
+
 def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[PredictJob, blockwise.Pending]:
     """Check the inputs, create or reopen the output, read the ledger, apply the tissue mask.
 
@@ -311,7 +320,7 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
         input=settings.input, stamp=storage.stamp(source), model=file_digest(settings.model),
         block=block_shape, tile=tile, kind=settings.output_kind, dtype=out_dtype,
         overlap=settings.overlap if g.blend else None,  # exact tiling ignores it
-        mirror=settings.mirror, autocast=settings.autocast,
+        mirror=settings.mirror, precision=precision(settings.autocast, device),
         **({"tta": [t.name for t in augmentation]} if settings.tta != "none" else {}),
         **({"weights": model.weights} if model.kind == "bioimageio" else {}),  # a package runs one of its forms
     )
