@@ -181,15 +181,20 @@ class ImageSource:
         return self.array.dtype
 
     def read(self, box: Box) -> np.ndarray:
-        """The pixels of ``box`` (inside the image), channel first ``(C, *box.shape)``."""
-        spatial = dict(zip(self.spatial_axes, box.slices()))
-        index = tuple(spatial.get(a, slice(None) if a == "c" else 0) for a in self.axes)
+        """The pixels of ``box`` (inside the image), channel first ``(C, *box.shape)``; chunks
+        whose bytes do not decode are the input's fault (an :class:`InputError` naming it)."""
         try:
-            data = np.asarray(self.array[index])
+            return self.read_stored(box)
         except (RuntimeError, ValueError, EOFError, zlib.error) as exc:  # what codecs raise on damaged bytes
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""  # (network errors are OSErrors)
             raise InputError(f"{self.url}: stored chunks under {box} do not decode ({type(exc).__name__}: "
                              f"{text[:200]}); the array is damaged there") from None
+
+    def read_stored(self, box: Box) -> np.ndarray:
+        """:meth:`read` without naming what does not decode (a subclass says it its own way)."""
+        spatial = dict(zip(self.spatial_axes, box.slices()))
+        index = tuple(spatial.get(a, slice(None) if a == "c" else 0) for a in self.axes)
+        data = np.asarray(self.array[index])
         kept = [a for a in self.axes if a != "t"]
         order = ["c"] + list(self.spatial_axes) if "c" in kept else list(self.spatial_axes)
         data = data.transpose([kept.index(a) for a in order])

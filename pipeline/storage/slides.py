@@ -167,7 +167,7 @@ class SlideSource(images.ImageSource):
 
     def read(self, box: Box) -> np.ndarray:
         try:
-            return super().read(box)
+            return self.read_stored(box)
         except Exception as exc:
             _settle_zarr_reads()
             if isinstance(exc, (InputError, OSError, MemoryError)):
