@@ -198,7 +198,15 @@ def preview_path(output: str) -> Path | None:
 # --- the blockwise stages, the same for every job ---------------------------------------------
 
 
-@task(name="run blocks on Dask", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """A retry of the block stage redoes the failed blocks: worth it for a lost worker or a
+    network error, not when every failure is the input's (a tile that does not decode)."""
+    exc = getattr(state, "data", None)
+    return not (isinstance(exc, BlocksFailed) and exc.input_only)
+
+
+@task(name="run blocks on Dask", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=worth_retrying)
 def run_blocks(kind: str, job: J, planned: Pending, cluster: Cluster) -> tuple[J, RunSummary]:
     """The job's global passes, then every planned block the ledger does not mark finished,
     one Dask task each. Safe to retry: the ledger is read again, so a retry does only what is

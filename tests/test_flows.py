@@ -287,3 +287,24 @@ def test_segment_flow_sends_blocks_to_its_dask_task_runner_cluster(prefect_api, 
     assert state.is_completed() and state.result()[COMPUTED] == 9
     assert prefect_api.logs(run_id(state), "DaskTaskRunner cluster")
     assert zarr.open_group(str(tmp_path / "runner.zarr"), mode="r")["ledger"][...].all()
+
+
+def test_the_block_stage_is_not_retried_for_the_inputs_faults():
+    """A retry redoes the failed blocks: for a lost worker it may pass, for a tile that does
+    not decode it cannot. Input errors are marked as such where blocks are collected, and the
+    Prefect task's retry condition skips a retry when they are all there is."""
+    from prefect.states import Failed
+
+    from flows.common import worth_retrying
+    from pipeline.errors import BlocksFailed, InputFailure
+    from pipeline.jobs.blockwise import RunSummary, _collect
+
+    failures: list[str] = []
+    _collect([("0.0", {"block": "0.0", "input_error": "slide.tif: level 0, y 0:64: cannot be decoded"}),
+              ("0.1", {"block": "0.1"})], None, failures)
+    assert len(failures) == 1 and isinstance(failures[0], InputFailure)
+    damaged = BlocksFailed(RunSummary(2, 0, [{"block": "0.1"}], failed=failures))
+    assert damaged.input_only and not worth_retrying(None, None, Failed(data=damaged))
+    _collect([("1.0", RuntimeError("worker lost"))], None, failures)
+    mixed = BlocksFailed(RunSummary(3, 0, [], failed=failures))
+    assert not mixed.input_only and worth_retrying(None, None, Failed(data=mixed))

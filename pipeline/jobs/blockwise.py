@@ -45,7 +45,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pipeline import storage
 from pipeline.clusters import WORKER_ENVIRONMENT, is_slurm, scheduler_setting
-from pipeline.errors import InputError
+from pipeline.errors import InputError, InputFailure
 
 DEFAULT_BLOCK = {2: 2048, 3: 256}  # px per edge: a terabyte is tens of thousands of blocks
 
@@ -435,7 +435,7 @@ def _collect(outcomes: Iterable[Outcome], on_result: Callable[[dict[str, Any]], 
         elif "input_error" in outcome:
             if failures is None:
                 raise InputError(f"{outcome['input_error']} (block {outcome['block']})")
-            failures.append(f"{outcome['block']}: {outcome['input_error']}")
+            failures.append(InputFailure(f"{outcome['block']}: {outcome['input_error']}"))
         else:
             records.append(outcome)
             if on_result is not None:
