@@ -12,6 +12,7 @@ own, so one slide can be rerun alone from the UI with the study's settings.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -42,6 +43,7 @@ from pipeline.storage import absolute
 # what the study reports as blocks are planned and computed (its progress artifact).
 _STUDY_CLIENTS: dict[str, Any] = {}
 _STUDY_REPORTS: dict[str, SlideRun] = {}
+_REGISTRY_LOCK = threading.Lock()
 
 
 @flow(name="cohort-slide", flow_run_name="{name}", log_prints=True)
@@ -54,8 +56,9 @@ def cohort_slide(slide: str, name: str, settings: CohortSettings) -> dict[str, A
     # the UI with relative paths finds what the study finished instead of making it again
     slide = absolute(slide)
     settings = settings.model_copy(update={"output": absolute(settings.output), "model": absolute(settings.model)})
-    study = _STUDY_CLIENTS.get(settings.scheduler or "")  # the cohort run's own client, in this process
-    report = _STUDY_REPORTS.get(settings.scheduler or "") or SlideRun()
+    with _REGISTRY_LOCK:
+        study = _STUDY_CLIENTS.get(settings.scheduler or "")  # the cohort run's own client, in this process
+        report = _STUDY_REPORTS.get(settings.scheduler or "") or SlideRun()
 
     def on_plan(name: str, job: Any, pending: Any) -> None:
         _log_plan(name, job, pending)
@@ -90,8 +93,6 @@ class StudyProgress:
     planned so far (slides plan as they start, so the blocks' total grows)."""
 
     def __init__(self, slides: int):
-        import threading
-
         self.slides, self.ended, self.planned, self.computed = max(1, slides), 0, 0, 0
         self._lock = threading.Lock()  # the slides in flight report from their own threads
         self.slide_id = create_progress_artifact(0.0, key="cohort-slides",
@@ -135,13 +136,17 @@ def cohort(settings: CohortSettings) -> list[dict[str, Any]] | State:
     registered: set[str] = set()  # what this run put into _STUDY_CLIENTS
 
     def one(slide: Slide, settings: CohortSettings, client: Any, digest: str, report: Any) -> dict[str, Any]:
-        earlier = finished_before(slide, settings, slide_key(slide, settings, digest))
+        try:
+            earlier = finished_before(slide, settings, slide_key(slide, settings, digest))
+        except Exception:  # noqa: BLE001 - an unreadable stamp: the sub-flow's run_slide makes it the row
+            earlier = None
         if earlier is not None:
             return earlier
         address = client().scheduler.address
-        if _STUDY_CLIENTS.setdefault(address, client()) is client():
-            registered.add(address)
-            _STUDY_REPORTS[address] = report
+        with _REGISTRY_LOCK:  # client and report together: a slide starting meanwhile sees both
+            if _STUDY_CLIENTS.setdefault(address, client()) is client():
+                registered.add(address)
+                _STUDY_REPORTS[address] = report
         shared = settings.model_copy(update={"scheduler": address})
         state = cohort_slide(slide.url, slide.name, shared, return_state=True)
         return state.result() if state.is_completed() else _failed_row(slide, settings.output, state)

@@ -229,8 +229,10 @@ def test_damaged_or_diverged_checkpoints_and_other_files(setup, capsys):
 
 def test_output_that_is_or_holds_the_input_is_refused_even_with_overwrite(setup, capsys):
     tmp, image, out, model = setup
-    for output in (image, str(Path(image).parent)):  # the input itself, or a folder it is in
-        expect_error(capsys, ["predict", image, output, "--model", str(model), "--overwrite"],
+    (tmp / "link.zarr").symlink_to(image)
+    for source, output in ((image, image), (image, str(Path(image).parent)),  # itself, or a folder it is in
+                           ("file://" + image, image), (image, str(tmp / "link.zarr"))):  # spelled otherwise
+        expect_error(capsys, ["predict", source, output, "--model", str(model), "--overwrite"],
                      "which this run reads", Path(image))
 
 

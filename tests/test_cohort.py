@@ -327,6 +327,15 @@ def test_a_changed_slide_is_made_again_and_only_it(tmp_path, client):
                             dtype="uint8", tissue="auto"), client=client)
     np.testing.assert_array_equal(zarr.open_array(f"{again['b']['prediction']}/0", mode="r")[...],
                                   zarr.open_array(str(fresh / "0"), mode="r")[...])
+    # harmless changes remake nothing: the same model bytes elsewhere, or another device setting
+    import shutil
+
+    shutil.copy(model, tmp_path / "copy.pt")
+    moved = {r["name"]: r["status"] for r in run_cohort(settings.model_copy(update={"model": str(tmp_path / "copy.pt")}),
+                                                        client=lambda: client)}
+    assert moved == {"a": "finished before", "b": "finished before"}
+    other = {r["name"]: r for r in run_cohort(settings.model_copy(update={"device": "cpu"}), client=lambda: client)}
+    assert all(r["status"] == "finished" and r["blocks_computed"] == 0 for r in other.values()), other
 
 
 @pytest.mark.slow

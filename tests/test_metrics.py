@@ -113,3 +113,5 @@ def test_touching_instances_stay_two_cells_in_the_truth():
     assert score_segmentation(apart, truth).rand_error < score_segmentation(merged, truth).rand_error
     mask = truth_of(np.where(labels > 0, 255, 0).astype(np.uint8))  # a mask: cells are its components
     assert mask.dtype == bool and scores_at(merged, mask, 0.5)["rand_error"] < 0.05
+    as_stored = np.where(labels > 0, 255, 0).astype(np.uint8)  # a 0/255 mask given as it is: still a mask
+    assert scores_at(merged, as_stored, 0.5)["rand_error"] == scores_at(merged, mask, 0.5)["rand_error"]

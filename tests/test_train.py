@@ -212,11 +212,19 @@ def test_given_weight_maps_are_cropped_like_the_labels(data_2d, tmp_path):
 
 
 def test_a_3d_weight_map_is_refused_for_a_2d_model(tmp_path):
+    """overtile weights over a zyx stack measures distances across slices: refused for a 2-D
+    model. A stack of maps made elsewhere (e.g. per slice) is taken as it is."""
+    from pipeline import storage
+
     image, labels = disks((4, 40, 40), 5, seed=1)
     urls = write_zarr(tmp_path / "i.zarr", image), write_zarr(tmp_path / "l.zarr", labels)
-    weights = write_zarr(tmp_path / "w.zarr", np.ones(labels.shape, np.float32))
+    made_here = str(tmp_path / "w.zarr")  # what overtile weights writes: its class weights in the attributes
+    storage.create_image(made_here, labels.shape, (4, 40, 40), "float32", "zyx",
+                         attrs={"overtile": {"class_weights": [0.6, 2.5]}})[...] = 1.0
     with pytest.raises(InputError, match="a 3-D map .* for a 2-D model"):
-        plan_training(settings(*urls, tmp_path / "o", axes="zyx", dims=2, weights=weights))
+        plan_training(settings(*urls, tmp_path / "o", axes="zyx", dims=2, weights=made_here))
+    elsewhere = write_zarr(tmp_path / "slices.zarr", np.ones(labels.shape, np.float32))
+    assert plan_training(settings(*urls, tmp_path / "o", axes="zyx", dims=2, weights=elsewhere)).spec.dims == 2
 
 
 def test_standardized_normalization_is_stored_with_the_model(data_2d, tmp_path):

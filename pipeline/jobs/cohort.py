@@ -250,13 +250,17 @@ def run_slide(slide: Slide, settings: CohortSettings, client: Callable[[], Any],
     report = report or SlideRun()
     started = time.perf_counter()
     row: dict[str, Any] = {c: None for c in COLUMNS} | {"slide": slide.url, "name": slide.name}
-    key = None
+    key = found = None
     try:  # even the slide's stamp may fail (a 403, a path through a file): its row, not the study's end
-        key = slide_key(slide, settings, model_digest or file_digest(storage.absolute(settings.model)))
+        found = slide_stamp(slide)
+        key = slide_key(slide, settings, model_digest or file_digest(storage.absolute(settings.model)), found)
         if (earlier := finished_before(slide, settings, key)) is not None:
             return earlier
         record = read_record(folder)
-        stale = record is not None and record.get("key") != key  # the slide, model or settings changed since
+        # the slide's file changed since (rescanned): its outputs are made again. Other changes
+        # (settings, model) are each job's to judge: it resumes what its fingerprint still fits,
+        # or refuses, naming --overwrite
+        stale = record is not None and "stamp" in record and record["stamp"] != json.loads(json.dumps(found))
         if stale and not settings.overwrite:
             log.info("%s: changed since its outputs in %s were made; they are made again", slide.url, folder)
         row.update(_compute(slide, settings.model_copy(update={"overwrite": settings.overwrite or stale}), folder,
@@ -268,7 +272,7 @@ def run_slide(slide: Slide, settings: CohortSettings, client: Callable[[], Any],
         row["status"], row["error"] = "failed", _error(slide.url, exc)
     row["seconds"] = round(time.perf_counter() - started, 2)
     try:
-        files.put_text(f"{folder}/{RECORD}", json.dumps({**row, "key": key}, indent=1))
+        files.put_text(f"{folder}/{RECORD}", json.dumps({**row, "key": key, "stamp": found}, indent=1))
     except Exception as exc:  # noqa: BLE001 - an unwritable output root is this slide's error too
         row["status"], row["error"] = "failed", _error(folder, exc)
     return row
@@ -343,19 +347,24 @@ def finished_before(slide: Slide, settings: CohortSettings, key: str) -> dict[st
     return None
 
 
-def slide_key(slide: Slide, settings: CohortSettings, model_digest: str) -> str:
-    """What a finished slide's outputs depend on: the slide file (size and time, one request;
-    a Zarr image's shape, dtype and metadata files, as predict stamps its input), the
-    model's bytes and the settings that change values (not the cluster's)."""
-    values = settings.model_dump(exclude={"slides", "output", "slides_in_flight", "workers", "scheduler",
-                                          "overwrite"})
+def slide_stamp(slide: Slide) -> Any:
+    """What identifies the slide's contents without reading its pixels: a file's size and time
+    (one request); a Zarr image's shape, dtype and metadata files, as predict stamps its input."""
     if slides.is_tiff(slide.url) or slides.is_picture(slide.url):
-        found: Any = file_stamp(slide.url)
-    else:
-        try:
-            found = stamp(storage.open_image(slide.url))
-        except InputError:  # missing or unreadable: the run says why
-            found = None
+        return file_stamp(slide.url)
+    try:
+        return stamp(storage.open_image(slide.url))
+    except InputError:  # missing or unreadable: the run says why
+        return None
+
+
+def slide_key(slide: Slide, settings: CohortSettings, model_digest: str, found: Any = None) -> str:
+    """What a finished slide's outputs depend on: the slide (``found``, its
+    :func:`slide_stamp`, read when not given), the model's bytes (not its path) and the
+    settings that change values (not the cluster's)."""
+    values = settings.model_dump(exclude={"slides", "output", "slides_in_flight", "workers", "scheduler",
+                                          "overwrite", "model"})
+    found = slide_stamp(slide) if found is None else found
     return blockwise.fingerprint(slide=slide.url, stamp=found, model=model_digest, settings=values)
 
 

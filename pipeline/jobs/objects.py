@@ -586,6 +586,8 @@ def plan_objects(settings: ObjectSettings) -> tuple[ObjectJob, blockwise.Pending
         overwrite=settings.overwrite, shards=shards,
         attrs={"overtile": {"probabilities": settings.probabilities, "output_kind": "objects", "table": table}},
     )
+    if into_image and existed and settings.overwrite:  # being made again: not listed until finished
+        storage.unlist_label(into_image, settings.output)
     grid = block_grid(source.spatial_shape, block_shape)
     fresh = settings.overwrite or not existed
     if fresh:

@@ -317,7 +317,7 @@ def restore(payload: dict[str, Any], path: Path, model: UNet, optimizer: torch.o
 
 
 def validate(model: UNet, images: storage.ImageSource, labels: storage.ImageSource, regions: Sequence[Region],
-             tile_size: int, mirror: str, tta: str = "none") -> dict[str, float]:
+             tile_size: int, mirror: str, tta: str = "none", mask: bool | None = None) -> dict[str, float]:
     """Predict the held-out regions with the overlap-tile path (averaged over the ``tta``
     transforms, each tiled from its own origin) and score them (slice by slice)."""
     model.eval()
@@ -332,8 +332,11 @@ def validate(model: UNet, images: storage.ImageSource, labels: storage.ImageSour
         probabilities.append(probability if region.dims == 3 else probability[None])
         truths.append(truth if region.dims == 3 else truth[None])
     model.train()
-    # a mask's cells are its components; instance labels keep their ids (touching cells stay two)
-    return score_segmentation(np.concatenate(probabilities), truth_of(np.concatenate(truths))).as_dict()
+    # a mask's cells are its components; instance labels keep their ids (touching cells stay two).
+    # ``mask``: what training took the labels for (--labels-kind); None: told by their values
+    truth = np.concatenate(truths)
+    truth = truth_of(truth) if mask is None else truth > 0 if mask else truth
+    return score_segmentation(np.concatenate(probabilities), truth).as_dict()
 
 
 class TrainingLog:
@@ -425,6 +428,16 @@ def _open(url: str, axes: str | None, fallback: str | None) -> storage.ImageSour
         return storage.open_image(url, fallback)
 
 
+def _overtile_attrs(url: str) -> dict[str, Any]:
+    """The ``overtile`` attributes of the group at ``url`` ({} when it has none or is no group)."""
+    import zarr
+
+    try:
+        return dict(zarr.open_group(store=url, mode="r").attrs.get("overtile", {}))
+    except Exception:  # noqa: BLE001 - a plain array, or not Zarr: nothing said about its making
+        return {}
+
+
 def plan_training(settings: TrainSettings) -> TrainJob:
     """Check every input once, build the model, read the class balance; nothing is written."""
     s = settings
@@ -453,9 +466,11 @@ def plan_training(settings: TrainSettings) -> TrainJob:
         if changed:
             raise InputError(f"--weights {s.weights}: its map has its own w0, sigma and class weights; "
                              f"{', '.join(changed)} apply to maps computed per patch (leave out --weights)")
-        if dims < nd:
+        if dims < nd and "class_weights" in _overtile_attrs(weights.url):  # made by overtile weights over zyx
             raise InputError(f"--weights {s.weights}: a {nd}-D map (distances across slices) for a {dims}-D model; "
                              f"leave out --weights to compute the map per slice")
+        if dims < nd:
+            logger.warning("--weights %s: used as it is by a %d-D model; its distances must be per slice", s.weights, dims)
     held = tuple(sorted(set(s.val_slices) | set(s.test_slices)))
     for flag, chosen in (("--val-slices", s.val_slices), ("--test-slices", s.test_slices)):
         if chosen and nd != 3:
@@ -640,7 +655,7 @@ def train(
             # eval
             if job.val_regions and (step % s.val_every == 0 or final):
                 scores = validate(served, job.images, job.labels, job.val_regions, job.val_tile_size, s.mirror,
-                                  s.val_tta)
+                                  s.val_tta, job.spec.stats.mask)
                 row.update(scores)
                 if not best or scores["rand_error"] < best["rand_error"]:
                     best = {"step": step, **scores}

@@ -186,6 +186,8 @@ class ImageSource:
         try:
             return self.read_stored(box)
         except (RuntimeError, ValueError, EOFError, zlib.error) as exc:  # what codecs raise on damaged bytes
+            if not _raised_by_a_codec(exc):  # an event loop's or a program's error: not the input's
+                raise
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""  # (network errors are OSErrors)
             raise InputError(f"{self.url}: stored chunks under {box} do not decode ({type(exc).__name__}: "
                              f"{text[:200]}); the array is damaged there") from None
@@ -310,6 +312,33 @@ def _exists(url: str) -> bool:
         return False
 
 
+CODEC_CODE = ("numcodecs", f"zarr{os.sep}codecs{os.sep}", "imagecodecs", "gzip.py", "zlib")
+
+
+def _raised_by_a_codec(exc: BaseException) -> bool:
+    """Whether ``exc`` came from decoding stored bytes (a codec's frame on its traceback)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if any(part in tb.tb_frame.f_code.co_filename for part in CODEC_CODE):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _place(url: str) -> str:
+    """Where ``url`` is, spelled one way: ``file:///x`` and ``/x`` alike, links resolved."""
+    try:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url)
+    except (ValueError, ImportError):  # an unknown protocol: its spelling is all there is
+        return url.rstrip("/")
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    if protocol in ("file", "local"):
+        return "file://" + os.path.realpath(path)
+    return f"{protocol}://{path.rstrip('/')}"
+
+
 def check_output(url: str, shape: Sequence[int], dtype: np.dtype | str, overwrite: bool,
                  reads: Sequence[str | None] = ()) -> bool:
     """Say whether an output already exists; raise if it does and cannot be reused.
@@ -319,9 +348,9 @@ def check_output(url: str, shape: Sequence[int], dtype: np.dtype | str, overwrit
     overwrite would delete that first. Nothing is changed here.
     """
     url = str(url)
-    out = url.rstrip("/")
+    out = _place(url)
     for read in filter(None, reads):
-        if str(read).rstrip("/") == out or str(read).startswith(out + "/"):
+        if _place(str(read)) == out or _place(str(read)).startswith(out + "/"):
             raise InputError(f"{url}: holds {read}, which this run reads; choose another output")
     if not _exists(url):
         return False
