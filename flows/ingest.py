@@ -9,14 +9,12 @@ stages are :mod:`flows.common`'s.
 
 from __future__ import annotations
 
-import contextlib
-
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import Cluster, log_plan, report, run_job
 from pipeline.jobs.blockwise import Pending, RunSummary
-from pipeline.jobs.ingest import IngestJob, IngestSettings, plan_ingest
+from pipeline.jobs.ingest import IngestJob, IngestSettings, copies_here, plan_ingest
 
 
 @task(name="validate and plan", cache_policy=NO_CACHE)
@@ -47,10 +45,7 @@ def ingest_flow(settings: IngestSettings) -> dict:
     level the file has, blockwise on Dask. A rerun with the same settings resumes from the
     output's ledger; set ``overwrite`` to start over."""
     job, planned = plan(settings)
-    # as the CLI: copied in this process unless the run names a scheduler or workers (a slide
-    # is often readable only here; OVERTILE_SCHEDULER does not send it elsewhere)
-    in_process = settings.scheduler is None and settings.workers is None
-    with Cluster(None, None, in_process=True) if in_process else contextlib.nullcontext() as cluster:
+    with Cluster(settings.scheduler, settings.workers, in_process=copies_here(settings)) as cluster:
         return run_job("ingest", job, planned, summarise, cluster)
 
 

@@ -32,11 +32,11 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import threading
 import time
-import logging
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -372,7 +372,7 @@ def read_record(folder: str) -> dict[str, Any] | None:
     """A slide's record (``FOLDER/slide.json``), or None when it has none (or an unreadable one)."""
     url = f"{folder}/{RECORD}"
     try:
-        return json.loads("".join(files.iter_text(url))) if files.exists(url) else None
+        return json.loads("".join(files.iter_lines(url))) if files.exists(url) else None
     except (OSError, ValueError):
         return None
 

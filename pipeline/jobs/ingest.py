@@ -210,5 +210,11 @@ def ingest(
     >>> [lv.shape for lv in job.levels]  # doctest: +SKIP
     [(3, 32914, 46000), (3, 8228, 11500), (3, 2057, 2875)]
     """
-    in_process = client is None and settings.scheduler is None and settings.workers is None
-    return blockwise.execute(plan_ingest, settings, client, on_plan, on_result, in_process=in_process)
+    return blockwise.execute(plan_ingest, settings, client, on_plan, on_result,
+                             in_process=client is None and copies_here(settings))
+
+
+def copies_here(settings: IngestSettings) -> bool:
+    """Whether a slide is copied in the calling process: unless its run names a scheduler or
+    workers (a slide is often readable only here; OVERTILE_SCHEDULER does not send it away)."""
+    return settings.scheduler is None and settings.workers is None

@@ -392,11 +392,10 @@ class ObjectJob(blockwise.BlockwiseJob):
                             writer.write_text(text)
             self.close_spanning(computed, writer)
         if not files.exists(self.table):  # no objects: an empty table, not a missing one
-            nd = len(self.spatial_shape)
-            files.write_parquet(f"{self.table}/part-empty.parquet", self.rows({
-                "id": np.zeros(0, np.uint64), "area": np.zeros(0, np.int64), "sum": np.zeros((0, nd)),
-                "low": np.zeros((0, nd), np.int64), "high": np.zeros((0, nd), np.int64),
-                "probability": np.zeros(0), "intensity": np.zeros((0, self.channels))}))
+            one = (1,) * len(self.spatial_shape)  # the measurements of a pixel of background: none, every column
+            none = instances.measure(np.zeros(one, np.uint8), (0,) * len(one), np.zeros(one, np.float32),
+                                     np.zeros((self.channels, *one)) if self.channels else None)
+            files.write_parquet(f"{self.table}/part-empty.parquet", self.rows(none))
         if self.label_of:  # listed in its image once complete, so viewers never find it half made
             storage.register_label(self.label_of, self.output, 1)
         levels = 0

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pipeline import storage
 from pipeline.errors import InputError
 from pipeline.jobs.blockwise import Axes
-from pipeline.numerics.metrics import choose, pixel_error, scores_at, truth_of
+from pipeline.numerics.metrics import choose, pixel_error, scores_at
 
 
 class ScoreSettings(BaseModel):
@@ -76,7 +76,7 @@ def score(settings: ScoreSettings) -> dict[str, Any]:
 
     def read(slices: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
         p = np.stack([_cell_probability(probabilities, z, s.object_class) for z in slices])
-        t = truth_of(np.stack([_plane(labels, z)[0] for z in slices]))  # a mask as bool, instances as ids
+        t = np.stack([_plane(labels, z)[0] for z in slices])  # the scores tell a mask from instances
         return p, t
 
     prob, truth = read(s.slices)

@@ -66,7 +66,7 @@ from pipeline.jobs.patches import (
     split_regions,
 )
 from pipeline.numerics.geometry import Box
-from pipeline.numerics.metrics import score_segmentation, truth_of
+from pipeline.numerics.metrics import score_segmentation
 from pipeline.numerics.tta import predict_region_tta, transforms
 from pipeline.numerics.unet import (
     Normalization,
@@ -333,10 +333,9 @@ def validate(model: UNet, images: storage.ImageSource, labels: storage.ImageSour
         truths.append(truth if region.dims == 3 else truth[None])
     model.train()
     # a mask's cells are its components; instance labels keep their ids (touching cells stay two).
-    # ``mask``: what training took the labels for (--labels-kind); None: told by their values
+    # ``mask``: what training took the labels for (--labels-kind); else the scores tell by the values
     truth = np.concatenate(truths)
-    truth = truth_of(truth) if mask is None else truth > 0 if mask else truth
-    return score_segmentation(np.concatenate(probabilities), truth).as_dict()
+    return score_segmentation(np.concatenate(probabilities), truth > 0 if mask else truth).as_dict()
 
 
 class TrainingLog:
@@ -593,7 +592,7 @@ def train(
         if s.time_limit is not None and (elapsed >= s.time_limit or (
                 earlier.get("budget_spent") and earlier.get("settings", {}).get("time_limit") == s.time_limit)):
             logger.info("training: the %g s budget was spent at step %d; nothing to resume (a larger "
-                     "--time-limit goes on)", s.time_limit, start)
+                        "--time-limit goes on)", s.time_limit, start)
             return TrainSummary(start, start, 0.0, None, best.get("step"),
                                 {k: v for k, v in best.items() if k != "step"}, job.out)
     job.out.mkdir(parents=True, exist_ok=True)

@@ -176,8 +176,7 @@ def _stack(cell_probability: np.ndarray, truth_cell_mask: np.ndarray) -> tuple[n
     """The probabilities and the truth as stacks; a truth that is no mask stays instance ids."""
     prob = np.asarray(cell_probability, np.float32)
     truth = np.asarray(truth_cell_mask)
-    if truth.dtype.kind not in "ui" or len(np.unique(truth)) <= 2:  # a mask, e.g. 0/1 or 0/255: components
-        truth = truth > 0
+    truth = truth_of(truth) if truth.dtype.kind in "ui" else truth > 0  # e.g. 0/1 or 0/255: a mask
     if prob.shape != truth.shape:
         raise ValueError(f"probabilities {prob.shape} and truth {truth.shape} differ in shape")
     return (prob[None], truth[None]) if prob.ndim == 2 else (prob, truth)

@@ -315,15 +315,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
-        with open(path, "rb") as f:
-            if f.read(4) == b"PK\x03\x04":
-                raise InputError(f"{path}: not a readable checkpoint (a truncated or damaged archive)")
-        raise InputError(f"{path}: not an overtile checkpoint (not a torch.save archive)")
-    try:
+    try:  # torch.save writes a zip archive, and torch.load does not check its members' CRCs
         with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()  # torch.load does not check the members' CRCs
-    except (zipfile.BadZipFile, OSError) as exc:
+            damaged = archive.testzip()
+    except zipfile.BadZipFile:
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":  # begins as one: cut short or damaged
+                raise InputError(f"{path}: not a readable checkpoint (a truncated or damaged archive)") from None
+        raise InputError(f"{path}: not an overtile checkpoint (not a torch.save archive)") from None
+    except OSError as exc:
         raise InputError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
     if damaged is not None:
         raise InputError(f"{path}: a damaged checkpoint ({damaged} fails its checksum: a broken copy or download)")

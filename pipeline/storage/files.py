@@ -88,14 +88,6 @@ def read_parquet(url: str) -> dict[str, np.ndarray]:
 TEXT_PIECE = 1 << 20  # characters read at once by iter_lines
 
 
-def iter_text(url: str, chunk: int = 1 << 20) -> Iterator[str]:
-    """The text of a file in pieces (a file is copied into another without holding it)."""
-    fs, path = _fs(url)
-    with fs.open(path, "rt", encoding="utf-8") as f:
-        while piece := f.read(chunk):
-            yield piece
-
-
 def iter_lines(url: str, chunk: int | None = None) -> Iterator[str]:
     """The text of a file in pieces of whole lines, each about ``chunk`` characters (default
     :data:`TEXT_PIECE`): one line-oriented file copied into another without holding it."""
