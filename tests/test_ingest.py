@@ -110,6 +110,11 @@ def test_ome_tiff_physical_size_ends_up_in_the_scale(tmp_path, rgb):
     ingest(IngestSettings(slide=str(tmp_path / "s.ome.tif"), output=str(tmp_path / "out.zarr"), block_size=64))
     arrays, scales, ms = ome_levels(tmp_path / "out.zarr")
     assert scales == [[1.0, 0.5, 0.25], [1.0, 1.0, 0.5], [1.0, 2.0, 1.0]]
+    # a pixel of level k covers 2^k level-0 pixels from 2^k·i on (as OpenSlide reads levels):
+    # its centre, in level-0 pixels, is (2^k - 1) / 2 on
+    translations = [[t["translation"] for t in d["coordinateTransformations"] if t["type"] == "translation"]
+                    for d in ms["datasets"]]
+    assert translations == [[], [[0.0, 0.25, 0.125]], [[0.0, 0.75, 0.375]]]
     assert [a.get("unit") for a in ms["axes"]] == [None, "micrometer", "micrometer"]
     for got, want in zip(arrays, pyramid, strict=True):
         assert np.array_equal(got, channel_first(want))

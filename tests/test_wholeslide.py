@@ -175,6 +175,43 @@ def test_pyramid_levels_are_means_of_probabilities_and_nearest_labels(client, im
     np.testing.assert_array_equal(labels["1"][...], labels["0"][:, ::2, ::2])
 
 
+def placements(url: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each listed level's scale and translation (zeros when it has none)."""
+    ms = storage.ome_metadata(dict(zarr.open_group(url, mode="r").attrs))
+    return [(np.array(storage.scale_from_ome(ms, k)), np.array(storage.translation_from_ome(ms, k) or [0.0] * 3))
+            for k in range(len(ms["datasets"]))]
+
+
+@pytest.mark.slow
+def test_outputs_sit_where_the_input_is_and_each_level_where_its_pixels_came_from(client, image_2d, model_2d,
+                                                                                  tmp_path):
+    """An input placed in space (OME scale and translation) gives outputs placed the same, so a
+    viewer draws them over it; a level's pixel centre is the centre of the level-0 pixels it was
+    made from: the mean of a 2×2 window is half a level-0 pixel on, the nearest (top-left) is not."""
+    _, data = image_2d
+    url = str(tmp_path / "placed.zarr")
+    storage.create_image(url, (1, *data.shape), (1, 128, 128), data.dtype, "cyx", scale=[1.0, 0.5, 0.25],
+                         translation=[0.0, 10.0, -3.0], units={"y": "micrometer", "x": "micrometer"})[...] = data[None]
+    assert storage.open_image(url).origin == {"c": 0.0, "y": 10.0, "x": -3.0}
+    for kind, window in (("probabilities", np.array([0.5, 0.5])), ("labels", np.array([0.0, 0.0]))):
+        out = str(tmp_path / f"{kind}.zarr")
+        predict(PredictSettings(input=url, output=out, model=str(model_2d), block_size=128, output_kind=kind),
+                client=client)
+        (s0, t0), (s1, t1) = placements(out)
+        np.testing.assert_array_equal(s0, [1.0, 0.5, 0.25])
+        np.testing.assert_array_equal(t0, [0.0, 10.0, -3.0])
+        np.testing.assert_array_equal(s1, [1.0, 1.0, 0.5])
+        # level 1's pixel (i, j) is made from level 0's (2i, 2j) and the window after it
+        for i, j in ((0, 0), (7, 11), (100, 60)):
+            made_from = t0[1:] + s0[1:] * (2 * np.array([i, j]) + window)
+            np.testing.assert_allclose(t1[1:] + s1[1:] * np.array([i, j]), made_from)
+    for job, source in (("weights", "labels"), ("objects", "probabilities")):  # the jobs that read outputs
+        out = str(tmp_path / f"{job}.zarr")
+        assert main([job, str(tmp_path / f"{source}.zarr"), out, "--block-size", "128", "--quiet",
+                     "--scheduler", client.scheduler.address]) == 0
+        np.testing.assert_array_equal(placements(out)[0][1][-2:], [10.0, -3.0])
+
+
 @pytest.mark.slow
 def test_ome_zarr_reader_sees_the_pyramid_and_the_labels_on_the_image(client, tmp_path, rgb_model):
     from ome_zarr.io import parse_url

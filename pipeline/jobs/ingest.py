@@ -57,6 +57,7 @@ class IngestLevel:
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
     scale: tuple[float, ...]
+    translation: tuple[float, ...]  # a pixel of a lower level averages level-0 pixels: their centre
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,10 @@ def plan_ingest(settings: IngestSettings) -> tuple[IngestJob, blockwise.Pending]
         for i in range(n):
             shape = (slide.channels, *slide.spatial_shape(i))
             chunks = (slide.channels, *(min(block, s) for s in shape[1:]))
-            scale = slide.scale(i)
-            levels.append(IngestLevel(shape, chunks, (1.0, *(scale[a] for a in spatial))))
+            scale = (1.0, *slide.scale(i).values())
+            centre = storage.level_translation(levels[0].scale if levels else scale, [0.0] * len(scale),
+                                               (1.0, *slide.downsample(i)), "mean")
+            levels.append(IngestLevel(shape, chunks, scale, tuple(centre)))
         kind, units, stored_axes = slide.kind, dict(slide.units), slide.axes
         dtype = slide.dtype.newbyteorder("=").name  # stored native, whatever the TIFF's byte order
     axes = "c" + spatial
@@ -140,7 +143,8 @@ def plan_ingest(settings: IngestSettings) -> tuple[IngestJob, blockwise.Pending]
             group.create_array(str(i), shape=lv.shape, chunks=lv.chunks, dtype=dtype, fill_value=fill,
                                dimension_names=list(axes), compressors=[storage.OUTPUT_CODEC])
     group.attrs["ome"] = {"version": storage.OME_VERSION,
-                          "multiscales": [storage.multiscales(axes, [lv.scale for lv in levels], name, units)]}
+                          "multiscales": [storage.multiscales(axes, [lv.scale for lv in levels], name, units,
+                                                                [lv.translation for lv in levels])]}
     job = IngestJob(output=settings.output, ledger=ledger, fingerprint=run, settings=settings, format=kind, axes=axes,
                     dtype=dtype, levels=tuple(levels), units=units)
     return job, job.pending()

@@ -579,9 +579,10 @@ def plan_objects(settings: ObjectSettings) -> tuple[ObjectJob, blockwise.Pending
     units = {source.units.get(a) for a in source.spatial_axes}
     unit = units.pop() if len(units) == 1 else None
     chunks, shards = settings.output_layout(out_shape, ((1,) if channel_axis else ()) + block_shape, nd)
+    scale, translation = source.placement(channel=channel_axis)
     storage.create_image(
         settings.output, out_shape, chunks, settings.dtype, ("c" if channel_axis else "") + source.spatial_axes,
-        name="objects", scale=([1.0] if channel_axis else []) + list(spacing), units=source.units,
+        name="objects", scale=scale, translation=translation, units=source.units,
         overwrite=settings.overwrite, shards=shards,
         attrs={"overtile": {"probabilities": settings.probabilities, "output_kind": "objects", "table": table}},
     )

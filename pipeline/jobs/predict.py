@@ -324,11 +324,11 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
         **({"tta": [t.name for t in augmentation]} if settings.tta != "none" else {}),
         **({"weights": model.weights} if model.kind == "bioimageio" else {}),  # a package runs one of its forms
     )
-    scale = ([1.0] if channel_axis else []) + [source.scale.get(a, 1.0) for a in source.spatial_axes]
+    scale, translation = source.placement(channel=channel_axis)
     chunks, shards = settings.output_layout(out_shape, ((out_shape[0],) if channel_axis else ()) + tuple(block_shape), nd)
     storage.create_image(
         settings.output, out_shape, chunks, out_dtype, ("c" if channel_axis else "") + source.spatial_axes,
-        name=settings.output_kind, scale=scale, units=source.units, overwrite=settings.overwrite, shards=shards,
+        name=settings.output_kind, scale=scale, translation=translation, units=source.units, overwrite=settings.overwrite, shards=shards,
         attrs={"overtile": {"input": settings.input, "model": str(settings.model), "output_kind": settings.output_kind,
                             "model_kind": models.KIND_NAMES[model.kind], "tiling": model.tiling}},
     )

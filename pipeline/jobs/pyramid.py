@@ -200,6 +200,7 @@ def build_pyramid(client: Any, url: str, kind: str, present: np.ndarray | None =
     block_shape = unit[-spatial:]
     factor = tuple(2 if a in "yx" else 1 for a in axes[-spatial:])
     scale0 = storage.scale_from_ome(ms) or [1.0] * len(axes)
+    translation0 = storage.translation_from_ome(ms) or [0.0] * len(axes)
     shapes = [tuple(base.shape), *level_shapes(base.shape, spatial, min_edge)]
     grid = block_grid(base.shape[-spatial:], block_shape)
     if present is None:
@@ -212,7 +213,7 @@ def build_pyramid(client: Any, url: str, kind: str, present: np.ndarray | None =
     masks = [present]  # a block is present if any of the blocks above it is
     for _ in shapes[1:]:
         masks.append(_pool(masks[-1], factor) > 0)
-    _write_levels(group, axes, [scale0], ms)  # level 0 only, until every level below is written again
+    _write_levels(group, axes, [scale0], [translation0], ms)  # level 0 only, until every level below is written again
     for level, shape in enumerate(shapes[1:], start=1):
         group.create_array(str(level), shape=shape, chunks=base.chunks, shards=base.shards, dtype=base.dtype,
                            fill_value=base.fill_value, dimension_names=axes, compressors=[storage.OUTPUT_CODEC],
@@ -226,8 +227,10 @@ def build_pyramid(client: Any, url: str, kind: str, present: np.ndarray | None =
                        masks[source][tuple(slice(i * n, (i + 1) * n) for i, n in zip(index, span))].copy())
                  for index in np.argwhere(masks[top])]
         run_blocks(client, job, tasks)
-    scales = [[s * 2**level if a in "yx" else s for a, s in zip(axes, scale0)] for level in range(len(shapes))]
-    _write_levels(group, axes, scales, ms)
+    factors = [[2**level if a in "yx" else 1 for a in axes] for level in range(len(shapes))]
+    scales = [[s * f for s, f in zip(scale0, fs)] for fs in factors]
+    translations = [storage.level_translation(scale0, translation0, fs, kind) for fs in factors]
+    _write_levels(group, axes, scales, translations, ms)
     return len(shapes) - 1
 
 
@@ -267,13 +270,15 @@ def unlist_levels(url: str) -> None:
     ms = storage.ome_metadata(dict(group.attrs))
     if len(ms["datasets"]) > 1:
         axes = [a["name"] for a in ms["axes"]]
-        _write_levels(group, axes, [storage.scale_from_ome(ms) or [1.0] * len(axes)], ms)
+        _write_levels(group, axes, [storage.scale_from_ome(ms) or [1.0] * len(axes)],
+                      [storage.translation_from_ome(ms) or [0.0] * len(axes)], ms)
 
 
-def _write_levels(group: zarr.Group, axes: list[str], scales: list[list[float]], ms: dict[str, Any]) -> None:
+def _write_levels(group: zarr.Group, axes: list[str], scales: list[list[float]], translations: list[list[float]],
+                  ms: dict[str, Any]) -> None:
     """List datasets 0 .. len(scales) - 1 in the group's multiscales (a run interrupted while
     rewriting the levels thus leaves only level 0 listed, and the next run rebuilds them)."""
     ome = dict(group.attrs.get("ome", {}))
     units = {a["name"]: a["unit"] for a in ms["axes"] if a.get("unit")}
-    ome["multiscales"] = [storage.multiscales("".join(axes), scales, ms.get("name", "image"), units)]
+    ome["multiscales"] = [storage.multiscales("".join(axes), scales, ms.get("name", "image"), units, translations)]
     group.attrs["ome"] = ome

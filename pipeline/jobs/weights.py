@@ -137,7 +137,7 @@ def plan_weights(settings: WeightSettings) -> tuple[WeightJob, blockwise.Pending
                       binary=settings.binary, block=block_shape, spacing=spacing)
     storage.create_image(
         settings.output, source.spatial_shape, block_shape, "float32", source.spatial_axes,
-        name="weights", scale=list(spacing), units=source.units, overwrite=settings.overwrite,
+        name="weights", scale=list(spacing), translation=source.placement(channel=False)[1], units=source.units, overwrite=settings.overwrite,
         attrs={"overtile": {"labels": settings.labels, "w0": settings.w0, "sigma": settings.sigma, "output_kind": "weights"}},
     )
     ledger = storage.Ledger.prepare(settings.output, block_grid(source.spatial_shape, block_shape), run,

@@ -20,12 +20,14 @@ from pipeline.storage.images import (
     is_object_store,
     is_url,
     label_parent,
+    level_translation,
     multiscales,
     ome_metadata,
     open_output,
     output_layout,
     register_label,
     scale_from_ome,
+    translation_from_ome,
     unlist_label,
     write_unit,
 )
@@ -34,7 +36,7 @@ from pipeline.storage.sources import cached_image, open_image, stamp
 
 __all__ = [
     "AXES_CHOICES", "OME_VERSION", "OUTPUT_CODEC", "SHARD_CHUNK", "ImageSource", "Ledger", "absolute", "cached_image",
-    "check_output", "checked_source", "create_image", "is_object_store", "is_url", "label_parent", "multiscales",
-    "ome_metadata", "open_array", "open_image", "open_output", "output_layout", "register_label", "scale_from_ome",
-    "stamp", "stored_chunks", "unlist_label", "write_unit",
+    "check_output", "checked_source", "create_image", "is_object_store", "is_url", "label_parent", "level_translation",
+    "multiscales", "ome_metadata", "open_array", "open_image", "open_output", "output_layout", "register_label",
+    "scale_from_ome", "stamp", "stored_chunks", "translation_from_ome", "unlist_label", "write_unit",
 ]

@@ -129,10 +129,31 @@ def _axes_from_ome(ms: dict[str, Any]) -> str:
 
 
 def scale_from_ome(ms: dict[str, Any], level: int = 0) -> list[float] | None:
+    """The pixel size per axis of a dataset (its ``scale`` transformation), None if unset."""
+    return _transform_from_ome(ms, level, "scale")
+
+
+def translation_from_ome(ms: dict[str, Any], level: int = 0) -> list[float] | None:
+    """Where a dataset's first pixel centre lies per axis (its ``translation``), None if unset."""
+    return _transform_from_ome(ms, level, "translation")
+
+
+def _transform_from_ome(ms: dict[str, Any], level: int, kind: str) -> list[float] | None:
     for t in ms["datasets"][level].get("coordinateTransformations", []):
-        if t.get("type") == "scale":
-            return [float(s) for s in t["scale"]]
+        if t.get("type") == kind and kind in t:
+            return [float(s) for s in t[kind]]
     return None
+
+
+def level_translation(scale0: Sequence[float], translation0: Sequence[float], factors: Sequence[float],
+                      kind: str) -> list[float]:
+    """The translation of a level made from level 0 (pixel size ``scale0``, first pixel centre at
+    ``translation0``) by downsampling each axis by ``factors``. ``kind`` ``"mean"``: each pixel
+    averages a window of ``factor`` level-0 pixels, so its centre is that window's, ``(factor -
+    1) / 2`` level-0 pixels on; ``"nearest"``: each is the window's first pixel, centred there."""
+    if kind == "nearest":
+        return [float(t) for t in translation0]
+    return [float(t + s * (f - 1) / 2) for s, t, f in zip(scale0, translation0, factors)]
 
 
 @dataclass
@@ -149,6 +170,15 @@ class ImageSource:
     scale: dict[str, float] = field(default_factory=dict)
     units: dict[str, str] = field(default_factory=dict)
     levels: list[Any] = field(default_factory=list, repr=False)  # lower-resolution arrays, finer first
+    origin: dict[str, float] = field(default_factory=dict)  # the first pixel's centre per axis (OME translation)
+
+    def placement(self, channel: bool) -> tuple[list[float], list[float]]:
+        """Scale and translation of an output on this image's pixel grid, axes ``c`` (when
+        ``channel``) and then the spatial ones: what keeps it over the image in a viewer."""
+        lead = [1.0] if channel else []
+        zero = [0.0] if channel else []
+        return (lead + [self.scale.get(a, 1.0) for a in self.spatial_axes],
+                zero + [self.origin.get(a, 0.0) for a in self.spatial_axes])
 
     def overview(self, min_edge: int) -> tuple["ImageSource", float]:
         """The coarsest stored level of a 2-D image whose larger edge is still at least
@@ -159,7 +189,7 @@ class ImageSource:
         best, factor = self, 1.0
         full = max(self.spatial_shape)
         for array in self.levels:
-            level = ImageSource(self.url, array, self.axes, self.scale, self.units)
+            level = ImageSource(self.url, array, self.axes, self.scale, self.units, origin=self.origin)
             if array.ndim == self.array.ndim and max(level.spatial_shape) >= min_edge:
                 best, factor = level, full / max(level.spatial_shape)
         return best, factor
@@ -231,6 +261,7 @@ def open_zarr_image(url: str, axes: str | None = None, allow_bool: bool = False)
     url = str(url)
     node = _open_node(url)
     scale: dict[str, float] = {}
+    origin: dict[str, float] = {}
     units: dict[str, str] = {}
     levels: list[Any] = []
     if isinstance(node, zarr.Group):
@@ -253,6 +284,9 @@ def open_zarr_image(url: str, axes: str | None = None, allow_bool: bool = False)
         values = scale_from_ome(ms)
         if values and len(values) == len(ome_axes):
             scale = dict(zip(ome_axes, values))
+        values = translation_from_ome(ms)
+        if values and len(values) == len(ome_axes):
+            origin = dict(zip(ome_axes, values))
         for a in ms.get("axes", []):
             if isinstance(a, dict) and a.get("unit"):
                 units[a["name"].lower()] = a["unit"]
@@ -267,6 +301,7 @@ def open_zarr_image(url: str, axes: str | None = None, allow_bool: bool = False)
             axes = "yx"
     source = checked_source(url, array, axes, scale, units, allow_bool)
     source.levels = levels
+    source.origin = origin
     return source
 
 
@@ -288,9 +323,12 @@ def checked_source(url: str, array: Any, axes: str, scale: dict[str, float] | No
     return ImageSource(url, array, axes, dict(scale or {}), dict(units or {}))
 
 
-def multiscales(axes: str, scales: Sequence[Sequence[float]], name: str, units: dict[str, str] | None = None) -> dict[str, Any]:
-    """NGFF multiscales metadata for datasets ``"0"``, ``"1"``, ... with the given scales."""
+def multiscales(axes: str, scales: Sequence[Sequence[float]], name: str, units: dict[str, str] | None = None,
+                translations: Sequence[Sequence[float]] | None = None) -> dict[str, Any]:
+    """NGFF multiscales metadata for datasets ``"0"``, ``"1"``, ... with the given scales, and
+    translations where given and not all zero (after the scale, as NGFF orders them)."""
     units = units or {}
+    translations = translations or [[0.0] * len(axes)] * len(scales)
     return {
         "name": name,
         "axes": [
@@ -298,8 +336,11 @@ def multiscales(axes: str, scales: Sequence[Sequence[float]], name: str, units: 
             for a in axes
         ],
         "datasets": [
-            {"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": list(map(float, s))}]}
-            for i, s in enumerate(scales)
+            {"path": str(i), "coordinateTransformations": [
+                {"type": "scale", "scale": list(map(float, s))},
+                *([{"type": "translation", "translation": list(map(float, t))}] if any(t) else []),
+            ]}
+            for i, (s, t) in enumerate(zip(scales, translations, strict=True))
         ],
     }
 
@@ -377,6 +418,7 @@ def create_image(
     *,
     name: str = "prediction",
     scale: Sequence[float] | None = None,
+    translation: Sequence[float] | None = None,
     units: dict[str, str] | None = None,
     attrs: dict[str, Any] | None = None,
     overwrite: bool = False,
@@ -399,7 +441,9 @@ def create_image(
         fill_value=fill, dimension_names=list(axes), compressors=[OUTPUT_CODEC],
     )
     scale = list(scale) if scale is not None else [1.0] * len(axes)
-    group.attrs.update({"ome": {"version": OME_VERSION, "multiscales": [multiscales(axes, [scale], name, units)]}, **(attrs or {})})
+    translation = list(translation) if translation is not None else [0.0] * len(axes)
+    group.attrs.update({"ome": {"version": OME_VERSION, "multiscales": [multiscales(axes, [scale], name, units, [translation])]},
+                        **(attrs or {})})
     return array
 
 
