@@ -14,7 +14,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger, runtime, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -198,6 +198,21 @@ def preview_path(output: str) -> Path | None:
 # --- the blockwise stages, the same for every job ---------------------------------------------
 
 
+# What the failed attempts of a block stage did, by (job kind, output), for its retry's summary:
+# the retry sees their blocks in the ledger as finished, but this run computed them.
+_EARLIER: dict[tuple[str, str], RunSummary] = {}
+
+
+def with_earlier(summary: RunSummary, earlier: RunSummary | None) -> RunSummary:
+    """``summary`` of a retried stage with what its earlier attempts did counted in: their
+    blocks as computed (not as skipped), their pixels and their time."""
+    if earlier is None:
+        return summary
+    stages = {k: earlier.stages.get(k, 0.0) + summary.stages.get(k, 0.0) for k in {*earlier.stages, *summary.stages}}
+    return RunSummary(summary.total, summary.skipped - earlier.done, earlier.records + summary.records,
+                      earlier.seconds + summary.seconds, summary.failed, summary.background, stages)
+
+
 def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     """A retry of the block stage redoes the failed blocks: worth it for a lost worker or a
     network error, not when every failure is the input's (a tile that does not decode)."""
@@ -210,12 +225,14 @@ def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
 def run_blocks(kind: str, job: J, planned: Pending, cluster: Cluster) -> tuple[J, RunSummary]:
     """The job's global passes, then every planned block the ledger does not mark finished,
     one Dask task each. Safe to retry: the ledger is read again, so a retry does only what is
-    still missing. Failed blocks are tried to the end, then raised together
-    (:class:`~pipeline.errors.BlocksFailed`, which carries the summary)."""
+    still missing, and its summary counts what the earlier attempts did. Failed blocks are
+    tried to the end, then raised together (:class:`~pipeline.errors.BlocksFailed`, which
+    carries the summary)."""
+    earlier = _EARLIER.pop((kind, job.output), None) if runtime.task_run.run_count > 1 else None
     pending = planned.remaining(job.ledger)
     if not pending.blocks and not job.wants_prepare():  # a finished output needs no cluster
         BlockProgress(kind, pending.skipped, pending.skipped)
-        return job, RunSummary(pending.total, pending.skipped, [], 0.0, [], pending.background)
+        return job, with_earlier(RunSummary(pending.total, pending.skipped, [], 0.0, [], pending.background), earlier)
     progress: list[BlockProgress] = []
 
     def on_start(job: BlockwiseJob, pending: Pending) -> None:
@@ -224,7 +241,9 @@ def run_blocks(kind: str, job: J, planned: Pending, cluster: Cluster) -> tuple[J
     failures: list[str] = []
     job, summary = blockwise.run_pending(job, planned, cluster.client(), lambda record: progress[0](record),
                                          failures, on_start)
+    summary = with_earlier(summary, earlier)
     if failures:
+        _EARLIER[(kind, job.output)] = summary  # for a retry, if there is one
         raise BlocksFailed(summary)
     return job, summary
 
@@ -253,6 +272,7 @@ def run_job(kind: str, job: J, planned: Pending, summarise: Callable[[J, RunSumm
         try:
             job, summary = run_blocks(kind, job, planned, cluster)
         except BlocksFailed as exc:
+            _EARLIER.pop((kind, job.output), None)  # no retry is left
             summarise(job, exc.summary)
             raise
         pyramid(kind, job, summary, cluster)

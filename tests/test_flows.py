@@ -308,3 +308,45 @@ def test_the_block_stage_is_not_retried_for_the_inputs_faults():
     _collect([("1.0", RuntimeError("worker lost"))], None, failures)
     mixed = BlocksFailed(RunSummary(3, 0, [], failed=failures))
     assert not mixed.input_only and worth_retrying(None, None, Failed(data=mixed))
+
+
+def test_a_retried_block_stage_reports_the_blocks_of_every_attempt(prefect_api, client, model_2d, tmp_path):
+    """A block stage whose first attempt loses some blocks to a passing fault (an input chunk
+    unreadable for a moment: an OSError, so worth a retry) is retried, and the retry does only
+    those blocks; the run's summary counts the first attempt's blocks as computed in this run,
+    not as finished earlier, and its pixels and time too."""
+    import logging
+    import shutil
+
+    from flows.segment import segment
+
+    url = write_zarr(tmp_path / "in.zarr", cells((333, 270)))
+    chunk = tmp_path / "in.zarr" / "c" / "0" / "0"
+    kept = tmp_path / "chunk-0-0"
+    shutil.move(chunk, kept)
+    chunk.symlink_to(chunk.name)  # a link to itself: reading it raises OSError (too many levels of links)
+
+    class RestoreOnRetry(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "Retry 1/" in record.getMessage() and chunk.is_symlink():
+                chunk.unlink()
+                shutil.move(kept, chunk)
+
+    handler = RestoreOnRetry()
+    logging.getLogger("prefect.task_runs").addHandler(handler)
+    try:
+        settings = PredictSettings(input=url, output=str(tmp_path / "out.zarr"), model=str(model_2d), block_size=128,
+                                   scheduler=client.scheduler.address)
+        state = segment(settings, return_state=True)
+    finally:
+        logging.getLogger("prefect.task_runs").removeHandler(handler)
+    assert state.is_completed() and not chunk.is_symlink(), "the first attempt did not fail, or was not retried"
+    assert prefect_api.logs(run_id(state), "Retry 1/2")
+    assert state.result()[COMPUTED] == 9 and state.result()[SKIPPED] == 0
+    assert float(state.result()["megapixels computed"]) == pytest.approx(333 * 270 / 1e6, abs=0.01)
+    summary = table(prefect_api.artifacts(run_id(state))["segment-summary"])
+    assert summary[COMPUTED] == "9" and summary[SKIPPED] == "0" and summary["blocks failed"] == "0"
+    direct = str(tmp_path / "direct.zarr")
+    predict(settings.model_copy(update={"output": direct, "scheduler": None}), client=client)
+    assert np.array_equal(zarr.open_array(str(tmp_path / "out.zarr" / "0"), mode="r")[...],
+                          zarr.open_array(direct + "/0", mode="r")[...])
