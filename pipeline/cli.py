@@ -82,6 +82,8 @@ def _predict(args: argparse.Namespace) -> None:
         block = "×".join(map(str, job.block_shape))
         print(f"overtile: {shape} px in {pending.total} blocks of {block}, tiles up to {job.tile_size} px, on {job.device}")
         print(f"overtile: model: {job.model.summary()}")
+        if job.sliced:
+            print(f"overtile: a 2-D model over {job.spatial_shape[0]} slices: each predicted on its own, as a 2-D image")
         if not job.model.exact and job.model.geometry.margin:
             print(f"overtile: warning: {settings.model} crops its tiles but shifted tiles disagree: it is not translation "
                   f"equivariant, so tiles are blended and the output depends (slightly) on the tile size", file=sys.stderr)

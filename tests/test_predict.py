@@ -77,6 +77,36 @@ def test_3d_blockwise_equals_whole_image(client, model_3d, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("options", [
+    dict(block_size=64, tile_size=204),
+    dict(block_size=100, tile_size=300, tta="identity,flip_x,rot90", device_stitch=True),
+    dict(block_size=64, output_kind="labels", prefetch=True),
+], ids=["plain", "tta-on-device", "labels-prefetched"])
+def test_a_2d_model_over_a_stack_predicts_each_slice_as_a_2d_image(client, model_2d, tmp_path, options):
+    """A 2-D model over a zyx stack (an EM stack and the net trained on its slices) runs slice
+    by slice: each slice of the output equals the slice predicted alone, as a 2-D image, with
+    the same options (test-time augmentation, on-device stitching and read-ahead included)."""
+    stack = np.stack([cells((150, 170), seed=k) for k in range(3)])
+    url = write_zarr(tmp_path / "stack.zarr", stack, chunks=(1, 64, 64))
+    out, summary = run(client, url, model_2d, tmp_path / "stack-out.zarr", axes="zyx", **options)
+    grid = 3 * 3 if options["block_size"] == 64 else 2 * 2  # per slice: blocks are one slice deep
+    assert summary.total == 3 * grid and out.shape[1] == 3
+    for k in range(3):
+        alone = write_zarr(tmp_path / f"slice{k}.zarr", stack[k])
+        want, _ = run(client, alone, model_2d, tmp_path / f"slice{k}-out.zarr", **options)
+        np.testing.assert_allclose(out[:, k], want, atol=1e-6)
+    model = load_model(model_2d)
+    if "tta" not in options and options.get("output_kind") != "labels":
+        np.testing.assert_allclose(out[:, 1], softmax(predict_whole(model, model.normalization(stack[1][None]))),
+                                   atol=1e-5)
+
+
+def test_a_3d_model_over_a_2d_image_is_refused(model_3d, image_2d, tmp_path):
+    with pytest.raises(Exception, match="3-D model"):
+        plan_prediction(PredictSettings(input=image_2d[0], output=str(tmp_path / "o.zarr"), model=str(model_3d)))
+
+
+@pytest.mark.slow
 def test_rerun_skips_finished_blocks(client, image_2d, model_2d, tmp_path):
     url, _ = image_2d
     clean, first = run(client, url, model_2d, tmp_path / "p.zarr", block_size=64)

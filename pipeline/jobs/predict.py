@@ -126,9 +126,30 @@ class PredictJob(blockwise.BlockwiseJob):
         return self.device == "cuda"
 
     @property
+    def sliced(self) -> bool:
+        """A 2-D model over a zyx stack: each z slice is predicted as a 2-D image of its own
+        (blocks one slice deep), exactly as if it were stored alone."""
+        return self.model.dims < len(self.spatial_shape)
+
+    @property
+    def plane_shape(self) -> tuple[int, ...]:
+        """The shape the model tiles: the image's, or one slice's."""
+        return self.spatial_shape[-self.model.dims:]
+
+    def plane(self, box: Box) -> Box:
+        """The part of a box the model tiles: all of it, or its y and x."""
+        return Box(box.offset[-self.model.dims:], box.shape[-self.model.dims:])
+
+    def stacked(self, block: Block, box: Box) -> Box:
+        """A box of the model's plane over the block's slices (itself when not sliced)."""
+        if not self.sliced:
+            return box
+        return Box((block.write.offset[0], *box.offset), (block.write.shape[0], *box.shape))
+
+    @property
     def transforms(self) -> list[Transform]:
-        """The test-time transforms; just the identity without augmentation."""
-        return transforms(len(self.spatial_shape), self.settings.tta)
+        """The test-time transforms (of the model's plane); just the identity without augmentation."""
+        return transforms(self.model.dims, self.settings.tta)
 
     @property
     def augmented(self) -> bool:
@@ -147,7 +168,9 @@ class PredictJob(blockwise.BlockwiseJob):
     def tta_read(self, block: Block) -> Box:
         """What a block reads under test-time augmentation: every transform's tiles, inside the image."""
         s = self.settings
-        return read_box(self.model, block.write, self.spatial_shape, self.transforms, self.tile_size, s.overlap, s.mirror)
+        plane = read_box(self.model, self.plane(block.write), self.plane_shape, self.transforms, self.tile_size,
+                         s.overlap, s.mirror)
+        return self.stacked(block, plane)
 
     @property
     def prefetch(self) -> bool:
@@ -182,8 +205,8 @@ class PredictJob(blockwise.BlockwiseJob):
         if self.augmented:  # each transform mirrors what it needs from this box (tta.predict_region_tta)
             raw = source.read(self.tta_read(block))
         else:
-            raw = read_mirrored(source.read, plan_tiles(self.model, block.write, self.tile_size, s.overlap).read,
-                                self.spatial_shape, s.mirror)
+            read = plan_tiles(self.model, self.plane(block.write), self.tile_size, s.overlap).read
+            raw = read_mirrored(source.read, self.stacked(block, read), self.spatial_shape, s.mirror)  # slices: inside in z
         if raw.dtype.kind == "f" and not np.isfinite(raw).all():
             raise InputError(f"{s.input}: NaN or Inf values near block {block.write}")
         return raw if self.normalise_on_device(raw.dtype) else self.model.normalization(raw)
@@ -198,7 +221,7 @@ class PredictJob(blockwise.BlockwiseJob):
             model = cached_model(self.model, self.device, s.channels_last)
             if self.device == "cuda":  # torch's cuDNN default (TensorFloat-32 convolutions) unless strict fp32
                 torch.backends.cudnn.allow_tf32 = s.autocast != "fp32"
-        plan = plan_tiles(self.model, block.write, self.tile_size, s.overlap)
+        plan = plan_tiles(self.model, self.plane(block.write), self.tile_size, s.overlap)
         if image is None:
             with watch("read"):
                 image = self.read_block(block)
@@ -208,16 +231,23 @@ class PredictJob(blockwise.BlockwiseJob):
             runner, compiling, compile_note = compiled_runner(model, shape, AUTOCAST[s.autocast])
         autocast = AUTOCAST[s.autocast]
 
-        def predict(x: Any) -> Any:
-            """The block's logits, or its augmented probabilities: of arrays or tensors alike."""
+        def predict_plane(x: Any) -> Any:
+            """The logits of the block's plane, or its augmented probabilities: of arrays or tensors alike."""
             if not self.augmented:
                 return predict_region(model, plan, x, s.batch_size, autocast, runner=runner)
-            held = self.tta_read(block)
+            held = self.plane(self.tta_read(block))
             return predict_region_tta(
-                model, block.write, self.spatial_shape, lambda box: x[(slice(None), *box.relative_to(held))],
+                model, self.plane(block.write), self.plane_shape, lambda box: x[(slice(None), *box.relative_to(held))],
                 self.transforms, self.tile_size, overlap=s.overlap, mirror=s.mirror,
                 activation=lambda y: activate(y, self.model.activation), batch_size=s.batch_size,
                 autocast=autocast, runner=runner)
+
+        def predict(x: Any) -> Any:
+            """The block's, slice by slice when the model is 2-D and the image a stack (x: C, Z, Y, X)."""
+            if not self.sliced:
+                return predict_plane(x)
+            planes = [predict_plane(x[:, k]) for k in range(x.shape[1])]
+            return torch.stack(planes, 1) if isinstance(x, torch.Tensor) else np.stack(planes, 1)
 
         activation = "none" if self.augmented else self.model.activation
         with watch("compute"):
@@ -230,7 +260,8 @@ class PredictJob(blockwise.BlockwiseJob):
             array = storage.open_array(self.output_array)
             array[(Ellipsis, *block.write.slices())] = result if array.ndim == result.ndim else result[0]
             self.ledger.mark(block)
-        return {"block": block.key, "pixels": block.write.size, "tiles": len(plan.tiles) * len(self.transforms),
+        slices = block.write.shape[0] if self.sliced else 1
+        return {"block": block.key, "pixels": block.write.size, "tiles": len(plan.tiles) * len(self.transforms) * slices,
                 "worker_pid": os.getpid(),
                 "started": started, "finished": time.time(), "compile_s": compiling,
                 **({"compile_note": compile_note} if compile_note else {}),
@@ -276,23 +307,25 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
     source = storage.open_image(settings.input, settings.axes)
     nd = len(source.spatial_shape)
     model = model_geometry(settings.model, nd, source.channels)
-    if model.dims != nd:
+    sliced = model.dims == 2 and nd == 3  # a 2-D model over a stack: slice by slice
+    if model.dims != nd and not sliced:
         raise InputError(f"{settings.model}: a {model.dims}-D model; {settings.input} has {nd} spatial axes ({source.spatial_axes})")
     if model.in_channels != source.channels:
         raise InputError(f"{settings.model}: the model expects {model.in_channels} input channel(s); {settings.input} has {source.channels}")
     try:
-        augmentation = transforms(nd, settings.tta)
+        augmentation = transforms(model.dims, settings.tta)
     except ValueError as exc:
         raise InputError(f"--tta: {exc}") from None
     if model.weights == "onnx" and settings.autocast != "none":
         raise InputError(f"--autocast {settings.autocast}: {settings.model} is an ONNX model, run in float32 by onnxruntime")
     remote = remote or bool(scheduler_setting(settings.scheduler))
     device = onnx_device(resolve_device(settings.device, remote=remote), settings, model, remote)
-    block_shape = settings.block_shape(source.spatial_shape)
+    # slice by slice: blocks one slice deep, of the 2-D edge
+    block_shape = (1, *settings.block_shape(source.spatial_shape[1:])) if sliced else settings.block_shape(source.spatial_shape)
     g = model.geometry
-    tile = settings.tile_size or (1212 if nd == 2 else g.min_input_size(4 * g.factor))
+    tile = settings.tile_size or (1212 if model.dims == 2 else g.min_input_size(4 * g.factor))
     try:
-        plan_tiles(model, Box.from_shape((max(block_shape),) * nd), tile, settings.overlap)  # validates the tile size
+        plan_tiles(model, Box.from_shape((max(block_shape),) * model.dims), tile, settings.overlap)  # validates the tile size
         tile = g.max_input_size(tile)
     except ValueError as exc:
         raise InputError(f"--tile-size {settings.tile_size or tile}: {exc}") from None
@@ -319,13 +352,16 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
     run = blockwise.fingerprint(
         input=settings.input, stamp=storage.stamp(source), model=file_digest(settings.model),
         block=block_shape, tile=tile, kind=settings.output_kind, dtype=out_dtype,
+        **({"sliced": True} if sliced else {}),  # (absent otherwise: earlier runs' outputs resume)
         overlap=settings.overlap if g.blend else None,  # exact tiling ignores it
         mirror=settings.mirror, precision=precision(settings.autocast, device),
         **({"tta": [t.name for t in augmentation]} if settings.tta != "none" else {}),
         **({"weights": model.weights} if model.kind == "bioimageio" else {}),  # a package runs one of its forms
     )
     scale, translation = source.placement(channel=channel_axis)
-    chunks, shards = settings.output_layout(out_shape, ((out_shape[0],) if channel_axis else ()) + tuple(block_shape), nd)
+    # slice by slice, z is laid out as channels are: a chunk holds the block's slice whole
+    chunks, shards = settings.output_layout(out_shape, ((out_shape[0],) if channel_axis else ()) + tuple(block_shape),
+                                            model.dims)
     storage.create_image(
         settings.output, out_shape, chunks, out_dtype, ("c" if channel_axis else "") + source.spatial_axes,
         name=settings.output_kind, scale=scale, translation=translation, units=source.units, overwrite=settings.overwrite, shards=shards,
