@@ -3,6 +3,7 @@ one step for step, the weighted loss is the paper's formula, the elastic deforma
 image and labels aligned, and a bad checkpoint is one clear error."""
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -354,7 +355,7 @@ def test_3d_training_with_held_out_slices(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_train_then_predict_with_best_checkpoint(stack, tmp_path, capsys):
+def test_cli_train_then_predict_the_stack_and_score_it(stack, tmp_path, capsys):
     images, labels = stack
     out = tmp_path / "run"
     code = main(["train", "--images", images, "--labels", labels, "--out", str(out), "--axes", "zyx", "--dims", "2",
@@ -366,12 +367,18 @@ def test_cli_train_then_predict_with_best_checkpoint(stack, tmp_path, capsys):
     assert "best Rand error" in printed and str(out / "best.pt") in printed
     assert {p.name for p in out.iterdir()} >= {"best.pt", "last.pt", "log.csv", "curves.png"}
     assert load_model(out / "best.pt").normalization.scale_integers  # what training applied
-    slice_ = write_zarr(tmp_path / "slice.zarr", zarr.open_array(images, mode="r")[3])
-    code = main(["predict", slice_, str(tmp_path / "pred.zarr"), "--model", str(out / "best.pt"),
-                 "--workers", "1", "--block-size", "64", "--quiet"])
-    assert code == 0
+    # the protocol from the command line alone: the 2-D net predicts the stack slice by slice,
+    # the threshold is chosen on slice 2 and slice 3 scored once
+    code = main(["predict", images, str(tmp_path / "pred.zarr"), "--model", str(out / "best.pt"), "--axes", "zyx",
+                 "--workers", "1", "--block-size", "64"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "a 2-D model over 4 slices" in printed and "4 blocks of 1×64×64" in printed, printed
     probabilities = zarr.open_group(str(tmp_path / "pred.zarr"), mode="r")["0"][:]
-    assert probabilities.shape == (2, 64, 64) and np.allclose(probabilities.sum(0), 1, atol=1e-5)
+    assert probabilities.shape == (2, 4, 64, 64) and np.allclose(probabilities.sum(0), 1, atol=1e-5)
+    code = main(["score", str(tmp_path / "pred.zarr"), labels, "--axes", "zyx", "--slices", "3", "--choose-on", "2",
+                 "--json", str(tmp_path / "scores.json")])
+    assert code == 0, capsys.readouterr()
+    assert json.loads((tmp_path / "scores.json").read_text())["slices"] == [3]
     # resuming a finished run is a no-op that says so
     code = main(["train", "--images", images, "--labels", labels, "--out", str(out), "--axes", "zyx", "--dims", "2",
                  "--depth", "2", "--base-channels", "4", "--tile-size", "44", "--steps", "4", "--val-slices", "2", "3",
