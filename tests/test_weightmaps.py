@@ -6,7 +6,7 @@ import zarr
 
 from pipeline.cli import main
 from pipeline.jobs.weights import WeightSettings, weight_maps
-from pipeline.numerics.weightmap import weight_map
+from pipeline.numerics.weightmap import touching_borders, weight_map, weight_map_naive, with_gaps
 
 from conftest import write_zarr
 
@@ -31,8 +31,27 @@ def test_blockwise_equals_in_memory(client, tmp_path, block):
     url = write_zarr(tmp_path / "labels.zarr", labels, chunks=(32, 32))
     job, summary = weight_maps(WeightSettings(labels=url, output=str(tmp_path / "w.zarr"), block_size=block), client=client)
     out = zarr.open_group(str(tmp_path / "w.zarr"), mode="r")["0"][...]
-    np.testing.assert_allclose(out, weight_map(labels), atol=1e-4)
+    np.testing.assert_allclose(out, weight_map(with_gaps(labels)), atol=1e-4)
     assert out.dtype == np.float32 and summary.done == summary.total
+    gap = touching_borders(labels)
+    assert gap.sum() > 50  # the discs touch: the gap is drawn, and counted as background
+    assert job.counts == (int((labels == 0).sum() + gap.sum()), int((labels > 0).sum() - gap.sum()))
+
+
+@pytest.mark.slow
+def test_touching_instances_get_the_gap_and_its_border_term(client, tmp_path):
+    """Two cells drawn touching (no background between them) get the paper's one-pixel gap
+    where they meet, as training draws it, and the border term there: the map of the labels
+    with the gap, by the definition; without the gap the term would be absent there."""
+    labels = np.zeros((60, 70), np.uint16)
+    labels[10:50, 5:35], labels[10:50, 35:65] = 3, 9
+    url = write_zarr(tmp_path / "labels.zarr", labels, chunks=(16, 16))
+    weight_maps(WeightSettings(labels=url, output=str(tmp_path / "w.zarr"), block_size=16, sigma=3), client=client)
+    out = zarr.open_group(str(tmp_path / "w.zarr"), mode="r")["0"][...]
+    gapped = labels.copy()
+    gapped[10:50, 35] = 0  # the higher id's side
+    np.testing.assert_allclose(out, weight_map_naive(gapped, sigma=3), atol=1e-4)
+    assert out[30, 35] > 8 > 2 > out[30, 20]  # w_c + w0·exp(-(1 + 1)² / 2σ²) on the gap, w_c inside a cell
 
 
 @pytest.mark.slow
@@ -55,7 +74,7 @@ def test_3d_blockwise_equals_in_memory(client, tmp_path):
     url = write_zarr(tmp_path / "labels.zarr", labels, chunks=(8, 16, 16))
     weight_maps(WeightSettings(labels=url, output=str(tmp_path / "w.zarr"), axes="zyx", block_size=16, sigma=3), client=client)
     out = zarr.open_group(str(tmp_path / "w.zarr"), mode="r")["0"][...]
-    np.testing.assert_allclose(out, weight_map(labels, sigma=3), atol=1e-4)
+    np.testing.assert_allclose(out, weight_map(with_gaps(labels), sigma=3), atol=1e-4)
 
 
 @pytest.mark.slow

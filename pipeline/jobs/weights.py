@@ -6,6 +6,9 @@ masks, globally unique instance ids by blockwise connected components merged acr
 faces; their results go into the output, so a retry or rerun does not redo them), then one
 task per chunk-aligned block that reads its block plus a halo, computes
 :func:`pipeline.numerics.weightmap.weight_map` with the global class weights and writes it.
+Instance labels drawn touching first get a one-pixel gap of background where they meet
+(:func:`pipeline.numerics.weightmap.with_gaps`), as training draws it, so the border term
+separates them; the gap needs one pixel of context, which the halo holds.
 
 Why the halo makes blocks exact: a pixel's border term only matters while its second-nearest
 cell is within the reach ``R`` (:func:`pipeline.numerics.weightmap.reach`), and both of those
@@ -70,6 +73,11 @@ class WeightJob(blockwise.BlockwiseJob):
     def output_array(self) -> str:
         return f"{self.output.rstrip('/')}/0"
 
+    @property
+    def gaps(self) -> bool:
+        """Whether touching instances get a gap of background (instance labels, not masks)."""
+        return not self.settings.binary
+
     def blocks(self) -> list[Block]:
         return list(iter_blocks(self.spatial_shape, self.block_shape))
 
@@ -83,7 +91,7 @@ class WeightJob(blockwise.BlockwiseJob):
         if self.class_weights is not None:
             return self
         source = open_labels(self.settings)
-        counts, low = global_pass(source, self.settings.binary, client)
+        counts, low = global_pass(source, self.settings.binary, client, gaps=self.gaps)
         if low < 0:
             raise InputError(f"{self.settings.labels}: negative label {low}; expected 0 for background and positive cell ids")
         if self.settings.binary:
@@ -101,6 +109,8 @@ class WeightJob(blockwise.BlockwiseJob):
         read = block.write.grow(self.halo).clip(self.spatial_shape)
         with watch("read"):
             labels = storage.cached_image(self.labels_url, self.labels_axes, self.fingerprint).read(read)[0]
+            if self.gaps:  # (a binary mask's components never touch by a face)
+                labels = weightmap.with_gaps(labels)
             # consecutive ids inside the block: global ids may be huge (binary masks, user data);
             # 0 stays background, and a block inside a cell (no 0 in it) does not make one
             ids, inverse = np.unique(labels, return_inverse=True)
@@ -134,7 +144,8 @@ def plan_weights(settings: WeightSettings) -> tuple[WeightJob, blockwise.Pending
     reach = weightmap.reach(settings.w0, settings.sigma) if settings.w0 > 0 else 0.0
     halo = tuple(math.ceil(reach / s) + 1 for s in spacing)
     run = blockwise.fingerprint(labels=settings.labels, stamp=storage.stamp(source), w0=settings.w0, sigma=settings.sigma,
-                      binary=settings.binary, block=block_shape, spacing=spacing)
+                      binary=settings.binary, block=block_shape, spacing=spacing,
+                      **({} if settings.binary else {"gaps": True}))
     storage.create_image(
         settings.output, source.spatial_shape, block_shape, "float32", source.spatial_axes,
         name="weights", scale=list(spacing), translation=source.placement(channel=False)[1], units=source.units, overwrite=settings.overwrite,
@@ -156,16 +167,22 @@ def plan_weights(settings: WeightSettings) -> tuple[WeightJob, blockwise.Pending
     return job, job.pending()
 
 
-def global_pass(source: storage.ImageSource, binary: bool, client: Any | None = None) -> tuple[tuple[int, int], int]:
+def global_pass(source: storage.ImageSource, binary: bool, client: Any | None = None,
+                gaps: bool = False) -> tuple[tuple[int, int], int]:
     """Counts ``(n_background, n_foreground)`` and the smallest label, over the whole array
-    (on ``client`` when given, else on threads in this process)."""
+    (on ``client`` when given, else on threads in this process); with ``gaps``, the pixels
+    where instances touch count as background (:func:`~pipeline.numerics.weightmap.with_gaps`)."""
     import dask
     import dask.array as da
 
     array = source.to_dask()
     # on the job's client, named: never whichever client happens to be Dask's default
     scheduler = client.get if client is not None else "threads"
-    low, foreground = dask.compute(array.min(), da.count_nonzero(array), scheduler=scheduler)
+    cells = da.count_nonzero(array)
+    if gaps:
+        touching = da.map_overlap(weightmap.touching_borders, array[0], depth=1, boundary="none", dtype=bool)
+        cells = cells - da.count_nonzero(touching)
+    low, foreground = dask.compute(array.min(), cells, scheduler=scheduler)
     if binary:
         high = int(array.max().compute(scheduler=scheduler))
         if low < 0 or high > 1:
