@@ -226,9 +226,9 @@ def protocol_seed(seed: int, images: str, labels: str, out: Path, args: argparse
 
         overtile train --images I --labels L --axes zyx --dims 2 --val-slices 15-19 --test-slices 20-24 \
             --time-limit BUDGET --lr-schedule cosine --steps 1000000 --seed S ...
-        (each slice predicted by OUT/{best,last}.pt, tile-exact, [--tta all]: the library's
-         predict_region_tta per slice, as validation does; `overtile predict` takes a 2-D
-         model over 2-D images only, so a stack goes slice by slice here)
+        overtile predict I p.zarr --axes zyx --model OUT/{best,last}.pt [--tta all]
+        (slice by slice, tile-exact; here the library's predict_region_tta per slice, as
+         validation does: the same numbers without a cluster)
         overtile score p.zarr L --axes zyx --choose-on 15-19 --slices 20-24 --json s.json
 
     for each of the four candidates, reading only their errors on 15-19 (``on_choice``,
