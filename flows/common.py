@@ -228,10 +228,13 @@ def run_blocks(kind: str, job: J, planned: Pending, cluster: Cluster) -> tuple[J
     still missing, and its summary counts what the earlier attempts did. Failed blocks are
     tried to the end, then raised together (:class:`~pipeline.errors.BlocksFailed`, which
     carries the summary)."""
-    earlier = _EARLIER.pop((kind, job.output), None) if runtime.task_run.run_count > 1 else None
+    if runtime.task_run.run_count == 1:
+        _EARLIER.pop((kind, job.output), None)  # a stale entry of a run that stopped uncleanly
+    earlier = _EARLIER.get((kind, job.output))  # kept until a retry ends: it may fail in any way
     pending = planned.remaining(job.ledger)
     if not pending.blocks and not job.wants_prepare():  # a finished output needs no cluster
         BlockProgress(kind, pending.skipped, pending.skipped)
+        _EARLIER.pop((kind, job.output), None)
         return job, with_earlier(RunSummary(pending.total, pending.skipped, [], 0.0, [], pending.background), earlier)
     progress: list[BlockProgress] = []
 
@@ -245,6 +248,7 @@ def run_blocks(kind: str, job: J, planned: Pending, cluster: Cluster) -> tuple[J
     if failures:
         _EARLIER[(kind, job.output)] = summary  # for a retry, if there is one
         raise BlocksFailed(summary)
+    _EARLIER.pop((kind, job.output), None)
     return job, summary
 
 

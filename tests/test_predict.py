@@ -101,6 +101,23 @@ def test_a_2d_model_over_a_stack_predicts_each_slice_as_a_2d_image(client, model
                                    atol=1e-5)
 
 
+@pytest.mark.slow
+def test_a_stack_with_a_tissue_mask_computes_only_the_slices_with_tissue(client, model_2d, tmp_path):
+    """Slice by slice, a block's context is in its plane only: tissue in one slice does not
+    make the 2-D model's margin (about 90 px) of slices around it computed."""
+    from pipeline import storage
+
+    stack = np.stack([cells((64, 64), seed=k) for k in range(5)])
+    url = write_zarr(tmp_path / "stack.zarr", stack, chunks=(1, 64, 64))
+    mask = np.zeros((5, 32, 32), np.uint8)
+    mask[2, 10:20, 10:20] = 1
+    storage.create_image(str(tmp_path / "mask.zarr"), mask.shape, mask.shape, "uint8", "zyx")[...] = mask
+    out, summary = run(client, url, model_2d, tmp_path / "out.zarr", axes="zyx", block_size=64,
+                       tissue_mask=str(tmp_path / "mask.zarr"))
+    assert (summary.done, summary.background) == (1, 4)
+    assert np.isnan(out[:, [0, 1, 3, 4]]).all() and not np.isnan(out[:, 2]).any()
+
+
 def test_a_3d_model_over_a_2d_image_is_refused(model_3d, image_2d, tmp_path):
     with pytest.raises(Exception, match="3-D model"):
         plan_prediction(PredictSettings(input=image_2d[0], output=str(tmp_path / "o.zarr"), model=str(model_3d)))

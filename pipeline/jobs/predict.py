@@ -373,7 +373,8 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
     grid = block_grid(source.spatial_shape, block_shape)
     ledger = storage.Ledger.prepare(settings.output, grid, run, overwrite=settings.overwrite or not existed)
     done = ledger.done()
-    wanted = np.ones(grid, bool) if mask is None else mask.blocks(source.spatial_shape, block_shape, g.margin + 1)
+    context = (0, g.margin + 1, g.margin + 1) if sliced else g.margin + 1  # slices see no context in z
+    wanted = np.ones(grid, bool) if mask is None else mask.blocks(source.spatial_shape, block_shape, context)
     blocks = [block_at(index, source.spatial_shape, block_shape) for index in np.argwhere(wanted & ~done)]
     tissue = "" if mask is None else (
         f"{mask.method}{'' if mask.threshold is None else f' > {mask.threshold:.3g}'} on {mask.source}: "

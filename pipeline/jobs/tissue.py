@@ -48,9 +48,9 @@ class TissueMask:
     def fraction(self) -> float:
         return float(self.mask.mean()) if self.mask.size else 0.0
 
-    def blocks(self, shape: Sequence[int], block_shape: Sequence[int], margin: int = 0) -> np.ndarray:
+    def blocks(self, shape: Sequence[int], block_shape: Sequence[int], margin: int | Sequence[int] = 0) -> np.ndarray:
         """Boolean over the block grid: True where a block, grown by ``margin`` full-resolution
-        pixels (the model's context), overlaps tissue."""
+        pixels (the model's context; one per axis, or one for all), overlaps tissue."""
         return blocks_touching(self.mask, self.factor, shape, block_shape, margin)
 
 

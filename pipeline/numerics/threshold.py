@@ -18,11 +18,13 @@ from pipeline.errors import InputError
 
 
 def blocks_touching(mask: np.ndarray, factor: Sequence[float], shape: Sequence[int], block_shape: Sequence[int],
-                    margin: int = 0) -> np.ndarray:
-    """For each block of ``shape`` in ``block_shape`` blocks: does it, grown by ``margin``,
-    overlap a True pixel of the low-resolution ``mask``? One summed-area table, no loop over
-    blocks (a terabyte slide has hundreds of thousands)."""
+                    margin: int | Sequence[int] = 0) -> np.ndarray:
+    """For each block of ``shape`` in ``block_shape`` blocks: does it, grown by ``margin``
+    (one for every axis, or one per axis), overlap a True pixel of the low-resolution
+    ``mask``? One summed-area table, no loop over blocks (a terabyte slide has hundreds of
+    thousands)."""
     nd = len(shape)
+    margins = [int(margin)] * nd if np.isscalar(margin) else [int(m) for m in margin]
     table = np.zeros(tuple(n + 1 for n in mask.shape), dtype=np.int64 if mask.size >= 2**31 else np.int32)
     table[tuple(slice(1, None) for _ in range(nd))] = mask
     for axis in range(nd):
@@ -30,8 +32,8 @@ def blocks_touching(mask: np.ndarray, factor: Sequence[float], shape: Sequence[i
     starts, stops = [], []
     for axis in range(nd):
         edges = np.arange(0, shape[axis], block_shape[axis])
-        lo = np.maximum(edges - margin, 0) / factor[axis]
-        hi = np.minimum(edges + block_shape[axis] + margin, shape[axis]) / factor[axis]
+        lo = np.maximum(edges - margins[axis], 0) / factor[axis]
+        hi = np.minimum(edges + block_shape[axis] + margins[axis], shape[axis]) / factor[axis]
         lo = np.clip(np.floor(lo).astype(np.int64), 0, mask.shape[axis] - 1)
         hi = np.clip(np.ceil(hi).astype(np.int64), lo + 1, mask.shape[axis])
         starts.append(lo)
