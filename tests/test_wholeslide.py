@@ -14,6 +14,7 @@ import zarr
 
 from pipeline import storage
 from pipeline.cli import main
+from pipeline.errors import InputError
 from pipeline.jobs.predict import PredictSettings, predict
 from pipeline.numerics.downsample import downsample
 from pipeline.jobs.tissue import compute_mask
@@ -340,6 +341,74 @@ def test_auto_tissue_is_saturation_for_8_bit_rgb_only():
     rgb = np.full((3, 96, 96), 230, np.uint8)
     rgb[:, 20:60, 30:70] = np.array([200, 110, 170], np.uint8)[:, None, None]
     assert compute_mask(storage.ImageSource("mem://r", rgb, "cyx"), "auto").method == "saturation"
+
+
+def test_auto_tissue_is_dark_for_brightfield_grey_and_keeps_everything_without_contrast():
+    """One channel on a bright border is brightfield (tissue darker than the glass); an image
+    whose feature has no contrast (a grey RGB scan's saturation) keeps every block, never
+    none; and an RGB crop that is all tissue keeps its pale eosin, not only the haematoxylin."""
+    from pipeline.jobs.tissue import compute_mask
+
+    grey = np.full((1, 96, 96), 235, np.uint8)
+    grey[:, 20:60, 30:70] = 120
+    mask = compute_mask(storage.ImageSource("mem://g", grey, "cyx"), "auto")
+    assert mask.method == "dark" and mask.relation == "<" and mask.mask.sum() == 40 * 40
+    flat = np.full((3, 64, 64), 200, np.uint8)
+    flat[:, 10:30, 10:30] = 90  # tissue, but grey: saturation 0 everywhere
+    mask = compute_mask(storage.ImageSource("mem://f", flat, "cyx"), "auto")
+    assert mask.mask.all() and "no contrast" in mask.method and mask.threshold is None
+    crop = np.empty((3, 64, 64), np.uint8)
+    crop[:, :, :32] = np.array([240, 190, 215], np.uint8)[:, None, None]  # pale eosin, saturation 0.21
+    crop[:, :, 32:] = np.array([90, 60, 160], np.uint8)[:, None, None]  # haematoxylin, saturation 0.62
+    assert compute_mask(storage.ImageSource("mem://c", crop, "cyx"), "auto").mask.all()
+
+
+@pytest.mark.slow
+def test_a_slide_stored_as_one_z_slice_gets_a_tissue_mask(client, tmp_path, rgb_model):
+    """OME-Zarr from bioformats2raw is tczyx with z = 1: a slide, whose tissue mask is 2-D."""
+    _, image = rgb_slide(tmp_path / "flat.zarr")
+    url = str(tmp_path / "tczyx.zarr")
+    storage.create_image(url, (1, 3, 1, *image.shape[1:]), (1, 3, 1, 128, 128), "uint8", "tczyx")[...] = \
+        image[None, :, None]
+    source = storage.open_image(url)
+    assert source.spatial_shape == (1, 512, 640)
+    mask = compute_mask(source, "auto")
+    assert mask.mask.shape == (1, 512, 640) and mask.factor == (1.0, 1.0, 1.0) and mask.method == "saturation"
+    flat = compute_mask(storage.open_image(str(tmp_path / "flat.zarr")), "auto")
+    assert np.array_equal(mask.mask[0], flat.mask)
+
+
+def test_a_boolean_tiff_is_a_tissue_mask(tmp_path):
+    import tifffile
+
+    from pipeline.jobs.tissue import read_mask
+
+    low = np.zeros((64, 80), bool)
+    low[:8, :8] = True
+    tifffile.imwrite(tmp_path / "mask.tif", low)
+    mask = read_mask(str(tmp_path / "mask.tif"), (512, 640))
+    assert mask.factor == (8.0, 8.0) and np.array_equal(mask.mask, low)
+
+
+def test_a_large_user_mask_keeps_a_single_tissue_pixel_and_must_fit_the_image(tmp_path, monkeypatch):
+    """A mask bigger than the mask budget is reduced by windows (any tissue in a window is
+    tissue), not strided past; one of another aspect ratio than the image is refused."""
+    from pipeline.jobs import tissue
+
+    monkeypatch.setattr(tissue, "MAX_MASK_PIXELS", 100 * 100)
+    big = np.zeros((1000, 1200), bool)
+    big[501, 777] = True  # between strides of 11
+    url = write_zarr(tmp_path / "big.zarr", big, chunks=(256, 256))
+    mask = tissue.read_mask(url, (4000, 4800))
+    assert mask.mask.sum() == 1 and mask.factor == (44.0, 44.0)
+    assert np.argwhere(mask.blocks((4000, 4800), (512, 512))).tolist() == [[501 * 4 // 512, 777 * 4 // 512]]
+    with pytest.raises(InputError, match="aspect ratio"):
+        tissue.read_mask(url, (4000, 4000))
+    with pytest.raises(InputError, match="not one given with --tissue-mask"):
+        from pipeline.jobs.predict import plan_prediction
+
+        plan_prediction(PredictSettings(input=url, output=str(tmp_path / "o.zarr"), model="m.pt", tissue_mask=url,
+                                        tissue_threshold=0.5))
 
 
 def test_imagej_writes_its_micro_sign_escaped(tmp_path):

@@ -78,7 +78,8 @@ class PredictSettings(blockwise.BlockwiseSettings):
     channels_last: bool = Field(True, description="channels_last memory format (same numbers, about 2× faster on CPU)")
     tissue: TissueMethod = Field("all", description="Which blocks to compute: all, or those with tissue in a low-resolution mask: "
                                  "saturation (Otsu on HSV saturation; brightfield H&E), bright / dark (Otsu on intensity; "
-                                 "fluorescence / brightfield), auto (saturation for 8-bit RGB, else bright)")
+                                 "fluorescence / brightfield), auto (saturation for 8-bit RGB, else "
+                                 "bright or dark, whichever leaves the image border background)")
     tissue_threshold: float | None = Field(None, description="A fixed threshold on the tissue feature instead of Otsu's "
                                            "(saturation 0-1; intensity in the image's units)")
     tissue_mask: str | None = Field(None, description="A mask image (any resolution, nonzero = tissue) choosing the blocks to compute")
@@ -304,6 +305,12 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
     checked against this machine.
     """
     settings = blockwise.absolute_paths(settings, "input", "output", "model", "tissue_mask")
+    if settings.tissue_threshold is not None and settings.tissue_mask:
+        raise InputError("--tissue-threshold thresholds a computed tissue mask, not one given with --tissue-mask "
+                         "(nonzero is tissue there)")
+    if settings.tissue_threshold is not None and settings.tissue == "all" and not settings.tissue_mask:
+        raise InputError("--tissue-threshold thresholds a computed tissue mask; add --tissue auto, saturation, "
+                         "bright or dark")
     source = storage.open_image(settings.input, settings.axes)
     nd = len(source.spatial_shape)
     model = model_geometry(settings.model, nd, source.channels)
@@ -343,9 +350,6 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
         raise InputError(f"{settings.model}: {model.num_classes} classes do not fit uint8 labels")
     if source.dtype.kind == "f":
         check_finite(source)
-    if settings.tissue_threshold is not None and settings.tissue == "all" and not settings.tissue_mask:
-        raise InputError("--tissue-threshold thresholds a computed tissue mask; add --tissue auto, saturation, "
-                         "bright or dark")
     existed = storage.check_output(settings.output, out_shape, out_dtype, settings.overwrite,
                                    reads=(settings.input, settings.tissue_mask, settings.model))
     mask = tissue_mask(source, settings.tissue, settings.tissue_threshold, settings.tissue_mask)
@@ -377,7 +381,7 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
     wanted = np.ones(grid, bool) if mask is None else mask.blocks(source.spatial_shape, block_shape, context)
     blocks = [block_at(index, source.spatial_shape, block_shape) for index in np.argwhere(wanted & ~done)]
     tissue = "" if mask is None else (
-        f"{mask.method}{'' if mask.threshold is None else f' > {mask.threshold:.3g}'} on {mask.source}: "
+        f"{mask.method}{'' if mask.threshold is None else f' {mask.relation} {mask.threshold:.3g}'} on {mask.source}: "
         f"{100 * mask.fraction:.2g}% tissue")
     compile = settings.compile
     if compile is None:  # on when every task slot has enough blocks to pay for compiling

@@ -184,7 +184,7 @@ class ImageSource:
         """The coarsest stored level of a 2-D image whose larger edge is still at least
         ``min_edge`` (level 0 when there is none), and its downsampling factor: where
         previews and tissue masks read, instead of striding through the full resolution."""
-        if len(self.spatial_shape) != 2:
+        if len(self.spatial_shape) != 2 and self.spatial_shape[0] != 1:  # (one z slice is an image)
             return self, 1.0
         best, factor = self, 1.0
         full = max(self.spatial_shape)

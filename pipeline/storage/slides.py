@@ -298,13 +298,13 @@ def open_slide(url: str, axes: str | None = None) -> Slide:
     return _open_tiff(url, axes)
 
 
-def open_source(url: str, axes: str | None = None) -> images.ImageSource:
+def open_source(url: str, axes: str | None = None, allow_bool: bool = False) -> images.ImageSource:
     """Level 0 of a slide as a checked :class:`~pipeline.storage.ImageSource` (what
     :func:`pipeline.storage.open_image` returns for a TIFF): ``read(box)`` reads only the
     tiles the box touches; the file stays open as long as the source lives."""
     slide = open_slide(url, axes)
     try:
-        checked = images.checked_source(url, slide.levels[0], slide.axes, slide.pixel_size, slide.units)
+        checked = images.checked_source(url, slide.levels[0], slide.axes, slide.pixel_size, slide.units, allow_bool)
         source = SlideSource(checked.url, checked.array, checked.axes, checked.scale, checked.units,
                              levels=list(slide.levels[1:]))
     except BaseException:

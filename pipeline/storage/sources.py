@@ -42,7 +42,7 @@ def open_image(url: str, axes: str | None = None, allow_bool: bool = False) -> I
     """
     url = str(url)
     if slides.is_tiff(url):
-        return slides.open_source(url, axes)
+        return slides.open_source(url, axes, allow_bool)
     return images.open_zarr_image(url, axes, allow_bool)
 
 
