@@ -225,6 +225,10 @@ def test_block_tasks_request_the_gpu_resource(tmp_path):
                 blocks = [Block((i,), Box((i,), (1,))) for i in range(6)]
                 records = run_blocks(c, _OnTheGpu(), blocks)
                 assert {r["worker"] for r in records} == {gpu.address}
+                # read-ahead too: reads on a CPU worker would run ahead of the GPU without bound
+                # and ship every block's input to the GPU worker, which holds them all
+                records = run_blocks(c, _OnTheGpuAhead(), blocks)
+                assert {r["worker"] for r in records} == {r["read_on"] for r in records} == {gpu.address}
             finally:
                 c.sync(cpu.close)
                 c.sync(gpu.close)
@@ -239,6 +243,20 @@ class _OnTheGpu:
         from distributed import get_worker
 
         return {"worker": get_worker().address, "pixels": 1}
+
+
+class _OnTheGpuAhead(_OnTheGpu):
+    """The same with read-ahead: each block's read is a task of its own."""
+
+    name, prefetch = "ahead", True
+
+    def read_block(self, block):
+        from distributed import get_worker
+
+        return get_worker().address
+
+    def run_block(self, block, read_on):
+        return {**super().run_block(block), "read_on": read_on}
 
 
 def test_plan_reports_what_is_left(image_2d, model_2d, tmp_path):

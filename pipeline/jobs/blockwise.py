@@ -468,8 +468,10 @@ def run_blocks(
     (an :class:`InputError` naming the block when the input is at fault); with a ``failures``
     list every block is tried and each failure is appended as ``"key: error"``. Either way
     finished blocks stay in the ledger. CUDA jobs' blocks ask for the ``GPU`` resource; with
-    ``job.prefetch`` each block's read is a task of its own that needs no GPU, its result
-    staying on the worker.
+    ``job.prefetch`` each block's read is a task of its own, run beside the GPU's block on a
+    worker that offers the resource (it asks for none of it): on a CPU-only worker of a mixed
+    cluster the reads would run ahead of the GPU without bound, and every block's input would
+    wait in the GPU worker's memory.
     """
     if not blocks:
         return []
@@ -480,7 +482,7 @@ def run_blocks(
     resources = {"GPU": 1} if job.gpu else None
     keys = [f"{job.name}-{b.key}" for b in blocks]
     reads = client.map(_read_task, blocks, [job] * len(blocks), key=[f"read-{k}" for k in keys],
-                       retries=retries, pure=False) if job.prefetch else []
+                       resources={"GPU": 0} if job.gpu else None, retries=retries, pure=False) if job.prefetch else []
     futures = client.map(_block_task, blocks, [job] * len(blocks), *([reads] if reads else []), key=keys,
                          resources=resources, retries=retries, pure=False)
     outcomes = ((str(f.key).removeprefix(job.name + "-"), f.exception() if f.status == "error" else f.result())
