@@ -516,3 +516,92 @@ def test_a_checkpoint_of_overtile_still_needs_no_probe(tmp_path):
     info, _ = describe(path)
     assert info.kind == "overtile" and info.weights == "overtile" and info.compilable
     assert info.tiling.startswith("exact: a valid U-Net")
+
+
+# --- what the outputs are: logits or probabilities --------------------------------------------
+
+
+class Head(nn.Module):
+    """A valid 3×3 convolution (output = input − 2 px) that ends in its own activation:
+    ``sigmoid`` of one channel that is x − 0.5 at the centre pixel, ``softmax`` of three
+    channels, or ``none`` (logits, as overtile's exports)."""
+
+    def __init__(self, head: str, channels: int):
+        super().__init__()
+        self.head = head
+        self.conv = nn.Conv2d(1, channels, 3)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:, 0, 1, 1] = 8.0 * torch.arange(1, channels + 1)
+            self.conv.bias.fill_(-4.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.head == "sigmoid":
+            return torch.sigmoid(y)
+        return torch.softmax(y, 1) if self.head == "softmax" else y
+
+
+def head_model(tmp_path: Path, head: str, channels: int, form: str) -> Path:
+    net = Head(head, channels).eval()
+    if form == "onnx":
+        path = tmp_path / f"{head}{channels}.onnx"
+        write_onnx(net, torch.zeros(1, 1, 16, 16), path)
+    else:
+        path = tmp_path / f"{head}{channels}.ts"
+        with warnings.catch_warnings():  # torch deprecates TorchScript
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.script(net).save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("form", ["torchscript", "onnx"])
+def test_a_model_that_ends_in_its_own_sigmoid_or_softmax_is_not_activated_again(tmp_path, form):
+    """Outputs in [0, 1] (summing to 1 over several channels) already are probabilities: no
+    second activation, and the model's line says why. Logits keep softmax, or sigmoid for one."""
+    for head, channels, activation in [("sigmoid", 1, "none"), ("softmax", 3, "none"), ("none", 1, "sigmoid"),
+                                       ("none", 3, "softmax")]:
+        info, _ = describe(head_model(tmp_path, head, channels, form))
+        assert (info.activation, info.probabilities) == (activation, activation == "none"), (head, channels)
+        assert ("its outputs already are probabilities" in info.summary()) == (activation == "none")
+
+
+def test_labels_of_a_sigmoid_head_are_its_probability_above_one_half(tmp_path):
+    """``--output labels`` of a model ending in a sigmoid: p > 0.5, not every pixel (as the
+    sigmoid's output read as a logit, p > 0, would make it); --activation overrides what the
+    probe found, and a run with another activation does not resume into the output."""
+    data = cells((60, 50))
+    image = write_zarr(tmp_path / "img.zarr", data)
+    path = head_model(tmp_path, "sigmoid", 1, "torchscript")
+
+    def run(name: str, **extra):
+        settings = PredictSettings(input=image, output=str(tmp_path / name), model=str(path), block_size=32,
+                                   device="cpu", pyramid=False, output_kind="labels", **extra)
+        job, _ = blockwise.execute(plan_prediction, settings, in_process=True)
+        return job, zarr.open_array(job.output_array, mode="r")[...]
+
+    job, labels = run("labels.zarr")
+    expected = data.astype(np.float32) / 255 > 0.5
+    assert job.model.activation == "none" and 0.1 < expected.mean() < 0.9
+    np.testing.assert_array_equal(labels[0], expected)
+    forced, all_foreground = run("forced.zarr", activation="sigmoid")
+    assert all_foreground.all() and forced.fingerprint != job.fingerprint
+    assert run("none.zarr", activation="none")[0].fingerprint == job.fingerprint
+
+
+def test_a_model_whose_outputs_are_not_floating_point_is_one_line(tmp_path, image, capsys):
+    class Labels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).argmax(1, keepdim=True)
+
+    ts = tmp_path / "labels.ts"
+    torch.jit.script(Labels().eval()).save(str(ts))
+    expect_error(capsys, predict_args(image, ts, tmp_path), "labels.ts: output of type torch.int64; overtile needs "
+                                                            "floating-point logits or probabilities")
+    onnx = tmp_path / "labels.onnx"
+    write_onnx(Labels().eval(), torch.zeros(1, 1, 16, 16), onnx)
+    expect_error(capsys, predict_args(image, onnx, tmp_path), "labels.onnx: ONNX output of type tensor(int64)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
@@ -68,6 +68,10 @@ class PredictSettings(blockwise.BlockwiseSettings):
     scheduler: blockwise.Scheduler = None
     output_kind: OutputKind = Field("probabilities", description="Softmax probabilities per class, or the argmax labels (uint8)")
     dtype: Literal["float32", "float16", "uint8"] = Field("float32", description="Probability dtype; uint8 stores round(255·p)")
+    activation: Literal["auto", "softmax", "sigmoid", "none"] = Field(
+        "auto", description="How the model's outputs become probabilities: auto (a checkpoint: softmax; a package: its "
+        "postprocessing; a bare TorchScript or ONNX file: none where the probe finds its outputs already are "
+        "probabilities, else softmax, or sigmoid for one channel), or softmax, sigmoid, none")
     mirror: Literal["reflect", "symmetric"] = Field("reflect", description="Mirroring at the image border, in numpy's words")
     tta: str = Field("none", description=TTA_HELP)
     autocast: Literal["none", "fp32", "bf16", "fp16"] = Field(
@@ -336,6 +340,11 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
         tile = g.max_input_size(tile)
     except ValueError as exc:
         raise InputError(f"--tile-size {settings.tile_size or tile}: {exc}") from None
+    # what earlier versions applied (no probe for probabilities, no --activation): a run that applies it
+    # keeps its old fingerprint, and resumes
+    usual = model.activation if model.kind in ("overtile", "bioimageio") else models.logit_activation(model.num_classes)
+    if settings.activation != "auto":
+        model = replace(model, activation=settings.activation, probabilities=False)
     if model.needs_statistics:  # the package's per-sample statistics, of the whole image (never per tile)
         model = model.with_statistics(statistics_sample(source))
     into_image = storage.label_parent(settings.input, settings.output)
@@ -361,6 +370,7 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
         mirror=settings.mirror, precision=precision(settings.autocast, device),
         **({"tta": [t.name for t in augmentation]} if settings.tta != "none" else {}),
         **({"weights": model.weights} if model.kind == "bioimageio" else {}),  # a package runs one of its forms
+        **({"activation": model.activation} if model.activation != usual else {}),
     )
     scale, translation = source.placement(channel=channel_axis)
     # slice by slice, z is laid out as channels are: a chunk holds the block's slice whole

@@ -7,6 +7,6 @@ see one interface, :class:`Model`, whatever the kind.
 """
 
 from pipeline.models.export import export
-from pipeline.models.kinds import KIND_NAMES, Model, ModelInfo, describe, detect, load, model_digest, stamp
+from pipeline.models.kinds import KIND_NAMES, Model, ModelInfo, describe, detect, load, logit_activation, model_digest, stamp
 
-__all__ = ["KIND_NAMES", "Model", "ModelInfo", "describe", "detect", "export", "load", "model_digest", "stamp"]
+__all__ = ["KIND_NAMES", "Model", "ModelInfo", "describe", "detect", "export", "load", "logit_activation", "model_digest", "stamp"]

@@ -89,8 +89,9 @@ class ModelInfo:
     ``onnx``), ``member`` its file inside a package. ``axes``: the model's input and output
     axes (``bcyx`` for ours). ``halo``: what is cropped from each side of the model's output
     (a package's declared halo). ``activation``: how the outputs become probabilities
-    (``softmax`` of logits, ``sigmoid``, or ``none``: they already are). ``tiling``: exact or
-    blended, and why.
+    (``softmax`` of logits, ``sigmoid``, or ``none``: they already are); ``probabilities``:
+    the probe found a bare file's outputs already are (its graph ends in a sigmoid or softmax).
+    ``tiling``: exact or blended, and why.
     """
 
     path: str
@@ -107,6 +108,7 @@ class ModelInfo:
     axes: tuple[str, str] = ("", "")
     halo: int = 0
     unet: tuple[tuple[str, Any], ...] = ()  # our U-Net's config, for state-dict weights
+    probabilities: bool = False
 
     @property
     def exact(self) -> bool:
@@ -133,8 +135,16 @@ class ModelInfo:
         weights = f" ({self.weights} weights)" if self.kind == "bioimageio" else ""
         sizes = f"fixed input size {g.input_size} px" if g.fixed else \
             f"tile sizes {g.min_input_size(g.factor + g.remainder)} + k·{g.factor} px"  # as the tiler takes them
+        activation = self.activation
+        if self.probabilities and activation == "none":
+            activation = "none: its outputs already are probabilities"
         return (f"{KIND_NAMES[self.kind]}{weights}, {self.dims}-D, {self.in_channels} → {self.num_classes} channels "
-                f"({self.activation}), margin {g.margin} px, {sizes}")
+                f"({activation}), margin {g.margin} px, {sizes}")
+
+
+def logit_activation(num_classes: int) -> str:
+    """What makes a bare file's logits probabilities: softmax over several channels, sigmoid of one."""
+    return "softmax" if num_classes > 1 else "sigmoid"
 
 
 class OnnxNet(nn.Module):
@@ -168,6 +178,9 @@ class OnnxNet(nn.Module):
             raise InputError(f"{source}: an ONNX model with {len(inputs)} inputs; overtile runs models with one input")
         if inputs[0].type not in ("tensor(float)", "tensor(float16)"):
             raise InputError(f"{source}: ONNX input of type {inputs[0].type}; overtile feeds float32 images")
+        if outputs[0].type not in ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"):
+            raise InputError(f"{source}: ONNX output of type {outputs[0].type}; overtile needs floating-point "
+                             f"logits or probabilities")
         self.input_name = inputs[0].name
         self.input_shape = inputs[0].shape
         self.half = inputs[0].type == "tensor(float16)"
@@ -259,7 +272,11 @@ def _first_weight(net: nn.Module) -> torch.Tensor | None:
 def _forward(model: Model) -> Callable[[np.ndarray], np.ndarray]:
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(x)).float().numpy()
+            y = model(torch.from_numpy(x))
+        if not y.is_floating_point():  # labels, say: stitching, activation and encoding need scores
+            raise InputError(f"{model.info.path}: output of type {y.dtype}; overtile needs floating-point logits "
+                             f"or probabilities")
+        return y.float().numpy()
 
     return run
 
@@ -323,7 +340,8 @@ def describe(path: str | os.PathLike, weights: str | None = None, dims: int = 2,
     base = ModelInfo(path, kind, kind, dims, channels, 0, TileGeometry(0, 1, 0, 1), Normalization(), "softmax", "")
     found = probe(_forward(Model(net, base)), dims, channels, path, declared=declared)
     info = replace(base, num_classes=found.num_classes, geometry=found.geometry, tiling=found.reason(),
-                   activation="softmax" if found.num_classes > 1 else "sigmoid")
+                   activation="none" if found.probabilities else logit_activation(found.num_classes),
+                   probabilities=found.probabilities)
     return info, Model(net, info)
 
 

@@ -18,6 +18,10 @@ export with static axes, a package with a fixed shape) is measured at that size:
 and classes there, and equivariance with shifted tiles of that same size. It is then tiled
 with tiles of that size (:attr:`TileGeometry.fixed`), exactly on its step grid where shifted
 tiles agree, blended where not.
+
+The probe also says whether the outputs on random input already are probabilities (in
+[0, 1], summing to 1 over several channels): a graph that ends in its own sigmoid or softmax,
+which must not be activated again.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class Probe:
     step: int | None
     disagreement: float
     shift: int  # the shift whose disagreement is reported
+    probabilities: bool = False  # its outputs on random input already are probabilities (:func:`_are_probabilities`)
 
     @property
     def exact(self) -> bool:
@@ -86,6 +91,8 @@ class Probe:
 def _run(forward: Forward, x: np.ndarray) -> np.ndarray | None:
     try:
         y = np.asarray(forward(x))
+    except InputError:  # ours, not the model's: a model overtile cannot run at any size
+        raise
     except Exception:  # noqa: BLE001 - any failure of a foreign model at a size: not a valid size
         return None
     return y
@@ -197,19 +204,25 @@ def probe(forward: Forward, dims: int, channels: int, source: str, declared: Dec
         size = first
     out = size - 2 * margin
     shifts = sorted(({1, 2, 4, 8, 16, 32, 64, period, 2 * period} - {0}) & set(range(1, out // 2 + 1)))
-    if not shifts:  # an output of 1 px: nothing to compare, so blended
-        return Probe(TileGeometry(margin, 1, 0, r0, blend=True, fixed=True), classes, 0, None, float("nan"), 0)
     rng = np.random.default_rng(seed)
+    if not shifts:  # an output of 1 px: nothing to compare, so blended
+        y = _run(forward, rng.standard_normal((1, channels) + (size,) * dims).astype(np.float32))
+        probabilities = y is not None and _are_probabilities([y])
+        return Probe(TileGeometry(margin, 1, 0, r0, blend=True, fixed=True), classes, 0, None, float("nan"), 0,
+                     probabilities)
     image = rng.standard_normal((1, channels) + (size + shifts[-1],) * dims).astype(np.float32)
     reference = _run(forward, image[(Ellipsis, *(slice(0, size),) * dims)])
     if reference is None:
         raise InputError(f"{source}: the model fails at {size} px, between sizes it runs at")
     found: dict[int, float] = {}
+    outputs = [reference]
     for shift in shifts:
         moved = _run(forward, image[(Ellipsis, *(slice(shift, shift + size),) * dims)])
         if moved is None:
             raise InputError(f"{source}: the model fails at {size} px, between sizes it runs at")
         found[shift] = _disagreement(reference, moved, shift, dims)
+        outputs.append(moved)
+    probabilities = _are_probabilities(outputs)
     agree = [s for s in shifts if found[s] <= tolerance]
     # the step: the smallest shift that agrees and whose double, where tried, agrees too
     step = next((s for s in agree if 2 * s not in found or found[2 * s] <= tolerance), None)
@@ -217,7 +230,19 @@ def probe(forward: Forward, dims: int, channels: int, source: str, declared: Dec
     if step is None:
         shift = min(found, key=found.__getitem__)
         geometry = TileGeometry(margin, period or 1, r0 % (period or 1), r0, blend=True, fixed=fixed)
-        return Probe(geometry, classes, period, None, found[shift], shift)
+        return Probe(geometry, classes, period, None, found[shift], shift, probabilities)
     factor = step if fixed else math.lcm(period, step)
     geometry = TileGeometry(margin, factor, r0 % factor, r0, blend=False, fixed=fixed)
-    return Probe(geometry, classes, period, step, found[step], step)
+    return Probe(geometry, classes, period, step, found[step], step, probabilities)
+
+
+def _are_probabilities(outputs: list[np.ndarray]) -> bool:
+    """Whether every output lies in [0, 1] and, with several channels, sums to 1 over them
+    (within 1e-4): a model whose graph ends in its own sigmoid or softmax. Activating such
+    outputs again would be silently wrong (a sigmoid's labels, ``logit > 0``, all foreground)."""
+    for y in outputs:
+        if not (np.all(y >= 0) and np.all(y <= 1)):  # NaN fails too
+            return False
+        if y.shape[1] > 1 and np.abs(y.sum(axis=1) - 1).max() > 1e-4:
+            return False
+    return True
