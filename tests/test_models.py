@@ -27,6 +27,7 @@ from pipeline.errors import InputError
 from pipeline.jobs import blockwise
 from pipeline.jobs.inference import file_digest
 from pipeline.jobs.predict import PredictSettings, plan_prediction
+from pipeline import models
 from pipeline.models import describe, detect, export
 from pipeline.models.export import write_onnx
 from pipeline.models.preprocessing import Preprocessing, ScaleRange, ZeroMeanUnitVariance
@@ -605,3 +606,17 @@ def test_a_model_whose_outputs_are_not_floating_point_is_one_line(tmp_path, imag
     onnx = tmp_path / "labels.onnx"
     write_onnx(Labels().eval(), torch.zeros(1, 1, 16, 16), onnx)
     expect_error(capsys, predict_args(image, onnx, tmp_path), "labels.onnx: ONNX output of type tensor(int64)")
+
+
+def test_a_package_given_as_its_rdf_yaml_is_digested_and_stamped_with_its_weights(tmp_path, ckpt):
+    """A rerun after the package's weights were replaced must not resume with the old blocks,
+    nor a worker keep the old model: the rdf.yaml stands for the whole package folder."""
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    rdf = folder / "rdf.yaml"
+    rdf.write_text("a")
+    (folder / "weights.pt").write_bytes(ckpt.read_bytes())
+    digest, stamp = file_digest(rdf), models.stamp(rdf)
+    assert digest == file_digest(folder)
+    (folder / "weights.pt").write_bytes(ckpt.read_bytes() + b"\0")
+    assert file_digest(rdf) != digest and models.stamp(rdf) != stamp

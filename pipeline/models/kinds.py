@@ -419,12 +419,22 @@ def load(info: ModelInfo, device: str = "cpu", channels_last: bool = False, thre
     return Model(net, info).eval()
 
 
-def model_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a model file, or of a package folder (its files' names and contents): what a
-    run's fingerprint holds, so that a changed model reruns every block."""
+def _files_root(path: str | os.PathLike) -> Path:
+    """What a model's files are: the file, or a package's folder (also when given as its
+    rdf.yaml, whose weights lie beside it)."""
     p = Path(path)
-    if not p.exists():
+    if p.is_file() and (p.name in bioimageio.RDF_NAMES or p.name.endswith(".bioimageio.yaml")):
+        return Path(bioimageio.package_root(str(p)))
+    return p
+
+
+def model_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a model file, or of a package folder (its files' names and contents; a
+    package's rdf.yaml stands for its folder): what a run's fingerprint holds, so that a
+    changed model, its weights included, reruns every block."""
+    if not Path(path).exists():
         raise InputError(f"{path}: no such model file or folder")
+    p = _files_root(path)
     if p.is_file():
         return _file_digest(p)
     h = hashlib.sha256()
@@ -442,7 +452,8 @@ def _file_digest(path: Path) -> str:
 
 
 def stamp(path: str | os.PathLike) -> tuple[Any, ...]:
-    """Modification times and sizes of a model's files: a cache key that changes with them."""
-    p = Path(path)
+    """Modification times and sizes of a model's files (a package's, given its rdf.yaml): a
+    cache key that changes with them."""
+    p = _files_root(path)
     files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p] if p.exists() else []
     return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
