@@ -620,3 +620,35 @@ def test_a_package_given_as_its_rdf_yaml_is_digested_and_stamped_with_its_weight
     assert digest == file_digest(folder)
     (folder / "weights.pt").write_bytes(ckpt.read_bytes() + b"\0")
     assert file_digest(rdf) != digest and models.stamp(rdf) != stamp
+
+
+def extracted(package: Path, folder: Path) -> tuple[Path, str]:
+    """The package as a folder to edit: its rdf.yaml and that file's text."""
+    with zipfile.ZipFile(package) as z:
+        z.extractall(folder)
+    return folder / "rdf.yaml", (folder / "rdf.yaml").read_text()
+
+
+def test_a_package_with_a_physical_scale_or_a_fixed_output_size_runs(package, tmp_path, capsys):
+    """Output size = input size × input scale / output scale + offset (spec 0.5): input and
+    output at 0.5 µm is a plain crop, an output at another scale is refused. A fixed input
+    size with a fixed output size crops half their difference on each side."""
+    rdf, text = extracted(package, tmp_path / "package")
+    space = "        type: space\n"
+    assert text.count(space) == 4  # y and x of the input, then of the output
+    inputs, outputs = text.split("outputs:\n")
+    rdf.write_text(inputs.replace(space, space + "        scale: 0.5\n        unit: micrometer\n") + "outputs:\n" +
+                   outputs.replace(space, space + "        scale: 0.5\n        unit: micrometer\n"))
+    assert describe(rdf.parent)[0].geometry.margin == 44
+    rdf.write_text(inputs.replace(space, space + "        scale: 0.5\n        unit: micrometer\n") + "outputs:\n" +
+                   outputs.replace(space, space + "        scale: 0.25\n        unit: micrometer\n"))
+    expect_error(capsys, ["model", "info", str(rdf.parent)], "output axis 'y' has scale 0.25, its input's 0.5")
+    fixed = text.replace("      - size:\n          min: 92\n          step: 8\n", "      - size: 124\n")
+    for axis in "yx":
+        fixed = fixed.replace(f"      - size:\n          tensor_id: raw\n          axis_id: {axis}\n          offset: -88\n",
+                              "      - size: 36\n")
+    rdf.write_text(fixed)
+    info, _ = describe(rdf.parent, weights="pytorch_state_dict")
+    assert info.geometry.margin == 44
+    rdf.write_text(fixed.replace("size: 36", "size: 37"))
+    expect_error(capsys, ["model", "info", str(rdf.parent)], "output axis 'y' is the input -87 px: not a crop of the same width")

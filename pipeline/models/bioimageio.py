@@ -8,6 +8,7 @@ inputs or outputs, time or index axes, weights only as code it would have to imp
 
 from __future__ import annotations
 
+import math
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,22 +111,34 @@ def _declared_sizes(tensor: Any, source: str) -> Declared:
     return Declared(lo, step)
 
 
-def _output_crop(tensor: Any, input_id: str, source: str) -> tuple[int, int]:
-    """(margin, halo) declared by the output's space axes: a size ``input + offset`` with
-    ``offset = -2 * margin`` (cropped by the model), and a halo to crop from the output."""
+def _output_crop(tensor: Any, inp: Any, source: str) -> tuple[int, int]:
+    """(margin, halo) declared by the output's space axes and a halo to crop from the output.
+
+    The crop: a size ``input + offset`` with ``offset = -2 * margin`` (cropped by the model),
+    or, where the input axis has one size, a fixed output size ``input - 2 * margin``. The
+    spec's output size is ``input size × input scale / output scale + offset``: an output at
+    the input's scale (whatever its physical size, 0.5 µm on both, say) is a plain crop.
+    """
+    inputs = {str(a.id): a for a in inp.axes if a.type == "space"}
     crops = set()
     for axis in tensor.axes:
         if axis.type != "space":
             continue
-        size = axis.size
-        if not hasattr(size, "tensor_id") or str(size.tensor_id) != input_id or str(size.axis_id) != str(axis.id):
+        size, ref = axis.size, inputs.get(str(axis.id))
+        if isinstance(size, int) and ref is not None and isinstance(ref.size, int):
+            offset = size - ref.size  # a fixed shape: the crop is what the sizes differ by
+        elif hasattr(size, "tensor_id") and str(size.tensor_id) == str(inp.id) and str(size.axis_id) == str(axis.id):
+            offset = size.offset
+        else:
             raise InputError(f"{source}: output axis '{axis.id}' is not sized by the input's '{axis.id}'; "
                              f"overtile needs outputs that follow the input's size")
-        if getattr(axis, "scale", 1.0) != 1.0:
-            raise InputError(f"{source}: output axis '{axis.id}' has scale {axis.scale}; overtile needs outputs at the input's resolution")
-        if size.offset > 0 or size.offset % 2:
-            raise InputError(f"{source}: output axis '{axis.id}' is the input {size.offset:+d} px: not a crop of the same width on each side")
-        crops.add((-size.offset // 2, int(getattr(axis, "halo", 0) or 0)))
+        scale, input_scale = getattr(axis, "scale", 1.0), getattr(ref, "scale", 1.0)
+        if not math.isclose(scale, input_scale):
+            raise InputError(f"{source}: output axis '{axis.id}' has scale {scale}, its input's {input_scale}; "
+                             f"overtile needs outputs at the input's resolution")
+        if offset > 0 or offset % 2:
+            raise InputError(f"{source}: output axis '{axis.id}' is the input {offset:+d} px: not a crop of the same width on each side")
+        crops.add((-offset // 2, int(getattr(axis, "halo", 0) or 0)))
     if len(crops) != 1:
         raise InputError(f"{source}: its output axes are cropped differently ({sorted(crops)})")
     return crops.pop()
@@ -204,7 +217,7 @@ def read_package(path: str) -> Package:
         raise InputError(f"{path}: input axes '{input_axes}' and output axes '{output_axes}' have different space axes")
     channels = [a for a in inp.axes if a.type == "channel"]
     classes = [a for a in out.axes if a.type == "channel"]
-    margin, halo = _output_crop(out, str(inp.id), path)
+    margin, halo = _output_crop(out, inp, path)
     config = (descr.config.model_dump() if hasattr(descr.config, "model_dump") else dict(descr.config)) or {}
     ours = config.get("overtile") or {}
     weights: dict[str, str] = {}
