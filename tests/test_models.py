@@ -652,3 +652,29 @@ def test_a_package_with_a_physical_scale_or_a_fixed_output_size_runs(package, tm
     assert info.geometry.margin == 44
     rdf.write_text(fixed.replace("size: 36", "size: 37"))
     expect_error(capsys, ["model", "info", str(rdf.parent)], "output axis 'y' is the input -87 px: not a crop of the same width")
+
+
+def test_a_model_that_fails_for_another_reason_than_its_size_says_why(tmp_path, capsys, image):
+    """The probe's error carries the model's last failure, not just 'no input size': a model
+    that casts its input to float64 before float32 weights fails at every size for that."""
+    class Double(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x.double())
+
+    path = tmp_path / "double.ts"
+    with warnings.catch_warnings():  # torch deprecates TorchScript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(Double().eval()).save(str(path))
+    expect_error(capsys, ["model", "info", str(path)], "the model runs at no 2-D input size from 1 to 640 px with 1 "
+                 "channel(s) (at 640 px: RuntimeError: Input type (double) and bias type (float) should be the same)")
+
+    def out_of_memory(x: np.ndarray) -> np.ndarray:
+        raise MemoryError("cannot allocate 3 GiB\nsecond line")
+
+    with pytest.raises(InputError, match=r"declares a fixed input size 12 px, but the model fails at 12 px "
+                                         r"\(MemoryError: cannot allocate 3 GiB\)$"):
+        probe(out_of_memory, 2, 1, "tiny", declared=Declared(12, 0))

@@ -88,13 +88,28 @@ class Probe:
                 f"on their overlap ({why})")
 
 
-def _run(forward: Forward, x: np.ndarray) -> np.ndarray | None:
+@dataclass(frozen=True)
+class Failure:
+    """How a model failed at a size, in a few words: its exception's type and message line.
+    Kept for the error, so that a model failing for another reason than its input size says so."""
+
+    why: str
+
+    @classmethod
+    def of(cls, exc: Exception) -> Failure:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        if lines and lines[0].startswith("The following operation failed in the TorchScript interpreter"):
+            return cls(lines[-1][:200])  # the interpreter's traceback ends in the model's own "Type: message"
+        return cls(f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__)
+
+
+def _run(forward: Forward, x: np.ndarray) -> np.ndarray | Failure:
     try:
         y = np.asarray(forward(x))
     except InputError:  # ours, not the model's: a model overtile cannot run at any size
         raise
-    except Exception:  # noqa: BLE001 - any failure of a foreign model at a size: not a valid size
-        return None
+    except Exception as exc:  # noqa: BLE001 - any failure of a foreign model at a size: not a valid size
+        return Failure.of(exc)
     return y
 
 
@@ -118,22 +133,24 @@ def _sizes(forward: Forward, dims: int, channels: int, source: str, declared: De
     crops its skip connections also runs at sizes its poolings do not divide, but loses
     more than its margin there (and its tiles no longer line up).
     """
-    def run(n: int) -> np.ndarray | None:
+    def run(n: int) -> np.ndarray | Failure:
         return _run(forward, np.zeros((1, channels) + (n,) * dims, np.float32))
 
     found: dict[int, tuple[int, int]] = {}  # size -> (crop, classes)
     if declared is not None:
         for n in (declared.min + k * declared.step for k in range(3 if declared.step else 1)):
             y = run(n)
-            if y is None:
-                raise InputError(f"{source}: declares {declared}, but the model fails at {n} px")
+            if isinstance(y, Failure):
+                raise InputError(f"{source}: declares {declared}, but the model fails at {n} px ({y.why})")
             found[n] = _loss(n, y, dims, source)
         sizes = sorted(found)
     else:
         sizes = []
+        last = Failure("")
         for n in range(1, SCAN_LIMIT[dims] + 1):
             y = run(n)
-            if y is None:
+            if isinstance(y, Failure):
+                last = y
                 continue
             found[n] = _loss(n, y, dims, source)
             least = min(c for c, _ in found.values())
@@ -142,7 +159,7 @@ def _sizes(forward: Forward, dims: int, channels: int, source: str, declared: De
                 break
         if not found:
             raise InputError(f"{source}: the model runs at no {dims}-D input size from 1 to {SCAN_LIMIT[dims]} px "
-                             f"with {channels} channel(s)")
+                             f"with {channels} channel(s) (at {SCAN_LIMIT[dims]} px: {last.why})")
         sizes = sizes[:3]
         fixed = len(found) == 1  # it runs at one size and no other
         if not fixed and (len(sizes) < 3 or sizes[2] - sizes[1] != sizes[1] - sizes[0]):
@@ -207,19 +224,19 @@ def probe(forward: Forward, dims: int, channels: int, source: str, declared: Dec
     rng = np.random.default_rng(seed)
     if not shifts:  # an output of 1 px: nothing to compare, so blended
         y = _run(forward, rng.standard_normal((1, channels) + (size,) * dims).astype(np.float32))
-        probabilities = y is not None and _are_probabilities([y])
+        probabilities = not isinstance(y, Failure) and _are_probabilities([y])
         return Probe(TileGeometry(margin, 1, 0, r0, blend=True, fixed=True), classes, 0, None, float("nan"), 0,
                      probabilities)
     image = rng.standard_normal((1, channels) + (size + shifts[-1],) * dims).astype(np.float32)
     reference = _run(forward, image[(Ellipsis, *(slice(0, size),) * dims)])
-    if reference is None:
-        raise InputError(f"{source}: the model fails at {size} px, between sizes it runs at")
+    if isinstance(reference, Failure):
+        raise InputError(f"{source}: the model fails at {size} px, between sizes it runs at ({reference.why})")
     found: dict[int, float] = {}
     outputs = [reference]
     for shift in shifts:
         moved = _run(forward, image[(Ellipsis, *(slice(shift, shift + size),) * dims)])
-        if moved is None:
-            raise InputError(f"{source}: the model fails at {size} px, between sizes it runs at")
+        if isinstance(moved, Failure):
+            raise InputError(f"{source}: the model fails at {size} px, between sizes it runs at ({moved.why})")
         found[shift] = _disagreement(reference, moved, shift, dims)
         outputs.append(moved)
     probabilities = _are_probabilities(outputs)
