@@ -678,3 +678,20 @@ def test_a_model_that_fails_for_another_reason_than_its_size_says_why(tmp_path, 
     with pytest.raises(InputError, match=r"declares a fixed input size 12 px, but the model fails at 12 px "
                                          r"\(MemoryError: cannot allocate 3 GiB\)$"):
         probe(out_of_memory, 2, 1, "tiny", declared=Declared(12, 0))
+
+
+def test_an_exported_onnx_file_does_not_claim_its_output_is_as_large_as_its_input(tmp_path):
+    """A valid U-Net's output is its input less 2·margin: the output's dynamic axes are named
+    apart from the input's, which would say the two are equal."""
+    import onnx
+
+    torch.manual_seed(0)
+    path = tmp_path / "unet.onnx"
+    write_onnx(UNet(depth=3, base_channels=2).eval(), torch.zeros(1, 1, 60, 60), path)
+    graph = onnx.load(str(path)).graph
+
+    def dims(value) -> list:
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    assert dims(graph.input[0]) == ["batch", 1, "y", "x"]
+    assert dims(graph.output[0]) == ["batch", 2, "out_y", "out_x"]

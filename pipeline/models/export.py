@@ -65,13 +65,17 @@ def write_torchscript(net: nn.Module, example: torch.Tensor, path: Path) -> None
 
 def write_onnx(net: nn.Module, example: torch.Tensor, path: Path) -> None:
     """Export ``net`` to ONNX with the batch and every spatial axis dynamic (torch's
-    TorchScript-based exporter: a second, against the minutes of the torch.export one)."""
-    names = ["batch"] + [f"{a}" for a in "zyx"[-(example.ndim - 2):]]
-    axes = {0: names[0], **{i + 2: n for i, n in enumerate(names[1:])}}
+    TorchScript-based exporter: a second, against the minutes of the torch.export one).
+
+    The output's spatial axes have names of their own (``out_y``, ...): a valid net's output
+    is smaller than its input, and a shared name would tell ONNX tools they are equal."""
+    spatial = "zyx"[-(example.ndim - 2):]
+    inputs = {0: "batch", **{i + 2: a for i, a in enumerate(spatial)}}
+    outputs = {0: "batch", **{i + 2: f"out_{a}" for i, a in enumerate(spatial)}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(net, (example,), str(path), input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": axes, "logits": axes}, opset_version=ONNX_OPSET, dynamo=False)
+                          dynamic_axes={"input": inputs, "logits": outputs}, opset_version=ONNX_OPSET, dynamo=False)
 
 
 def sample_input(net: UNet, seed: int = 0) -> np.ndarray:
