@@ -19,8 +19,8 @@ A scheduler on a login node, whose address ``overtile predict --scheduler`` (or 
 The same spec as a Prefect task runner (one cluster per flow run, see deploy/slurm/on_slurm.py):
 
 >>> from prefect_dask import DaskTaskRunner                          # doctest: +SKIP
->>> DaskTaskRunner(cluster_class="dask_jobqueue.SLURMCluster",       # doctest: +SKIP
-...                cluster_kwargs=slurm_cluster_kwargs("overtile-gpu"),
+>>> DaskTaskRunner(cluster_class="flows.clusters.slurm_cluster",    # doctest: +SKIP
+...                cluster_kwargs={"profile": "overtile-gpu"},
 ...                adapt_kwargs={"minimum_jobs": 0, "maximum_jobs": 8})
 """
 
