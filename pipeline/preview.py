@@ -241,9 +241,10 @@ def preview_png(
         pred_note = f"P(class {k})"
 
     h, w = image.shape[:2]
-    # about one screen pixel per preview pixel, but never a postage stamp
-    panel_w = max(w / PANEL_DPI, 4.0)
-    panel_h = panel_w * h / w
+    # about one screen pixel per preview pixel, but never a postage stamp; the longer edge
+    # sets the size (a tall, narrow image sized by its width would be metres high)
+    longest = max(max(h, w) / PANEL_DPI, 4.0)
+    panel_w, panel_h = max(longest * w / max(h, w), 2.0), max(longest * h / max(h, w), 2.0)  # room for titles, axes
     fig = Figure(figsize=(2 * panel_w + 1.2, panel_h + 1.1), dpi=PANEL_DPI, layout="constrained")
     font = 10 if panel_w < 6 else 13
     ax_image, ax_pred = fig.subplots(1, 2, sharex=True, sharey=True)

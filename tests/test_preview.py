@@ -104,3 +104,16 @@ def test_preview_reads_a_pyramid_level_not_the_full_resolution(tmp_path):
     view = read_preview(storage.open_image(url), max_size=512)
     assert view.data.shape == (1, 512, 384) and (view.data == 7).all()
     assert view.step == 4 and view.shape == (2048, 1536)
+
+
+def test_a_tall_narrow_image_gives_a_preview_of_screen_size(tmp_path):
+    """The panels are sized by the longer edge: sized by its width, a 4000×20 strip made a
+    figure metres high (a 20000×20 one: 368 megapixels, refused by PIL as a decompression bomb)."""
+    data = np.random.default_rng(0).integers(0, 255, (4000, 20), dtype=np.uint8)
+    image = str(tmp_path / "strip.zarr")
+    zarr.create_array(image, shape=data.shape, chunks=(1000, 20), dtype="uint8")[...] = data
+    prediction = create_image(str(tmp_path / "p.zarr"), (2, 4000, 20), (2, 1000, 20), "float32", "cyx",
+                              name="probabilities", attrs={"overtile": {"output_kind": "probabilities"}})
+    prediction[...] = 0.5
+    png = matplotlib.image.imread(preview_png(image, str(tmp_path / "p.zarr"), tmp_path / "strip.png"))
+    assert png.shape[0] * png.shape[1] < 4e6, png.shape
