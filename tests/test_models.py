@@ -30,7 +30,7 @@ from pipeline.jobs.predict import PredictSettings, plan_prediction
 from pipeline import models
 from pipeline.models import describe, detect, export
 from pipeline.models.export import write_onnx
-from pipeline.models.preprocessing import Preprocessing, ScaleRange, ZeroMeanUnitVariance
+from pipeline.models.preprocessing import Preprocessing, ScaleLinear, ScaleRange, ZeroMeanUnitVariance
 from pipeline.models.probe import Declared, probe
 from pipeline.numerics.geometry import Box
 from pipeline.numerics.tiling import TileGeometry, overlap_tile, plan_tiles, predict_region, predict_whole, read_mirrored
@@ -463,15 +463,17 @@ def test_a_package_whose_declarations_do_not_match_its_model_is_an_error(package
 
 def test_per_sample_statistics_are_taken_once_from_the_whole_image():
     """A package's zero_mean_unit_variance and scale_range, fixed from the whole image, give
-    every block the arithmetic one pass over the image would: no per-tile statistics, no seams."""
+    every block the arithmetic one pass over the image would: no per-tile statistics, no seams.
+    Each statistic is of the image as given, before any step, as bioimageio.core measures a
+    sample once ahead of its preprocessing."""
     image = cells((2, 120, 90), dtype=np.uint16)
-    steps = Preprocessing((ZeroMeanUnitVariance(per_channel=True), ScaleRange(1, 99)))
+    steps = Preprocessing((ScaleLinear((2.0,), (5.0,)), ZeroMeanUnitVariance(per_channel=True), ScaleRange(1, 99)))
     fixed = steps.fixed(image)
     assert not fixed.needs_statistics and steps.needs_statistics
     x = image.astype(np.float32)
     mean, std = x.mean(axis=(1, 2), keepdims=True), x.std(axis=(1, 2), keepdims=True)
-    z = (x - mean) / (std + 1e-6)
-    low, high = np.percentile(z, [1, 99])
+    z = (2 * x + 5 - mean) / (std + 1e-6)
+    low, high = np.percentile(x, [1, 99])
     whole = (z - low) / (high - low + 1e-6)
     np.testing.assert_allclose(fixed(image), whole, atol=1e-5)
     np.testing.assert_allclose(fixed(image[:, 30:70, 10:50]), whole[:, 30:70, 10:50], atol=1e-5)  # a block alone

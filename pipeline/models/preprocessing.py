@@ -5,7 +5,9 @@ bioimage.io packages declare their preprocessing as steps (``scale_linear``,
 sample": computed from each tile, they would differ from tile to tile and make seams. So the
 statistics are taken once from the whole image (:meth:`Preprocessing.fixed`), and every block
 applies the same fixed steps; on a package's own test input, which is one sample, that is
-exactly what bioimageio.core computes.
+exactly what bioimageio.core computes. As there, every statistic is of the input as given,
+before any step (bioimageio.core measures the sample once, ahead of its preprocessing): in
+``scale_linear`` then ``zero_mean_unit_variance``, the mean and std are the raw image's.
 """
 
 from __future__ import annotations
@@ -118,14 +120,10 @@ class Preprocessing:
     def fixed(self, sample: np.ndarray) -> Preprocessing:
         """These steps with every statistic taken from ``sample`` (the whole image, or a
         regular subsample of it), so that no tile computes its own."""
-        x = self._cast(sample)
-        steps: list[Step] = []
-        for step in self.steps:
-            if isinstance(step, (ZeroMeanUnitVariance, ScaleRange)):
-                step = step.fixed(x)
-            x = step(x)
-            steps.append(step)
-        return replace(self, steps=tuple(steps))
+        raw = self._cast(sample)
+        steps = tuple(step.fixed(raw) if isinstance(step, (ZeroMeanUnitVariance, ScaleRange)) else step
+                      for step in self.steps)
+        return replace(self, steps=steps)
 
     def _cast(self, array: np.ndarray) -> np.ndarray:
         out = array.astype(np.float32, copy=True)
