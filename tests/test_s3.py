@@ -229,3 +229,12 @@ def test_an_svs_in_the_bucket_reads_as_the_file_does(s3):
     assert there.axes == here.axes and there.spatial_shape == here.spatial_shape
     np.testing.assert_array_equal(np.asarray(there.array[...]), np.asarray(here.array[...]))
     assert 0 < slides.bytes_read(remote) <= local.stat().st_size
+
+
+def test_a_file_written_into_a_missing_bucket_makes_no_bucket(s3):
+    """A typo in a bucket name is an error, not a new bucket (s3fs's makedirs would make one)."""
+    from pipeline.storage import files
+
+    with pytest.raises(Exception):
+        files.put_text("s3://overtile-typo-bucket/study/x/slide.json", "{}")
+    assert "overtile-typo-bucket" not in [p.rstrip("/") for p in s3.filesystem().ls("")]

@@ -109,3 +109,43 @@ def test_existing_output_of_other_shape_is_refused_unless_overwrite(tmp_path):
         check_output(url, (2, 12, 10), "float32", overwrite=False)
     assert check_output(url, (2, 12, 10), "float32", overwrite=True)
     assert check_output(str(tmp_path / "new.zarr"), (1,), "uint8", overwrite=False) is False
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_place_holding_other_things_is_never_taken_for_an_output(tmp_path, where):
+    """An output that exists but is not Zarr (a results folder, a bucket's prefix) is refused,
+    with --overwrite too: replacing it would delete everything in it."""
+    if where == "local":
+        url = str(tmp_path / "results")
+        (tmp_path / "results" / "sub").mkdir(parents=True)
+        (tmp_path / "results" / "sub" / "keep.txt").write_text("x")
+        kept = tmp_path / "results" / "sub" / "keep.txt"
+    else:
+        import fsspec
+
+        url = "memory://results-of-a-study"
+        fsspec.filesystem("memory").pipe("/results-of-a-study/study.csv", b"slide,cells\n")
+    for overwrite in (False, True):
+        with pytest.raises(InputError, match="exists and is not a Zarr image"):
+            check_output(url, (1, 4, 4), "float32", overwrite=overwrite)
+    if where == "local":
+        assert kept.exists()
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        assert check_output(str(empty), (1, 4, 4), "float32", overwrite=False) is False  # an empty folder is fine
+
+
+def test_an_output_inside_what_the_run_reads_is_refused_but_labels_of_an_image(tmp_path):
+    """An OME-Zarr input is read from IMAGE/0: an output there would replace the pixels."""
+    image = str(tmp_path / "image.zarr")
+    create_image(image, (1, 8, 8), (1, 8, 8), "uint8", "cyx")
+    with pytest.raises(InputError, match="is inside .*image.zarr, which this run reads"):
+        check_output(f"{image}/0", (1, 8, 8), "uint8", overwrite=True, reads=(image,))
+    assert check_output(f"{image}/labels/cells", (1, 8, 8), "uint8", overwrite=True, reads=(image,)) is False
+
+
+def test_a_url_is_one_place_with_or_without_its_trailing_slash():
+    from pipeline.storage import absolute
+
+    assert absolute("s3://bucket/in.zarr/") == absolute("s3://bucket/in.zarr") == "s3://bucket/in.zarr"
+    assert absolute("s3://") == "s3://"

@@ -159,6 +159,7 @@ def list_slides(where: str) -> list[Slide]:
         raise InputError(f"{where}: no such file, folder or manifest")
     if not urls:
         raise InputError(f"{where}: no slides in it ({', '.join(SLIDE_SUFFIXES)})")
+    urls = [storage.absolute(u) for u in urls]  # one spelling: "x.zarr/" and "x.zarr" are one slide
     unique = list(dict.fromkeys(urls))  # one run per slide: two would write one folder at once
     if len(unique) < len(urls):
         twice = sorted({u for u in urls if urls.count(u) > 1})
@@ -465,7 +466,7 @@ def write_study_table(root: str, rows: list[dict[str, Any]]) -> tuple[str, str]:
     buffer = io.BytesIO()
     pq.write_table(pa.table({c: [r.get(c) for r in rows] for c in COLUMNS}, schema=schema), buffer)
     fs, path = fsspec.core.url_to_fs(base + ".parquet")
-    fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+    files.make_parents(fs, base, path)
     with fs.open(path, "wb") as f:
         f.write(buffer.getvalue())
     text = io.StringIO()

@@ -17,6 +17,16 @@ def _fs(url: str) -> tuple[Any, str]:
     return fsspec.core.url_to_fs(str(url))
 
 
+def make_parents(fs: Any, url: str, path: str) -> None:
+    """Create the folders above ``path``, on a file system that has folders. An object store
+    has none (a key's prefix needs nothing made), and s3fs's makedirs would create a bucket a
+    typo named."""
+    from pipeline.storage.images import is_object_store
+
+    if not is_object_store(str(url)):
+        fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+
+
 def _fresh(url: str) -> tuple[Any, str]:
     """The filesystem and path of ``url`` with its cached listings of ``url`` dropped: s3fs
     answers ``exists`` and ``ls`` from listings this process made earlier, which do not see
@@ -31,7 +41,7 @@ def put_arrays(url: str, **arrays: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     fs, path = _fs(url)
-    fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+    make_parents(fs, url, path)
     with fs.open(path, "wb") as f:
         f.write(buffer.getvalue())
 
@@ -71,7 +81,7 @@ def write_parquet(url: str, columns: dict[str, np.ndarray]) -> None:
     import pyarrow.parquet as pq
 
     fs, path = _fs(url)
-    fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+    make_parents(fs, url, path)
     with fs.open(path, "wb") as f:
         pq.write_table(pa.table({k: np.asarray(v) for k, v in columns.items()}), f)
 
@@ -99,6 +109,6 @@ def iter_lines(url: str, chunk: int | None = None) -> Iterator[str]:
 
 def put_text(url: str, text: str) -> None:
     fs, path = _fs(url)
-    fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+    make_parents(fs, url, path)
     with fs.open(path, "wt", encoding="utf-8") as f:
         f.write(text)

@@ -99,8 +99,12 @@ def write_unit(array: zarr.Array) -> tuple[int, ...]:
 
 
 def absolute(path: str) -> str:
-    """A local path made absolute (worker processes may run elsewhere); URLs unchanged."""
-    return str(path) if is_url(path) else os.path.abspath(path)
+    """A local path made absolute (worker processes may run elsewhere); a URL without the
+    trailing slashes that would make ``s3://b/x.zarr/`` another run than ``s3://b/x.zarr``."""
+    if not is_url(path):
+        return os.path.abspath(path)
+    scheme, sep, rest = str(path).partition("://")
+    return f"{scheme}{sep}{rest.rstrip('/')}" if rest.strip("/") else str(path)
 
 
 def _open_node(url: str) -> zarr.Array | zarr.Group:
@@ -345,6 +349,18 @@ def multiscales(axes: str, scales: Sequence[Sequence[float]], name: str, units: 
     }
 
 
+def _holds_anything(url: str) -> bool:
+    """Whether anything is stored at ``url``: a file, or a folder or prefix that lists entries."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache(path)  # (s3fs answers from listings this process made earlier)
+    try:
+        return bool(fs.ls(path, detail=False))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 def _exists(url: str) -> bool:
     try:
         zarr.open(store=url, mode="r")
@@ -391,9 +407,17 @@ def check_output(url: str, shape: Sequence[int], dtype: np.dtype | str, overwrit
     url = str(url)
     out = _place(url)
     for read in filter(None, reads):
-        if _place(str(read)) == out or _place(str(read)).startswith(out + "/"):
+        place = _place(str(read))
+        if place == out or place.startswith(out + "/"):
             raise InputError(f"{url}: holds {read}, which this run reads; choose another output")
+        inside = out.removeprefix(place + "/") if out.startswith(place + "/") else None
+        if inside is not None and not (inside.startswith("labels/") and inside.count("/") == 1):
+            raise InputError(f"{url}: is inside {read}, which this run reads; choose another output "
+                             f"(only IMAGE/labels/NAME goes inside an image)")
     if not _exists(url):
+        if _holds_anything(url):  # a folder or prefix of other things: never replaced, with --overwrite neither
+            raise InputError(f"{url}: exists and is not a Zarr image; overtile would replace everything in it, so "
+                             f"choose another output (or remove it yourself)")
         return False
     if overwrite:
         return True
