@@ -385,14 +385,20 @@ def test_compiled_model_gives_the_same_output_and_reports_its_compile_time(tmp_p
     np.testing.assert_allclose(compiled, eager, atol=1e-5)
 
 
-def test_compile_defaults_to_on_only_for_jobs_long_enough_to_pay_for_it(image_2d, model_2d, tmp_path):
+def test_compile_defaults_to_on_only_for_gpu_jobs_long_enough_to_pay_for_it(image_2d, model_2d, tmp_path):
+    """On a CPU compiling is off unless asked for (it bought nothing in a worker, and each tile
+    shape compiles again); on a GPU, on for jobs of enough blocks per task slot."""
     from pipeline.jobs.inference import COMPILE_BREAK_EVEN_BLOCKS
 
     url, _ = image_2d
     small = PredictSettings(input=url, output=str(tmp_path / "a.zarr"), model=str(model_2d), block_size=128, workers=1)
     assert not plan_prediction(small)[0].compile  # 9 blocks
     many = small.model_copy(update={"output": str(tmp_path / "b.zarr"), "block_size": 16})
-    assert plan_prediction(many)[0].compile == (22 * 17 >= COMPILE_BREAK_EVEN_BLOCKS)
+    assert 22 * 17 >= COMPILE_BREAK_EVEN_BLOCKS and not plan_prediction(many)[0].compile  # a CPU
+    on_gpu = many.model_copy(update={"output": str(tmp_path / "g.zarr"), "device": "cuda"})
+    assert plan_prediction(on_gpu, remote=True)[0].compile  # planned on trust, as for a remote cluster
+    assert not plan_prediction(small.model_copy(update={"output": str(tmp_path / "h.zarr"), "device": "cuda"}),
+                               remote=True)[0].compile
     forced = small.model_copy(update={"output": str(tmp_path / "c.zarr"), "compile": True})
     assert plan_prediction(forced)[0].compile
 

@@ -97,7 +97,8 @@ def model_geometry(path: str, dims: int = 2, channels: int = 1) -> models.ModelI
 # A compiled forward pass pays for itself after this many blocks per task slot: on 2 CPU
 # cores, 2048² blocks of 1212² tiles, 16-base net, compiling cost 12.7 s per worker and saved
 # 0.12 s (2.6%) per block, a break-even of about 100 (bench/predict.py, bench/RESULTS.md).
-# ``compile=None`` compiles above it.
+# ``compile=None`` compiles above it on GPUs; on CPUs a later host measured no gain in a
+# worker at all, so there it is off unless asked for.
 COMPILE_BREAK_EVEN_BLOCKS = 100
 
 _COMPILED: dict[int, tuple[torch.nn.Module, set[tuple[int, ...]]]] = {}

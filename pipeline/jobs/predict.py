@@ -89,8 +89,8 @@ class PredictSettings(blockwise.BlockwiseSettings):
     tissue_mask: str | None = Field(None, description="A mask image (any resolution, nonzero = tissue) choosing the blocks to compute")
     compile: bool | None = Field(None, description="torch.compile the model, once per worker process and reused across "
                                  "blocks (the compile time is in the summary; same numbers within float rounding). "
-                                 "Default: on when each task slot has enough blocks to pay for compiling "
-                                 f"({COMPILE_BREAK_EVEN_BLOCKS} or more)")
+                                 "Default: on GPUs when each task slot has enough blocks to pay for compiling "
+                                 f"({COMPILE_BREAK_EVEN_BLOCKS} or more); off on CPUs, where it measured no gain")
     prefetch: bool | None = Field(None, description="Read each block in a Dask task of its own, so that the next block is "
                                   "read while this one computes (default: on CUDA)")
     device_stitch: bool | None = Field(None, description="Keep each block on the model's device from its upload to its "
@@ -394,6 +394,11 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
         f"{mask.method}{'' if mask.threshold is None else f' {mask.relation} {mask.threshold:.3g}'} on {mask.source}: "
         f"{100 * mask.fraction:.2g}% tissue")
     compile = settings.compile
+    if compile is None and device != "cuda":
+        # on CPUs compiling bought 0-5% per tile in a plain process and nothing in a Dask worker
+        # (bench/compile.py, RESULTS.md), and every other tile shape compiles again: a 400-block
+        # stack of 128² blocks spent 66 s compiling in a 56 s run (2.4× the eager run's time)
+        compile = False
     if compile is None:  # on when every task slot has enough blocks to pay for compiling
         if settings.workers:
             slots = settings.workers
