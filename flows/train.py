@@ -40,6 +40,8 @@ def plan(settings: TrainSettings) -> TrainJob:
         "train: a %d-D %s U-Net (depth %d, %d base channels, %s parameters) on %s, %d steps of %s from step %d; "
         "checkpoints and curves in %s", job.model.dims, settings.padding, settings.depth, settings.base_channels,
         f"{num_parameters(job.model):,}", settings.images, settings.steps, settings.optimizer, job.start, job.out)
+    for warning in job.warnings:
+        get_run_logger().warning("train: %s", warning)
     return job
 
 

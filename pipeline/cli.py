@@ -237,18 +237,28 @@ def _train(args: argparse.Namespace) -> None:
               f"{c.base_channels} base channels, {c.padding}) on {job.spec.input_size} px patches "
               f"(labels {job.spec.output_size} px) from {where}; {optimiser}, lr {job.lr:g}, "
               f"batch {s.batch_size}, on {job.device}")
+        for warning in job.warnings:
+            print(f"overtile: warning: {warning}", file=sys.stderr)
         if job.start:
             done = " (nothing left to do)" if job.start >= s.steps else ""
             print(f"overtile: resuming after step {job.start} of {s.steps}{done}")
-        bar.append(tqdm(total=s.steps, initial=min(job.start, s.steps), unit="step", desc="train", disable=args.quiet))
+        if s.time_limit:  # the budget ends the run, not the step count: the bar counts its seconds
+            bar.append(tqdm(total=round(s.time_limit), unit="s", desc="train (time budget)", disable=args.quiet,
+                            bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s [{elapsed}<{remaining}{postfix}]"))
+        else:
+            bar.append(tqdm(total=s.steps, initial=min(job.start, s.steps), unit="step", desc="train", disable=args.quiet))
 
     def on_step(row: dict[str, Any]) -> None:
         running.append(row["loss"] if not running else 0.98 * running[-1] + 0.02 * row["loss"])
         postfix = {"loss": f"{running[-1]:.4f}"}
         if "rand_error" in row:
             postfix["rand"] = f"{row['rand_error']:.4f}"
-        bar[0].set_postfix(postfix, refresh=False)
-        bar[0].update(1)
+        if settings.time_limit:
+            bar[0].set_postfix({"step": row["step"], **postfix}, refresh=False)
+            bar[0].update(min(row["seconds"], bar[0].total) - bar[0].n)
+        else:
+            bar[0].set_postfix(postfix, refresh=False)
+            bar[0].update(1)
 
     try:
         summary = train(settings, on_start=on_start, on_step=on_step)

@@ -386,6 +386,25 @@ def test_cli_train_then_predict_the_stack_and_score_it(stack, tmp_path, capsys):
     assert code == 0 and "resuming after step 4" in capsys.readouterr().out
 
 
+def test_a_dim_integer_image_is_warned_about_and_a_time_budget_shows_as_seconds(tmp_path, capsys):
+    """A uint16 image whose values reach 235 (the shared nuclei image) is scaled by 65535: the
+    net sees inputs under 0.004 and learned nothing for a new user, silently. Training says so
+    and names --normalize standardize. With --time-limit the bar counts the budget's seconds
+    (a step count of 1000000 made it promise 323 hours)."""
+    images, masks = zip(*(disks((64, 64), 8, seed=z) for z in range(3)))
+    dim = write_zarr(tmp_path / "dim.zarr", np.stack(images).astype(np.uint16))
+    labels = write_zarr(tmp_path / "lab.zarr", (np.stack(masks) > 0).astype(np.uint8) * 255)
+    common = ["--labels", labels, "--axes", "zyx", "--dims", "2", "--depth", "2", "--base-channels", "4",
+              "--tile-size", "44", "--steps", "1000000", "--time-limit", "3", "--threads", "1"]
+    assert main(["train", "--images", dim, "--out", str(tmp_path / "a"), *common]) == 0
+    err = capsys.readouterr().err
+    assert "uint16 values reach" in err and "--normalize standardize" in err, err
+    assert "train (time budget)" in err and "/3 s" in err, err
+    assert main(["train", "--images", dim, "--out", str(tmp_path / "b"), "--normalize", "standardize", "--quiet",
+                 *common]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_cli_train_help():
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--help"])

@@ -101,7 +101,8 @@ class TrainSettings(BaseModel):
     labels_axes: Axes = Field(None, description="Axes of a plain labels array (default: the image's without c)")
     val_slices: tuple[int, ...] = Field((), description="Indices along z of a stack held out for validation (e.g. ISBI slices 20-24)")
     test_slices: tuple[int, ...] = Field((), description="Indices along z never trained on nor validated on: kept for "
-                                         "scoring once at the end (e.g. ISBI slices 20-24 with --val-slices 15-19)")
+                                         "'overtile score --slices' once training is done (e.g. ISBI slices 20-24 with "
+                                         "--val-slices 15-19); training never looks at them")
     labels_kind: Literal["auto", "mask", "instances"] = Field("auto", description="auto: a mask when the labels hold at most two values, else instances")
     foreground_bias: float = Field(0.0, ge=0.0, le=1.0, description="Probability of centring a patch on a labelled region (sparse data)")
     # run
@@ -415,6 +416,29 @@ class TrainJob:
     @property
     def start(self) -> int:
         return int(self.resume_payload["training"]["step"]) if self.resume_payload else 0
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the user should know before the run: settings that will likely teach nothing."""
+        found = []
+        s = self.settings
+        dtype = np.dtype(self.images.dtype)
+        if s.normalize == "scale" and dtype.kind in "ui" and not self.resume_payload:
+            high = image_maximum(self.images)
+            if high <= 0.01 * np.iinfo(dtype).max:
+                found.append(f"{s.images}: {dtype} values reach {high} of {np.iinfo(dtype).max}: scaled by the dtype's "
+                             f"maximum the net sees inputs of at most {high / np.iinfo(dtype).max:.2g} and may learn "
+                             f"nothing; pass --normalize standardize")
+        return found
+
+
+def image_maximum(images: storage.ImageSource, limit: int = 1 << 24) -> int:
+    """The largest value of an image, from a regular subsample of at most about ``limit``
+    values (a dim image's range shows in any subsample)."""
+    array = images.to_dask()
+    nd = array.ndim - 1
+    stride = max(1, int(np.ceil((array.size / limit) ** (1 / nd))))
+    return int(array[(slice(None), *(slice(None, None, stride),) * nd)].max().compute(scheduler="threads"))
 
 
 def _open(url: str, axes: str | None, fallback: str | None) -> storage.ImageSource:
