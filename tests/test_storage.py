@@ -52,8 +52,10 @@ def test_ome_zarr_axes_from_metadata(tmp_path, version):
     assert src.scale["x"] == 0.5 and src.units["x"] == "micrometer"
     np.testing.assert_array_equal(src.read(Box.from_shape((10, 12))), data[0])
     assert open_image(url, axes="tcyx").axes == "tcyx"
-    with pytest.raises(InputError, match="OME-Zarr metadata says 'tcyx'"):
-        open_image(url, axes="cyx")
+    assert open_image(url, axes="cyx").axes == "tcyx"  # the same data: its one time point left unsaid
+    for wrong in ("yx", "yxc"):  # two channels are not nothing; nor in another order
+        with pytest.raises(InputError, match="OME-Zarr metadata says 'tcyx'"):
+            open_image(url, axes=wrong)
 
 
 def test_fsspec_memory_url():
@@ -149,3 +151,11 @@ def test_a_url_is_one_place_with_or_without_its_trailing_slash():
 
     assert absolute("s3://bucket/in.zarr/") == absolute("s3://bucket/in.zarr") == "s3://bucket/in.zarr"
     assert absolute("s3://") == "s3://"
+
+
+def test_a_one_channel_stack_may_be_named_zyx(tmp_path):
+    """Ingest writes a TIFF stack as czyx with one channel; README's commands say --axes zyx."""
+    url = str(tmp_path / "stack.zarr")
+    create_image(url, (1, 3, 8, 8), (1, 1, 8, 8), "uint8", "czyx")[...] = 7
+    source = open_image(url, axes="zyx")
+    assert source.axes == "czyx" and source.spatial_shape == (3, 8, 8) and source.channels == 1

@@ -276,13 +276,15 @@ def open_zarr_image(url: str, axes: str | None = None, allow_bool: bool = False)
                 f"give the array inside it (members: {', '.join(sorted(node.keys())) or 'none'})"
             )
         ome_axes = _axes_from_ome(ms)
-        if axes is not None and axes.lower() != ome_axes:
-            raise InputError(f"{url}: axes {axes!r} given, but its OME-Zarr metadata says {ome_axes!r}")
         path = ms["datasets"][0]["path"]
         try:
             array = node[path]
         except KeyError:
             raise InputError(f"{url}: OME-Zarr metadata names dataset {path!r}, which is missing") from None
+        # "zyx" for a czyx image of one channel says the same (as ingest writes a stack)
+        alone = "".join(a for a, n in zip(ome_axes, array.shape) if not (a in "tc" and n == 1))
+        if axes is not None and axes.lower() not in (ome_axes, alone):
+            raise InputError(f"{url}: axes {axes!r} given, but its OME-Zarr metadata says {ome_axes!r}")
         axes = ome_axes
         levels = [node[d["path"]] for d in ms["datasets"][1:] if d["path"] in node]
         values = scale_from_ome(ms)
