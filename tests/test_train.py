@@ -405,6 +405,20 @@ def test_a_dim_integer_image_is_warned_about_and_a_time_budget_shows_as_seconds(
     assert "warning" not in capsys.readouterr().err
 
 
+def test_small_patches_validate_with_a_tile_that_steps_on_the_pooling_grid(stack, tmp_path):
+    """A depth-5 net trains on 188 px patches (4 px of labels), but validation tiles must step
+    on its 16 px grid (at least 204 px): it crashed with a traceback after the first steps.
+    Validation now takes a tile of at least 700 px in 2-D by default, and a --val-tile-size
+    below the smallest is refused up front."""
+    images, labels = stack
+    job = plan_training(settings(images, labels, tmp_path / "a", axes="zyx", dims=2, depth=5, tile_size=188,
+                                 val_slices=(3,)))
+    assert job.spec.input_size == 188 and job.val_tile_size >= 700
+    with pytest.raises(InputError, match="--val-tile-size 188: too small for this model; the smallest is 204"):
+        plan_training(settings(images, labels, tmp_path / "b", axes="zyx", dims=2, depth=5, tile_size=188,
+                               val_tile_size=188, val_slices=(3,)))
+
+
 def test_cli_train_help():
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--help"])

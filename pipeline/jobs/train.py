@@ -87,6 +87,10 @@ LOG_FIELDS = ("step", "loss", "lr", "seconds", "pixel_error", "rand_error", "ran
 # --- settings ------------------------------------------------------------------------------
 
 
+# Default least tile edge for validation in 2-D: one tile covers a 512² slice with the paper's
+# net (700 = 516 + 2·92), and any tile gives the same scores (valid nets tile exactly).
+VAL_TILE_2D = 700
+
 class TrainSettings(BaseModel):
     """Everything a training run needs; shared by the CLI, the Python API and the flows."""
 
@@ -137,7 +141,8 @@ class TrainSettings(BaseModel):
     mirror: Literal["reflect", "symmetric"] = Field("reflect", description="Mirroring at the image border, in numpy's words")
     # validation and checkpoints
     val_every: int = Field(100, ge=1, description="Validate every this many steps (and at the end)")
-    val_tile_size: int | None = Field(None, ge=4, description="Tile input edge for validation (default: tile_size)")
+    val_tile_size: int | None = Field(None, ge=4, description="Tile input edge for validation (default: tile_size, and "
+                                         f"in 2-D at least {VAL_TILE_2D}; the scores do not depend on it: tiles are exact)")
     val_tta: str = Field("none", description="Test-time augmentation of the validation: none, all (the 8 flips and "
                          "rotations in 2-D, the 8 flips in 3-D), or a comma-separated subset (identity,flip_x,rot90)")
     checkpoint_every: int = Field(100, ge=1, description="Write OUT/last.pt every this many steps (and at the end)")
@@ -516,9 +521,14 @@ def plan_training(settings: TrainSettings) -> TrainJob:
     model = UNet(images.channels, 2, dims, s.depth, s.base_channels, s.padding, s.batch_norm, s.dropout)
     try:
         tile = model.max_input_size(s.tile_size)
-        val_tile = model.max_input_size(s.val_tile_size or s.tile_size)
     except ValueError as exc:
         raise InputError(f"--tile-size: {exc}") from None
+    g = model.geometry
+    tiled = g.min_input_size(g.factor + g.remainder)  # the smallest tile that steps on the pooling grid
+    if s.val_tile_size is not None and s.val_tile_size < tiled:
+        raise InputError(f"--val-tile-size {s.val_tile_size}: too small for this model; the smallest is {tiled}")
+    # small patches train fast, but a tile that small validates slowly (a 204 px tile yields 20 px)
+    val_tile = model.max_input_size(s.val_tile_size or max(s.tile_size, tiled, VAL_TILE_2D if dims == 2 else 0))
 
     out = Path(storage.absolute(s.out))
     last = out / "last.pt"
