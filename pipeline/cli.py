@@ -545,9 +545,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments; one that no option of the command knows is an error of that command (its
+    own usage line, and the option meant when it is a near miss), not of ``overtile``."""
+    import difflib
+
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if not extras:
+        return args
+    leaf = parser
+    for name in (getattr(args, "command", None), getattr(args, "model_command", None)):
+        actions = [a for a in leaf._actions if isinstance(a, argparse._SubParsersAction)]
+        if name is None or not actions:
+            break
+        leaf = actions[0].choices[name]
+    known = [o for a in leaf._actions for o in a.option_strings if o.startswith("--")]
+    near = [m for e in extras if e.startswith("--") for m in difflib.get_close_matches(e.split("=")[0], known, 1)]
+    leaf.error(f"unrecognized arguments: {' '.join(extras)}" + (f" (did you mean {', '.join(near)}?)" if near else ""))
+    raise AssertionError("unreachable")  # error() exits
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = _parse(argv)
         args.func(args)
     except InputError as exc:
         print(f"overtile: error: {exc}", file=sys.stderr)

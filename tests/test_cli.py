@@ -297,3 +297,16 @@ def test_precision_not_settings_names_decide_a_resume(setup, capsys, tmp_path):
     assert main(args + ["--autocast", "fp32"]) == 0
     assert precision("none", "cpu") == precision("fp32", "cpu") == precision("fp32", "cuda") == "float32"
     assert precision("none", "cuda") == "tf32" and precision("bf16", "cpu") == "bf16"
+
+
+def test_a_mistyped_option_is_an_error_of_its_command_with_the_option_meant(capsys):
+    """argparse said 'usage: overtile [-h] COMMAND ...' for a typo in a command's option."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", "in.zarr", "out.zarr", "--model", "m.pt", "--block-szie", "64"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "usage: overtile predict" in err
+    assert "unrecognized arguments: --block-szie 64 (did you mean --block-size?)" in err
+    with pytest.raises(SystemExit):
+        main(["model", "info", "m.pt", "--wieghts", "onnx"])
+    assert "overtile model info: error: unrecognized arguments: --wieghts onnx (did you mean --weights?)" in \
+        capsys.readouterr().err
