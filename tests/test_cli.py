@@ -1,6 +1,7 @@
 """The ``overtile`` command: help everywhere, a real run, and one clear line (exit 2) for
 each kind of bad input, leaving an existing output untouched."""
 
+import os
 import hashlib
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import make_model, write_zarr
+from conftest import cells, make_model, write_zarr
 
 from pipeline.cli import main
 from pipeline.storage import create_image
@@ -310,3 +311,39 @@ def test_a_mistyped_option_is_an_error_of_its_command_with_the_option_meant(caps
         main(["model", "info", "m.pt", "--wieghts", "onnx"])
     assert "overtile model info: error: unrecognized arguments: --wieghts onnx (did you mean --weights?)" in \
         capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_terminal_prints_one_line_not_the_workers_tracebacks(tmp_path, model_2d):
+    """A terminal's Ctrl-C interrupts the whole process group, a local cluster's worker
+    processes too: each printed a KeyboardInterrupt traceback above overtile's one line."""
+    import signal
+    import time
+
+    from pipeline.storage import Ledger
+
+    url = write_zarr(tmp_path / "big.zarr", cells((1024, 1024)), chunks=(256, 256))
+    script = ("import signal, sys\n"
+              "if __name__ == '__main__':\n"
+              "    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a test's may ignore it)\n"
+              "    from pipeline.cli import main\n"
+              "    sys.exit(main(sys.argv[1:]))\n")
+    (tmp_path / "cli.py").write_text(script)
+    out = tmp_path / "o.zarr"
+    run = subprocess.Popen([sys.executable, str(tmp_path / "cli.py"), "predict", url, str(out), "--model", str(model_2d),
+                            "--block-size", "64", "--workers", "2", "--quiet"], stderr=subprocess.PIPE, text=True,
+                           start_new_session=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and run.poll() is None:
+            if (out / "ledger").exists() and Ledger(str(out / "ledger"), (16, 16)).done().sum() >= 2:
+                break
+            time.sleep(0.2)
+        assert run.poll() is None, "the run ended before it could be interrupted"
+        os.killpg(run.pid, signal.SIGINT)  # the terminal's Ctrl-C: every process of the group
+        err = run.communicate(timeout=120)[1]
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 130 and "interrupted; finished blocks are kept" in err, err
+    assert "Traceback" not in err, err

@@ -339,8 +339,16 @@ def local_cluster(workers: int | None = None, gpu: bool = False, warm: str | Non
 # and libraries), and closing a local cluster waits for it: the end of every job. Once the
 # worker has closed (its preloads' teardown is the last of it), nothing is left to finish
 # but that teardown: the process then exits at once, its output flushed.
+# Ctrl-C in a terminal interrupts the whole process group: a local cluster's worker processes
+# printed a KeyboardInterrupt traceback each above overtile's one line. They ignore it; the
+# process that started them handles it and closes the cluster, which ends them.
 QUICK_EXIT_PRELOAD = """\
-import atexit, os, sys
+import atexit, os, signal, sys, threading
+
+
+def dask_setup(worker):
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def dask_teardown(worker):
