@@ -590,6 +590,8 @@ def test_labels_of_a_sigmoid_head_are_its_probability_above_one_half(tmp_path):
     forced, all_foreground = run("forced.zarr", activation="sigmoid")
     assert all_foreground.all() and forced.fingerprint != job.fingerprint
     assert run("none.zarr", activation="none")[0].fingerprint == job.fingerprint
+    with pytest.raises(InputError, match="one output channel, whose softmax is 1 everywhere"):
+        run("softmax.zarr", activation="softmax")
 
 
 def test_a_model_whose_outputs_are_not_floating_point_is_one_line(tmp_path, image, capsys):
@@ -612,14 +614,20 @@ def test_a_model_whose_outputs_are_not_floating_point_is_one_line(tmp_path, imag
 
 def test_a_package_given_as_its_rdf_yaml_is_digested_and_stamped_with_its_weights(tmp_path, ckpt):
     """A rerun after the package's weights were replaced must not resume with the old blocks,
-    nor a worker keep the old model: the rdf.yaml stands for the whole package folder."""
+    nor a worker keep the old model: the rdf.yaml stands for itself and the files it names.
+    Not for the rest of its folder: a project folder holding the run's own output beside the
+    package would change the digest as the run writes it, and hash gigabytes."""
     folder = tmp_path / "pkg"
     folder.mkdir()
     rdf = folder / "rdf.yaml"
-    rdf.write_text("a")
+    rdf.write_text("weights:\n  pytorch_state_dict:\n    source: weights.pt\n")
     (folder / "weights.pt").write_bytes(ckpt.read_bytes())
     digest, stamp = file_digest(rdf), models.stamp(rdf)
-    assert digest == file_digest(folder)
+    assert digest == file_digest(folder)  # here the folder holds nothing else
+    (folder / "output.zarr").mkdir()
+    (folder / "output.zarr" / "zarr.json").write_text("{}")
+    (folder / "notes.txt").write_text("x")
+    assert file_digest(rdf) == digest and models.stamp(rdf) == stamp
     (folder / "weights.pt").write_bytes(ckpt.read_bytes() + b"\0")
     assert file_digest(rdf) != digest and models.stamp(rdf) != stamp
 

@@ -82,8 +82,8 @@ class PredictSettings(blockwise.BlockwiseSettings):
     channels_last: bool = Field(True, description="channels_last memory format (same numbers, about 2× faster on CPU)")
     tissue: TissueMethod = Field("all", description="Which blocks to compute: all, or those with tissue in a low-resolution mask: "
                                  "saturation (Otsu on HSV saturation; brightfield H&E), bright / dark (Otsu on intensity; "
-                                 "fluorescence / brightfield), auto (saturation for 8-bit RGB, else "
-                                 "bright or dark, whichever leaves the image border background)")
+                                 "fluorescence / brightfield), auto (saturation for 8-bit RGB, "
+                                 "dark for one 8-bit channel on a bright border, else bright)")
     tissue_threshold: float | None = Field(None, description="A fixed threshold on the tissue feature instead of Otsu's "
                                            "(saturation 0-1; intensity in the image's units)")
     tissue_mask: str | None = Field(None, description="A mask image (any resolution, nonzero = tissue) choosing the blocks to compute")
@@ -343,6 +343,9 @@ def plan_prediction(settings: PredictSettings, remote: bool = False) -> tuple[Pr
     # what earlier versions applied (no probe for probabilities, no --activation): a run that applies it
     # keeps its old fingerprint, and resumes
     usual = model.activation if model.kind in ("overtile", "bioimageio") else models.logit_activation(model.num_classes)
+    if settings.activation == "softmax" and model.num_classes == 1:
+        raise InputError(f"--activation softmax: {settings.model} has one output channel, whose softmax is 1 "
+                         f"everywhere; use sigmoid (logits) or none (probabilities)")
     if settings.activation != "auto":
         model = replace(model, activation=settings.activation, probabilities=False)
     if model.needs_statistics:  # the package's per-sample statistics, of the whole image (never per tile)

@@ -419,13 +419,41 @@ def load(info: ModelInfo, device: str = "cpu", channels_last: bool = False, thre
     return Model(net, info).eval()
 
 
-def _files_root(path: str | os.PathLike) -> Path:
-    """What a model's files are: the file, or a package's folder (also when given as its
-    rdf.yaml, whose weights lie beside it)."""
+def _is_rdf(p: Path) -> bool:
+    """Whether ``p`` is a package's description file (which stands for the package)."""
+    return p.is_file() and (p.name in bioimageio.RDF_NAMES or p.name.endswith(".bioimageio.yaml"))
+
+
+def _model_files(path: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """A model's files and the folder their names are relative to: the file; a package
+    folder's files; or, for a package given as its rdf.yaml, that file and the files beside it
+    that it names (its weights, test tensors, ...), not whatever else shares its folder (the
+    run's own output, say, which would change the digest as it is written)."""
     p = Path(path)
-    if p.is_file() and (p.name in bioimageio.RDF_NAMES or p.name.endswith(".bioimageio.yaml")):
-        return Path(bioimageio.package_root(str(p)))
-    return p
+    if _is_rdf(p):
+        import yaml
+
+        root = Path(bioimageio.package_root(str(p)))
+        named: set[Path] = set()
+
+        def walk(node: Any) -> None:
+            if isinstance(node, dict):
+                for value in node.values():
+                    walk(value)
+            elif isinstance(node, list):
+                for value in node:
+                    walk(value)
+            elif isinstance(node, str) and "\n" not in node and len(node) < 512 and (root / node).is_file():
+                named.add((root / node).resolve())
+
+        try:
+            walk(yaml.safe_load(p.read_text()))
+        except (yaml.YAMLError, UnicodeDecodeError, OSError):
+            pass  # describe() says what is wrong with it
+        return root, sorted({p.resolve(), *named})
+    if p.is_dir():
+        return p, sorted(q for q in p.rglob("*") if q.is_file())
+    return p.parent, [p] if p.exists() else []
 
 
 def model_digest(path: str | os.PathLike) -> str:
@@ -434,12 +462,12 @@ def model_digest(path: str | os.PathLike) -> str:
     changed model, its weights included, reruns every block."""
     if not Path(path).exists():
         raise InputError(f"{path}: no such model file or folder")
-    p = _files_root(path)
-    if p.is_file():
-        return _file_digest(p)
+    if Path(path).is_file() and not _is_rdf(Path(path)):
+        return _file_digest(Path(path))
+    root, files = _model_files(path)
     h = hashlib.sha256()
-    for f in sorted(q for q in p.rglob("*") if q.is_file()):
-        h.update(str(f.relative_to(p)).encode() + b"\0" + _file_digest(f).encode())
+    for f in files:
+        h.update(os.path.relpath(f, root).encode() + b"\0" + _file_digest(f).encode())
     return h.hexdigest()
 
 
@@ -454,6 +482,5 @@ def _file_digest(path: Path) -> str:
 def stamp(path: str | os.PathLike) -> tuple[Any, ...]:
     """Modification times and sizes of a model's files (a package's, given its rdf.yaml): a
     cache key that changes with them."""
-    p = _files_root(path)
-    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p] if p.exists() else []
+    files = _model_files(path)[1]
     return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
