@@ -353,6 +353,10 @@ def test_auto_tissue_is_dark_for_brightfield_grey_and_keeps_everything_without_c
     grey[:, 20:60, 30:70] = 120
     mask = compute_mask(storage.ImageSource("mem://g", grey, "cyx"), "auto")
     assert mask.method == "dark" and mask.relation == "<" and mask.mask.sum() == 40 * 40
+    crop = np.full((1, 96, 96), 2200, np.uint16)  # fluorescence tissue reaching the border, a dark hole
+    crop[:, 30:60, 30:60] = 100
+    mask = compute_mask(storage.ImageSource("mem://b", crop, "cyx"), "auto")
+    assert mask.method == "bright" and mask.mask.sum() == 96 * 96 - 30 * 30
     flat = np.full((3, 64, 64), 200, np.uint8)
     flat[:, 10:30, 10:30] = 90  # tissue, but grey: saturation 0 everywhere
     mask = compute_mask(storage.ImageSource("mem://f", flat, "cyx"), "auto")

@@ -101,8 +101,8 @@ class CohortSettings(BaseModel):
                         "(study.parquet, study.csv)")
     model: str = Field(description="U-Net checkpoint file written by overtile")
     tissue: TissueMethod = Field("auto", description="Which blocks to compute: those with tissue in a low-resolution "
-                                 "mask (auto: saturation for 8-bit RGB, else bright or "
-                                 "dark, whichever leaves the image border background), or all")
+                                 "mask (auto: saturation for 8-bit RGB, dark for one 8-bit "
+                                 "channel on a bright border, else bright), or all")
     tissue_threshold: float | None = Field(None, description="A fixed threshold on the tissue feature instead of Otsu's")
     dtype: Literal["float32", "float16", "uint8"] = Field("uint8", description="Probability dtype; uint8 stores "
                                                           "round(255·p), a quarter of float32's bytes")

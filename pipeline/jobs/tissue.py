@@ -13,9 +13,10 @@ Features, as pathologists' tools threshold them:
 - ``bright``: Otsu on intensity, for fluorescence (tissue bright on black);
 - ``dark``: Otsu on intensity with tissue darker than the background (brightfield gray, EM
   sections on a bright support);
-- ``auto``: ``saturation`` for 8-bit 3-channel images (RGB scans); else ``bright`` or
-  ``dark``, whichever makes the image's border mostly background (a slide's border is
-  glass: dark in fluorescence, bright in brightfield grey).
+- ``auto``: ``saturation`` for 8-bit 3-channel images (RGB scans); ``dark`` for one 8-bit
+  channel whose border is mostly above the threshold (a brightfield grey scan: its border is
+  glass); else ``bright`` (fluorescence: a crop whose bright tissue reaches the border stays
+  bright).
 
 An image without contrast in its feature (a grey scan's saturation, a blank field) gives no
 threshold; every block is then kept, as a user would rather compute too much than lose
@@ -100,9 +101,10 @@ def compute_mask(source: storage.ImageSource, method: TissueMethod, threshold: f
     image, factor, where = _low_resolution(source)
     if method == "auto" and source.channels == 3 and source.array.dtype == np.uint8:
         method = "saturation"
-    elif method == "auto":
+    elif method == "auto":  # one 8-bit channel on a bright border: a brightfield grey scan
         intensity = feature(image, "bright")
-        method = "dark" if np.median(_border(intensity)) > otsu(intensity) else "bright"
+        grey = source.channels == 1 and source.array.dtype == np.uint8
+        method = "dark" if grey and np.median(_border(intensity)) > otsu(intensity) else "bright"
     values = feature(image, method)
     if method == "saturation":  # a scanner's noise makes single glass pixels look coloured
         from scipy import ndimage
