@@ -437,13 +437,14 @@ class TrainJob:
         return found
 
 
-def image_maximum(images: storage.ImageSource, limit: int = 1 << 24) -> int:
-    """The largest value of an image, from a regular subsample of at most about ``limit``
-    values (a dim image's range shows in any subsample)."""
+def image_maximum(images: storage.ImageSource, per_axis: int = 4) -> int:
+    """The largest value of an image, from at most ``per_axis`` stored chunks along each
+    spatial axis, spread over it (a dim image's range shows in any of them; a strided read
+    would still fetch every chunk of a large remote image)."""
     array = images.to_dask()
-    nd = array.ndim - 1
-    stride = max(1, int(np.ceil((array.size / limit) ** (1 / nd))))
-    return int(array[(slice(None), *(slice(None, None, stride),) * nd)].max().compute(scheduler="threads"))
+    steps = (1,) + tuple(max(1, -(-n // per_axis)) for n in array.numblocks[1:])
+    sample = array.blocks[tuple(slice(None, None, s) for s in steps)]
+    return int(sample.max().compute(scheduler="threads"))
 
 
 def _open(url: str, axes: str | None, fallback: str | None) -> storage.ImageSource:
