@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import warnings
 import zipfile
 from dataclasses import asdict, dataclass, replace
@@ -431,25 +432,15 @@ def _model_files(path: str | os.PathLike) -> tuple[Path, list[Path]]:
     run's own output, say, which would change the digest as it is written)."""
     p = Path(path)
     if _is_rdf(p):
-        import yaml
-
         root = Path(bioimageio.package_root(str(p)))
-        named: set[Path] = set()
-
-        def walk(node: Any) -> None:
-            if isinstance(node, dict):
-                for value in node.values():
-                    walk(value)
-            elif isinstance(node, list):
-                for value in node:
-                    walk(value)
-            elif isinstance(node, str) and "\n" not in node and len(node) < 512 and (root / node).is_file():
-                named.add((root / node).resolve())
-
         try:
-            walk(yaml.safe_load(p.read_text()))
-        except (yaml.YAMLError, UnicodeDecodeError, OSError):
-            pass  # describe() says what is wrong with it
+            words = set(re.findall(r"[\w.\-/]+", p.read_text(errors="replace")))  # file names among them
+        except OSError:
+            words = set()
+        inside = root.resolve()
+        named = {(root / w).resolve() for w in words
+                 if len(w) < 512 and not w.startswith("/") and (root / w).is_file()
+                 and (root / w).resolve().is_relative_to(inside)}  # the package's own files only
         return root, sorted({p.resolve(), *named})
     if p.is_dir():
         return p, sorted(q for q in p.rglob("*") if q.is_file())
